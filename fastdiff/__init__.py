@@ -1,0 +1,18 @@
+"""fastdiff: fast samplers for image-generation models.
+
+Fused Triton kernels (GroupNorm+SiLU, attention, DDPM/DDIM update with classifier-free guidance), a native
+VQ nearest-codebook search, compact models, diffusers-compatible schedulers and pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastdiff import ops  # noqa: F401  (registers the torch.ops.fastdiff custom ops)
+from fastdiff.dispatch import counts, info, reset_counts  # noqa: F401
+
+__version__ = "0.1.0"
+
+logging.getLogger("fastdiff").addHandler(logging.NullHandler())
+
+__all__ = ["ops", "info", "counts", "reset_counts", "__version__"]

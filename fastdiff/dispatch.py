@@ -1,0 +1,148 @@
+"""The one place that decides which implementation an op runs (see DESIGN.md, "The dispatch rule").
+
+| input                                            | path                                  |
+|--------------------------------------------------|---------------------------------------|
+| CUDA tensors                                     | ``triton``: compiled Triton kernels    |
+| CPU tensors                                      | ``torch``: the reference PyTorch path  |
+| CPU tensors and ``TRITON_INTERPRET=1``           | ``interpreter``: the same Triton kernels through Triton's interpreter |
+| ``FASTDIFF_BACKEND=torch`` or ``backend="torch"`` | ``torch`` anywhere                     |
+| autograd needs gradients                         | ``torch`` (the public op calls the reference directly) |
+| Triton unavailable                               | ``torch``, one log line, never an error |
+
+``backend="triton"`` forces the Triton kernels (compiled on CUDA, interpreted on CPU) and raises if they
+cannot run. The native VQ search (``fastdiff._C``) has its own availability check in :mod:`fastdiff.native`.
+
+Everything here is cheap (an environment lookup and a cached import check), so it runs on every call.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+import threading
+
+import torch
+
+logger = logging.getLogger("fastdiff")
+
+BACKENDS = ("auto", "torch", "triton", "native")
+TRITON_OPS = ("group_norm_silu", "attention", "ddim_step", "ddpm_step")
+
+_lock = threading.Lock()
+_triton_checked: bool | None = None
+_triton_error: str | None = None
+_warned: set[str] = set()
+_counts: collections.Counter = collections.Counter()
+
+
+def interpret_enabled() -> bool:
+    """True when Triton's interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def env_backend() -> str:
+    """The backend forced by ``FASTDIFF_BACKEND`` ("auto" when unset)."""
+    value = os.environ.get("FASTDIFF_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTDIFF_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def check_backend(backend: str | None) -> str:
+    """Validate a ``backend=`` argument; None means "auto"."""
+    if backend is None:
+        return "auto"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` works here (checked once, then cached)."""
+    global _triton_checked, _triton_error
+    if _triton_checked is None:
+        with _lock:
+            if _triton_checked is None:
+                try:
+                    importlib.import_module("triton")
+                    _triton_checked = True
+                except Exception as exc:  # ImportError, or a broken install
+                    _triton_error = f"{type(exc).__name__}: {exc}"
+                    _triton_checked = False
+    return bool(_triton_checked)
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log ``message`` once per process for ``key``."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def select(op: str, device: torch.device, backend: str = "auto") -> str:
+    """Return the path ``op`` takes for tensors on ``device``: "triton", "interpreter" or "torch".
+
+    Raises RuntimeError when ``backend="triton"`` is forced but the kernels cannot run here.
+    """
+    if backend == "auto":
+        backend = env_backend()
+    if backend in ("torch", "native"):
+        return "torch"
+    on_cuda = device.type == "cuda"
+    can_triton = triton_available() and (on_cuda or (device.type == "cpu" and interpret_enabled()))
+    if backend == "triton":
+        if not can_triton:
+            why = _triton_error if not triton_available() else (
+                f"tensors on {device.type} need CUDA or TRITON_INTERPRET=1 (set before fastdiff imports its kernels)"
+            )
+            raise RuntimeError(f"fastdiff: backend='triton' requested for {op} but Triton cannot run here: {why}")
+        return "triton" if on_cuda else "interpreter"
+    # auto
+    if can_triton:
+        return "triton" if on_cuda else "interpreter"
+    if on_cuda and not triton_available():
+        warn_once("triton-missing", f"fastdiff: Triton is not available ({_triton_error}); using the PyTorch reference")
+    return "torch"
+
+
+def record(op: str, path: str) -> None:
+    """Count one call of ``op`` on ``path`` (see :func:`counts`)."""
+    _counts[(op, path)] += 1
+
+
+def counts() -> dict[tuple[str, str], int]:
+    """Calls per (op, path) since the last :func:`reset_counts`: shows which implementation really ran."""
+    return dict(_counts)
+
+
+def reset_counts() -> None:
+    _counts.clear()
+
+
+def load_kernels(family: str):
+    """Import ``fastdiff.kernels.<family>`` (the Triton kernels); only called when the Triton path was chosen."""
+    return importlib.import_module(f"fastdiff.kernels.{family}")
+
+
+def info() -> dict:
+    """Which path each op takes here, plus versions and devices (also ``fastdiff info``)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    paths = {op: select(op, device) for op in TRITON_OPS}
+    from fastdiff import native
+
+    paths["vq_nearest"] = native.vq_path(device)
+    triton_version = None
+    if triton_available():
+        triton_version = getattr(importlib.import_module("triton"), "__version__", "unknown")
+    return {
+        "ops": paths,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "triton_interpret": interpret_enabled(),
+        "backend_env": os.environ.get("FASTDIFF_BACKEND", "auto"),
+        "native_extension": native.status(),
+    }

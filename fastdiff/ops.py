@@ -1,0 +1,383 @@
+"""Public fastdiff ops: validate the input, then dispatch (fastdiff.dispatch decides the path).
+
+Each op is a custom op in the ``fastdiff`` namespace (``torch.ops.fastdiff.<name>``) with a fake implementation,
+so torch.compile (fullgraph=True) and CUDA-graph capture see one op. When autograd needs gradients the public
+function calls the differentiable reference directly: the kernels are for inference.
+
+Errors: every function raises TypeError/ValueError naming the argument, before any work is done. Tensor
+values are never read back to the host (no device sync in the hot path).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastdiff import dispatch, reference
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+__all__ = ["group_norm_silu", "attention", "ddim_step", "ddpm_step", "vq_nearest"]
+
+
+# --------------------------------------------------------------------------------------------- validation helpers
+def _tensor(name: str, t, dtypes=FLOAT_DTYPES) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return t
+
+
+def _same_device(**tensors: Optional[Tensor]) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put them on one device")
+
+
+def _number(name: str, value, *, allow_none: bool = False, positive: bool = False, nonneg: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonneg and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _layout(x: Tensor) -> Tensor:
+    """Contiguous or channels_last pass through untouched; any other stride pattern is copied to contiguous."""
+    if x.is_contiguous():
+        return x
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def _run(op: str, device: torch.device, backend: str, family: str, *args):
+    """Inside a custom op: pick the path, count it, run the reference or the Triton host function."""
+    path = dispatch.select(op, device, backend)
+    dispatch.record(op, path)
+    if path == "torch":
+        return getattr(reference, op)(*args)
+    return getattr(dispatch.load_kernels(family), op)(*args)
+
+
+# --------------------------------------------------------------------------------------------- group_norm_silu
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, activation: str,
+    backend: str,
+) -> Tensor:
+    act = None if activation == "none" else activation
+    return _run("group_norm_silu", x.device, backend, "group_norm_silu", x, num_groups, weight, bias, eps, act)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, num_groups, weight, bias, eps, activation, backend):
+    return torch.empty_like(x)
+
+
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = "silu",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """GroupNorm (statistics in fp32) followed by SiLU, fused.
+
+    Args:
+        x: (N, C, *spatial), fp32/fp16/bf16, contiguous or channels_last (other layouts are copied).
+        num_groups: G, dividing C.
+        weight, bias: optional (C,) affine parameters, fp32 or x's dtype, on x's device.
+        eps: added to the variance, > 0.
+        activation: "silu" (default) or None for plain GroupNorm.
+        backend: None/"auto" (the dispatch rule), "torch" (reference) or "triton" (force the kernel).
+    Returns:
+        y, same shape, dtype and memory format as x.
+    Raises:
+        TypeError/ValueError naming the bad argument.
+    """
+    _tensor("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C, *spatial) with at least 2 dims, got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    channels = x.shape[1]
+    if num_groups <= 0 or channels % num_groups != 0:
+        raise ValueError(f"num_groups must be a positive divisor of C={channels}, got {num_groups}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _tensor(name, p, (torch.float32, x.dtype))
+            if p.shape != (channels,):
+                raise ValueError(f"{name} must have shape ({channels},), got {tuple(p.shape)}")
+    _same_device(x=x, weight=weight, bias=bias)
+    eps = _number("eps", eps, positive=True)
+    _choice("activation", activation, ("silu", None))
+    backend = dispatch.check_backend(backend)
+    if _needs_grad(x, weight, bias):
+        dispatch.record("group_norm_silu", "torch")
+        return reference.group_norm_silu(x, num_groups, weight, bias, eps, activation)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    return _group_norm_silu_op(_layout(x), num_groups, weight, bias, eps, activation or "none", backend)
+
+
+# --------------------------------------------------------------------------------------------- attention
+@torch.library.custom_op("fastdiff::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tensor:
+    return _run("attention", q.device, backend, "attention", q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, backend):
+    return q.new_empty(q.shape)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """softmax(q kᵀ · scale) v with an fp32 online softmax; the (N, M) scores never reach device memory.
+
+    Args:
+        q: (B, H, N, D); k, v: (B, H, M, D). Self-attention M = N, cross-attention any M ≥ 1 (e.g. 77 tokens).
+           One dtype (fp32/fp16/bf16) and one device for all three; any strides.
+        scale: the softmax scale, default D ** -0.5.
+        backend: None/"auto", "torch" or "triton".
+    Returns:
+        (B, H, N, D), q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have shape (B, H, seq, D) (4 dims), got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _same_device(q=q, k=k, v=v)
+    b, h, n, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch mismatch: q has B={b}, k has {k.shape[0]}, v has {v.shape[0]}")
+    if k.shape[1] != h or v.shape[1] != h:
+        raise ValueError(f"head mismatch: q has H={h}, k has {k.shape[1]}, v has {v.shape[1]}")
+    if k.shape[3] != d or v.shape[3] != d:
+        raise ValueError(f"head-dim mismatch: q has D={d}, k has {k.shape[3]}, v has {v.shape[3]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length M, got {k.shape[2]} and {v.shape[2]}")
+    if n < 1 or k.shape[2] < 1 or d < 1:
+        raise ValueError(f"q, k, v need N ≥ 1, M ≥ 1 and D ≥ 1, got N={n}, M={k.shape[2]}, D={d}")
+    scale = d**-0.5 if scale is None else _number("scale", scale)
+    backend = dispatch.check_backend(backend)
+    if _needs_grad(q, k, v):
+        dispatch.record("attention", "torch")
+        return reference.attention(q, k, v, scale)
+    return _attention_op(q, k, v, scale, backend)
+
+
+# --------------------------------------------------------------------------------------------- ddim / ddpm steps
+def _check_alpha(name: str, alpha, sample: Tensor):
+    """A number in (0, 1], or a per-sample tensor of shape (B,) on the sample's device (its values are not read)."""
+    if isinstance(alpha, Tensor):
+        _tensor(name, alpha, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        if alpha.shape != (sample.shape[0],):
+            raise ValueError(f"{name} must be a number or a tensor of shape ({sample.shape[0]},), "
+                             f"got shape {tuple(alpha.shape)}")
+        if alpha.device != sample.device:
+            raise ValueError(f"{name} is on {alpha.device} but sample is on {sample.device}")
+        return alpha.float().contiguous()
+    value = _number(name, alpha)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def _check_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
+                guidance_scale):
+    _tensor("sample", sample)
+    _tensor("model_output", model_output)
+    if model_output.dtype != sample.dtype:
+        raise TypeError(f"model_output must have sample's dtype {sample.dtype}, got {model_output.dtype}")
+    if sample.ndim < 1:
+        raise ValueError("sample must have a batch dimension")
+    _same_device(sample=sample, model_output=model_output, noise=noise)
+    guidance_scale = _number("guidance_scale", guidance_scale, allow_none=True)
+    if guidance_scale is None:
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
+                             f"got {tuple(model_output.shape)}")
+    else:
+        if model_output.shape[0] % 2 != 0:
+            raise ValueError(f"with guidance_scale, model_output stacks [uncond; cond] along the batch and needs an "
+                             f"even batch, got {model_output.shape[0]}")
+        expected = (2 * sample.shape[0], *sample.shape[1:])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(f"with guidance_scale, model_output must have shape {expected} ([uncond; cond]), "
+                             f"got {tuple(model_output.shape)}")
+    if noise is not None:
+        _tensor("noise", noise)
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    clip_sample_range = _number("clip_sample_range", clip_sample_range, allow_none=True, positive=True)
+    a_t = _check_alpha("alpha_prod_t", alpha_prod_t, sample)
+    a_prev = _check_alpha("alpha_prod_t_prev", alpha_prod_t_prev, sample)
+    return a_t, a_prev, clip_sample_range, guidance_scale
+
+
+def _split_alpha(alpha):
+    """(tensor or None, float) for the custom-op schema, which has no float-or-tensor union."""
+    return (alpha, 0.0) if isinstance(alpha, Tensor) else (None, alpha)
+
+
+def _join_alpha(tensor: Optional[Tensor], value: float):
+    return tensor if tensor is not None else value
+
+
+@torch.library.custom_op("fastdiff::ddim_step", mutates_args=())
+def _ddim_step_op(
+    sample: Tensor, model_output: Tensor, alpha_t: Optional[Tensor], alpha_prev: Optional[Tensor], alpha_t_value: float,
+    alpha_prev_value: float, eta: float, noise: Optional[Tensor], prediction_type: str,
+    clip_sample_range: Optional[float], guidance_scale: Optional[float], use_clipped_model_output: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _run("ddim_step", sample.device, backend, "sampler_step", sample, model_output,
+                _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value), eta, noise,
+                prediction_type, clip_sample_range, guidance_scale, use_clipped_model_output)
+
+
+@_ddim_step_op.register_fake
+def _(sample, model_output, alpha_t, alpha_prev, alpha_t_value, alpha_prev_value, eta, noise, prediction_type,
+      clip_sample_range, guidance_scale, use_clipped_model_output, backend):
+    return torch.empty_like(sample), torch.empty_like(sample)
+
+
+def ddim_step(
+    sample: Tensor,
+    model_output: Tensor,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    *,
+    eta: float = 0.0,
+    noise: Optional[Tensor] = None,
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
+    guidance_scale: Optional[float] = None,
+    use_clipped_model_output: bool = False,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM update, with classifier-free guidance fused in → (prev_sample, pred_original_sample).
+
+    Args:
+        sample: x_t, (B, ...) fp32/fp16/bf16.
+        model_output: the model's prediction, sample's shape; with guidance_scale, (2B, ...) = [uncond; cond].
+        alpha_prod_t, alpha_prod_t_prev: ᾱ_t and ᾱ_prev, numbers in (0, 1] or per-sample (B,) tensors.
+        eta: the DDIM η ≥ 0 (0 is deterministic); η > 0 needs ``noise``.
+        noise: z ~ N(0, I), sample's shape (used only when η > 0).
+        prediction_type: "epsilon", "sample" or "v_prediction".
+        clip_sample_range: r clamps x0 to [−r, r]; None disables clipping.
+        guidance_scale: s combines ε = uncond + s·(cond − uncond) in the same kernel.
+        use_clipped_model_output: re-derive ε from the clipped x0 (diffusers' option of the same name).
+        backend: None/"auto", "torch" or "triton".
+    Returns:
+        (prev_sample, pred_original_sample), both sample's shape and dtype.
+    """
+    a_t, a_prev, clip_sample_range, guidance_scale = _check_step(
+        sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
+        guidance_scale)
+    eta = _number("eta", eta, nonneg=True)
+    if eta > 0 and noise is None:
+        raise ValueError("noise is required when eta > 0 (pass torch.randn_like(sample))")
+    backend = dispatch.check_backend(backend)
+    if _needs_grad(sample, model_output, noise):
+        dispatch.record("ddim_step", "torch")
+        return reference.ddim_step(sample, model_output, a_t, a_prev, eta, noise, prediction_type, clip_sample_range,
+                                   guidance_scale, bool(use_clipped_model_output))
+    (at_t, at_v), (ap_t, ap_v) = _split_alpha(a_t), _split_alpha(a_prev)
+    return _ddim_step_op(sample.contiguous(), model_output.contiguous(), at_t, ap_t, at_v, ap_v, eta,
+                         noise.contiguous() if noise is not None else None, prediction_type, clip_sample_range,
+                         guidance_scale, bool(use_clipped_model_output), backend)
+
+
+@torch.library.custom_op("fastdiff::ddpm_step", mutates_args=())
+def _ddpm_step_op(
+    sample: Tensor, model_output: Tensor, alpha_t: Optional[Tensor], alpha_prev: Optional[Tensor], alpha_t_value: float,
+    alpha_prev_value: float, noise: Optional[Tensor], variance_type: str, prediction_type: str,
+    clip_sample_range: Optional[float], guidance_scale: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _run("ddpm_step", sample.device, backend, "sampler_step", sample, model_output,
+                _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value), noise, variance_type,
+                prediction_type, clip_sample_range, guidance_scale)
+
+
+@_ddpm_step_op.register_fake
+def _(sample, model_output, alpha_t, alpha_prev, alpha_t_value, alpha_prev_value, noise, variance_type,
+      prediction_type, clip_sample_range, guidance_scale, backend):
+    return torch.empty_like(sample), torch.empty_like(sample)
+
+
+def ddpm_step(
+    sample: Tensor,
+    model_output: Tensor,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    *,
+    noise: Optional[Tensor] = None,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
+    guidance_scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """One ancestral DDPM update, with classifier-free guidance fused in → (prev_sample, pred_original_sample).
+
+    Args are as for :func:`ddim_step`; ``noise`` (sample's shape) adds σ_t·z, None adds nothing (the last step);
+    variance_type "fixed_small" (σ² = β̃_t, the posterior variance) or "fixed_large" (σ² = β_t).
+    """
+    a_t, a_prev, clip_sample_range, guidance_scale = _check_step(
+        sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
+        guidance_scale)
+    _choice("variance_type", variance_type, VARIANCE_TYPES)
+    backend = dispatch.check_backend(backend)
+    if _needs_grad(sample, model_output, noise):
+        dispatch.record("ddpm_step", "torch")
+        return reference.ddpm_step(sample, model_output, a_t, a_prev, noise, variance_type, prediction_type,
+                                   clip_sample_range, guidance_scale)
+    (at_t, at_v), (ap_t, ap_v) = _split_alpha(a_t), _split_alpha(a_prev)
+    return _ddpm_step_op(sample.contiguous(), model_output.contiguous(), at_t, ap_t, at_v, ap_v,
+                         noise.contiguous() if noise is not None else None, variance_type, prediction_type,
+                         clip_sample_range, guidance_scale, backend)
+
+
+# --------------------------------------------------------------------------------------------- vq_nearest
+def vq_nearest(z: Tensor, codebook: Tensor, *, return_distances: bool = False, backend: Optional[str] = None):
+    """Nearest codebook row for every row of z (squared L2) → int64 indices (N,) [, fp32 squared distances (N,)].
+
+    The native extension (``torch.ops.fastdiff.vq_nearest``) runs where it is built; see :mod:`fastdiff.native`.
+    """
+    from fastdiff import native
+
+    return native.vq_nearest(z, codebook, return_distances=return_distances, backend=backend)

@@ -1,0 +1,168 @@
+"""Plain PyTorch for every fastdiff op: the CPU fallback users run and the oracle every kernel is tested against.
+
+Inputs are assumed valid (``fastdiff.ops`` validates). Low-precision inputs are computed in fp32 and the
+result is cast back, as the kernels do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Alpha = float | torch.Tensor
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = "silu",
+) -> torch.Tensor:
+    """GroupNorm over (C/G, *spatial) per (n, g), affine per channel, then SiLU. x: (N, C, *spatial)."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    xf = x.float() if low else x
+    w = weight.float() if (low and weight is not None) else weight
+    b = bias.float() if (low and bias is not None) else bias
+    y = F.group_norm(xf, num_groups, w, b, eps)
+    if activation == "silu":
+        y = F.silu(y, inplace=True)
+    return y.to(x.dtype) if low else y
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v. q: (B, H, N, D); k, v: (B, H, M, D) → (B, H, N, D)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _per_sample(alpha: Alpha, ndim: int) -> Alpha:
+    """A float stays a float; a (B,) tensor becomes (B, 1, ..., 1) fp32 to broadcast over a sample."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.float().reshape(-1, *([1] * (ndim - 1)))
+    return float(alpha)
+
+
+def _sqrt(a: Alpha) -> Alpha:
+    return a.sqrt() if isinstance(a, torch.Tensor) else math.sqrt(a)
+
+
+def guide(model_output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+    """Classifier-free guidance: model_output = [uncond; cond] (2B, ...) → uncond + s·(cond − uncond) (B, ...)."""
+    if guidance_scale is None:
+        return model_output
+    uncond, cond = model_output.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _x0_and_eps(x, out, alpha_prod_t, prediction_type):
+    """Predicted x0 and noise from the model output, for each prediction type."""
+    sqrt_a = _sqrt(alpha_prod_t)
+    sqrt_b = _sqrt(1 - alpha_prod_t)
+    if prediction_type == "epsilon":
+        return (x - sqrt_b * out) / sqrt_a, out
+    if prediction_type == "sample":
+        return out, (x - sqrt_a * out) / sqrt_b
+    # v_prediction
+    return sqrt_a * x - sqrt_b * out, sqrt_a * out + sqrt_b * x
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_prod_t: Alpha,
+    alpha_prod_t_prev: Alpha,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+    guidance_scale: float | None = None,
+    use_clipped_model_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update (Song et al. 2021, eq. 12) → (prev_sample, pred_original_sample), both shaped like sample."""
+    dtype = sample.dtype
+    x = sample.float()
+    out = guide(model_output.float(), guidance_scale)
+    a_t = _per_sample(alpha_prod_t, x.ndim)
+    a_prev = _per_sample(alpha_prod_t_prev, x.ndim)
+    # 1. predicted x0 and noise
+    x0, eps = _x0_and_eps(x, out, a_t, prediction_type)
+    # 2. clip x0 (and re-derive the noise from the clipped x0 if asked)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+        if use_clipped_model_output:
+            eps = (x - _sqrt(a_t) * x0) / _sqrt(1 - a_t)
+    # 3. σ_t = η · sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_prev)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std_dev_t = eta * _sqrt(variance)
+    # 4. x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε (+ σ_t·z)
+    direction = _sqrt(1 - a_prev - std_dev_t**2) * eps
+    prev = _sqrt(a_prev) * x0 + direction
+    if eta > 0 and noise is not None:
+        prev = prev + std_dev_t * noise.float()
+    return prev.to(dtype), x0.to(dtype)
+
+
+def ddpm_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_prod_t: Alpha,
+    alpha_prod_t_prev: Alpha,
+    noise: torch.Tensor | None = None,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral DDPM update (Ho et al. 2020, eq. 6–7) → (prev_sample, pred_original_sample)."""
+    dtype = sample.dtype
+    x = sample.float()
+    out = guide(model_output.float(), guidance_scale)
+    a_t = _per_sample(alpha_prod_t, x.ndim)
+    a_prev = _per_sample(alpha_prod_t_prev, x.ndim)
+    beta_prod_t = 1 - a_t
+    beta_prod_t_prev = 1 - a_prev
+    current_alpha_t = a_t / a_prev
+    current_beta_t = 1 - current_alpha_t
+    # 1. predicted x0
+    x0, _ = _x0_and_eps(x, out, a_t, prediction_type)
+    # 2. clip
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    # 3. posterior mean μ̃ = sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)·x_t
+    x0_coeff = _sqrt(a_prev) * current_beta_t / beta_prod_t
+    xt_coeff = _sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t
+    prev = x0_coeff * x0 + xt_coeff * x
+    # 4. + σ_t·z, σ_t² = β̃_t (fixed_small, clamped at 1e-20) or β_t (fixed_large)
+    if noise is not None:
+        if variance_type == "fixed_small":
+            variance = beta_prod_t_prev / beta_prod_t * current_beta_t
+            variance = variance.clamp(min=1e-20) if isinstance(variance, torch.Tensor) else max(variance, 1e-20)
+        else:
+            variance = current_beta_t
+        prev = prev + _sqrt(variance) * noise.float()
+    return prev.to(dtype), x0.to(dtype)
+
+
+def vq_nearest(
+    z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook row per row of z by squared L2 → (indices int64 (N,), distances fp32 (N,)).
+
+    Chunked over rows of z so at most chunk_size × K distances exist at once; ties → the lowest index.
+    """
+    n = z.shape[0]
+    indices = torch.empty(n, dtype=torch.int64, device=z.device)
+    distances = torch.empty(n, dtype=torch.float32, device=z.device)
+    e = codebook.float()
+    e_sq = (e * e).sum(1)  # (K,)
+    for start in range(0, n, chunk_size):
+        zc = z[start : start + chunk_size].float()
+        # ‖z − e‖² = ‖z‖² − 2 z·e + ‖e‖², the ‖z‖² term is constant per row for the argmin
+        d = torch.addmm(e_sq, zc, e.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
+        best, idx = d.min(1)
+        indices[start : start + chunk_size] = idx
+        distances[start : start + chunk_size] = (best + (zc * zc).sum(1)).clamp_min_(0)
+    return indices, distances

@@ -1,0 +1,29 @@
+"""Test setup. Triton's interpreter must be switched on before any kernel module is imported, so it is set here.
+
+By default the suite runs the reference path (FASTDIFF_BACKEND=torch) so model and sampler tests stay fast on a
+CPU; kernel tests force the Triton kernels with ``backend="triton"`` (the interpreter on CPU, compiled on CUDA),
+and the whole-model tests switch FASTDIFF_BACKEND back to "auto" themselves.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTDIFF_BACKEND", "torch")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Run the test body on the CPU (the interpreter / native CPU code) and on CUDA when present."""
+    if request.param == "cpu" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU Triton tests need TRITON_INTERPRET=1")
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
