@@ -1,0 +1,295 @@
+"""The ``fastdiff`` command: sample, models, info, eval, bench, train, generate.
+
+Errors (unknown model or sampler, unwritable output, bad numbers, a class for an unconditional model) print one
+line to stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+SAMPLERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other usage error
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------------------------- shared helpers
+def _positive(name: str, value: Optional[int]) -> Optional[int]:
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be ≥ 1, got {value}")
+    return value
+
+
+def check_writable_file(path: str) -> Path:
+    """The output file's folder must exist and be writable (checked before any work)."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise UsageError(f"--out {path!r} is a directory; give a file name such as samples.png")
+    if not folder.is_dir():
+        raise UsageError(f"--out {path!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--out {path!r} is not writable")
+    return out
+
+
+def resolve_device(device: Optional[str]):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+def load_pipeline_for_cli(model: str, sampler: Optional[str], device, dtype: Optional[str]):
+    """A shipped model (or pipeline folder) with its scheduler swapped for ``sampler``; UsageError if unknown."""
+    import torch
+
+    import fastdiff
+    from fastdiff import schedulers
+
+    try:
+        path = fastdiff.hub.model_path(model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    pipe = fastdiff.load(path, device=device, dtype=getattr(torch, DTYPES[dtype]) if dtype else None)
+    if sampler is not None:
+        if getattr(pipe, "scheduler", None) is None:
+            raise UsageError(f"--sampler: model {model!r} has no diffusion sampler (it is a GAN)")
+        pipe.scheduler = getattr(schedulers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------- sample
+def cmd_sample(args) -> int:
+    import torch
+
+    import fastdiff
+    from fastdiff.pipelines import save_grid
+
+    _positive("--steps", args.steps)
+    _positive("--num", args.num)
+    if args.seed < 0:
+        raise UsageError(f"--seed must be ≥ 0, got {args.seed}")
+    out = check_writable_file(args.out)
+    device = resolve_device(args.device)
+    if args.backend:
+        os.environ["FASTDIFF_BACKEND"] = args.backend
+    try:
+        settings = fastdiff.hub.model_settings(fastdiff.hub.model_path(args.model))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    pipe = load_pipeline_for_cli(args.model, args.sampler, device, args.dtype)
+
+    kwargs = {"batch_size": args.num, "generator": torch.Generator("cpu").manual_seed(args.seed),
+              "output_type": "pil", "progress": not args.quiet}
+    unet = getattr(pipe, "unet", None)
+    num_classes = getattr(getattr(unet, "config", None), "num_classes", None)
+    if args.class_label is not None:
+        if num_classes is None:
+            raise UsageError(f"--class: model {args.model!r} is unconditional")
+        if not 0 <= args.class_label < num_classes:
+            raise UsageError(f"--class must be in [0, {num_classes}), got {args.class_label}")
+        kwargs["class_labels"] = [args.class_label] * args.num
+    elif num_classes is not None:
+        kwargs["class_labels"] = [i % num_classes for i in range(args.num)]
+    guidance = args.guidance if args.guidance is not None else settings.get("default_guidance_scale")
+    if guidance is not None:
+        if args.guidance is not None and num_classes is None and getattr(unet, "config", None) is not None \
+                and getattr(unet.config, "context_dim", None) is None:
+            raise UsageError(f"--guidance: model {args.model!r} is unconditional")
+        if num_classes is not None:
+            kwargs["guidance_scale"] = guidance
+    if unet is not None:
+        steps = args.steps or settings.get("default_steps", 25)
+        num_train = pipe.scheduler.config.num_train_timesteps
+        if steps > num_train:
+            raise UsageError(f"--steps must be ≤ {num_train} (the model's training steps), got {steps}")
+        kwargs["num_inference_steps"] = steps
+    elif args.steps is not None:
+        raise UsageError(f"--steps: model {args.model!r} samples in one step (a GAN)")
+    images = pipe(**kwargs)
+    save_grid(images, out, nrow=int(settings.get("grid_columns", 0)) or None, scale=int(settings.get("grid_scale", 1)))
+    print(f"wrote {out} ({len(images)} images, model {args.model}, seed {args.seed})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- models / info
+def cmd_models(args) -> int:
+    import fastdiff
+
+    for name in fastdiff.list_models():
+        settings = fastdiff.hub.model_settings(name)
+        print(f"{name:16s} {settings.get('description', '')}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import fastdiff
+
+    info = fastdiff.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"fastdiff {fastdiff.__version__}  torch {info['torch']}  triton {info['triton'] or 'not installed'}  "
+          f"device {info['device']}")
+    print(f"TRITON_INTERPRET={int(info['triton_interpret'])}  FASTDIFF_BACKEND={info['backend_env']}  "
+          f"native extension: {info['native_extension']}")
+    for op, path in info["ops"].items():
+        print(f"  {op:16s} -> {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- eval / bench / train
+def cmd_eval(args) -> int:
+    from fastdiff import evaluation
+
+    _positive("--num", args.num)
+    _positive("--steps", args.steps)
+    device = resolve_device(args.device)
+    pipe = load_pipeline_for_cli(args.model, args.sampler, device, None)
+    report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                 progress=not args.quiet)
+    print(evaluation.format_report(args.model, report))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from fastdiff import bench
+
+    device = resolve_device(args.device)
+    print(bench.quick_table(device, repeats=args.repeats))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from fastdiff import training
+
+    if args.name not in training.RECIPES:
+        raise UsageError(f"unknown model {args.name!r} to train; known: {', '.join(sorted(training.RECIPES))}")
+    _positive("--steps", args.steps)
+    out = Path(args.out) if args.out else Path(f"./{args.name}")
+    training.train(args.name, out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from fastdiff import generate
+
+    return generate.main_from_args(args)
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastdiff", description="Fast samplers for image-generation models.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="sample a model and write a PNG grid")
+    s.add_argument("--model", default="digits-ddpm", help="a shipped model (fastdiff models) or a pipeline folder")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's own")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, e.g. 25)")
+    s.add_argument("--num", type=int, default=16, help="images to make")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--class", dest="class_label", type=int, default=None, help="the digit to draw (0-9)")
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--backend", choices=["auto", "torch", "triton"], default=None, help="kernel path (fastdiff info)")
+    s.set_defaults(func=cmd_sample)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
+
+    i = sub.add_parser("info", help="which implementation each op runs here")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier")
+    e.add_argument("model")
+    e.add_argument("--num", type=int, default=500, help="samples to score")
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="quick side-by-side speed table (reference vs fused, diffusers if installed)")
+    b.add_argument("--device", default=None)
+    b.add_argument("--repeats", type=int, default=5)
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train a shipped model from scratch (needs scikit-learn)")
+    t.add_argument("name")
+    t.add_argument("--out", default=None, help="output pipeline folder (default ./NAME)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="sample many images into a folder, sharded over torch.distributed ranks")
+    g.add_argument("--model", default="digits-ddpm")
+    g.add_argument("--num", type=int, required=True)
+    g.add_argument("--outdir", required=True)
+    g.add_argument("--batch", type=int, default=256)
+    g.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance", type=float, default=None)
+    g.add_argument("--format", choices=["png", "npz"], default="png")
+    g.add_argument("--device", default=None)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # library validation: the message names the argument
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""Sampling pipelines: pixel and latent diffusion (with classifier-free guidance), VQ-VAE decoding/sampling, GANs."""
+
+from fastdiff.pipelines.base import NonFiniteError, Pipeline, load_pipeline, save_grid, to_output
+from fastdiff.pipelines.diffusion import DiffusionPipeline, LatentDiffusionPipeline
+from fastdiff.pipelines.gan import GANPipeline
+from fastdiff.pipelines.vq import VQPipeline
+
+__all__ = ["Pipeline", "DiffusionPipeline", "LatentDiffusionPipeline", "VQPipeline", "GANPipeline",
+           "NonFiniteError", "load_pipeline", "save_grid", "to_output"]

@@ -1,0 +1,246 @@
+"""What every pipeline shares: components, ``to()``, saving/loading a pipeline folder, output conversion, the
+denoising loop (with classifier-free guidance batched as [uncond; cond]) and the NaN/Inf guard.
+
+A pipeline folder holds ``model_index.json`` (the pipeline class, its settings and one entry per component) and
+one subfolder per component: a fastdiff model checkpoint (``config.json`` + ``model.safetensors``) or a
+scheduler (``scheduler_config.json``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger("fastdiff")
+
+INDEX_NAME = "model_index.json"
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+PathLike = Union[str, os.PathLike]
+GeneratorArg = Union[None, int, torch.Generator, Sequence[torch.Generator]]
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf appeared in the latents during sampling (the message names the step)."""
+
+
+def check_positive_int(name: str, value, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    value = int(value)
+    if value < 1 or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be ≥ 1{upper}, got {value}")
+    return value
+
+
+def make_generator(generator: GeneratorArg, device: torch.device):
+    """An int seeds a fresh CPU generator (so a seed gives the same images on every device); others pass through."""
+    if generator is None or isinstance(generator, torch.Generator) or isinstance(generator, (list, tuple)):
+        return generator
+    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        return torch.Generator("cpu").manual_seed(int(generator))
+    raise TypeError(f"generator must be None, an int seed, a torch.Generator or a list of them, got "
+                    f"{type(generator).__name__}")
+
+
+def to_output(images: Tensor, output_type: str):
+    """(B, C, H, W) in [−1, 1] → PIL images (a list), a (B, H, W, C) float32 array in [0, 1], or a (B, C, H, W)
+    float32 CPU tensor in [0, 1]."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    pixels = (array * 255).round().astype("uint8")
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p[..., 0], mode="L") for p in pixels]
+    return [Image.fromarray(p) for p in pixels]
+
+
+def save_grid(images, path: PathLike, nrow: Optional[int] = None, pad: int = 2, scale: int = 1) -> None:
+    """Write a list of equally sized PIL images (or a (B, H, W, C) array in [0, 1]) as one PNG grid.
+
+    The file is written to a temporary name next to ``path`` and renamed, so a failure never leaves a broken PNG.
+    """
+    from PIL import Image
+
+    if isinstance(images, np.ndarray):
+        images = to_output(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, "pil")
+    images = list(images)
+    if not images:
+        raise ValueError("images must not be empty")
+    n = len(images)
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    grid = Image.new(images[0].mode, (nrow * (w + pad) + pad, ncol * (h + pad) + pad), color=0)
+    for i, im in enumerate(images):
+        if scale != 1:
+            im = im.resize((w, h), Image.NEAREST)
+        grid.paste(im, (pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + pad)))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Pipeline:
+    """Base class. Subclasses list their components in ``component_names`` and their settings in ``settings``."""
+
+    component_names: tuple[str, ...] = ()
+
+    def __init__(self, **components):
+        for name in self.component_names:
+            setattr(self, name, components.get(name))
+        self.settings: dict[str, Any] = {}
+        self._cuda_graphs = None
+
+    # ----------------------------------------------------------------- devices and dtypes
+    def modules(self) -> dict[str, nn.Module]:
+        return {n: getattr(self, n) for n in self.component_names if isinstance(getattr(self, n, None), nn.Module)}
+
+    @property
+    def device(self) -> torch.device:
+        for m in self.modules().values():
+            for p in m.parameters():
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for m in self.modules().values():
+            for p in m.parameters():
+                return p.dtype
+        return torch.float32
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
+        """Move every model to ``device`` and/or cast it to ``dtype`` (fp32/fp16/bf16); returns self.
+
+        On CPU, convolution-heavy models are also switched to channels_last, which is faster there.
+        """
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("device='cuda' requested but CUDA is not available")
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+            m.eval()
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.clear()
+        return self
+
+    # ----------------------------------------------------------------- saving and loading
+    def save_pretrained(self, save_directory: PathLike) -> None:
+        """Write ``model_index.json`` and one subfolder per component."""
+        os.makedirs(save_directory, exist_ok=True)
+        from fastdiff import __version__
+
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_fastdiff_version": __version__,
+                                 "settings": self.settings}
+        for name in self.component_names:
+            component = getattr(self, name)
+            if component is None:
+                index[name] = None
+                continue
+            sub = os.path.join(save_directory, name)
+            if hasattr(component, "save_pretrained"):
+                component.save_pretrained(sub)
+            else:
+                component.save_config(sub)
+            index[name] = ["fastdiff", type(component).__name__]
+        with open(os.path.join(save_directory, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, path: PathLike, device=None, dtype: Optional[torch.dtype] = None) -> "Pipeline":
+        """Load a pipeline folder written by :meth:`save_pretrained` (any pipeline class: model_index.json says)."""
+        return load_pipeline(path, device=device, dtype=dtype, expected=cls)
+
+    # ----------------------------------------------------------------- CUDA graphs
+    def enable_cuda_graph(self, max_graphs: int = 8):
+        """Capture one denoising step per (shape, dtype) in a CUDA graph and replay it (an LRU of ``max_graphs``).
+
+        Weights updated in place (``load_state_dict`` into the same tensors) are seen by the next replay. On a CPU
+        pipeline this does nothing but log a line. Returns self.
+        """
+        max_graphs = check_positive_int("max_graphs", max_graphs)
+        if self.device.type != "cuda":
+            logger.info("fastdiff: enable_cuda_graph ignored: the pipeline is on %s, CUDA graphs need CUDA",
+                        self.device)
+            self._cuda_graphs = None
+            return self
+        from fastdiff.pipelines.cuda_graph import GraphCache
+
+        self._cuda_graphs = GraphCache(max_graphs)
+        return self
+
+    def disable_cuda_graph(self):
+        self._cuda_graphs = None
+        return self
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={type(getattr(self, n)).__name__}" for n in self.component_names)
+        return f"{type(self).__name__}({parts})"
+
+
+def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[type] = None) -> Pipeline:
+    """Build the pipeline saved in folder ``path`` (see :meth:`Pipeline.save_pretrained`)."""
+    from fastdiff import pipelines, schedulers
+    from fastdiff.models import load_model
+
+    path = Path(path)
+    index_file = path / INDEX_NAME
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file}: not a fastdiff pipeline folder (no {INDEX_NAME})")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index_file}: invalid JSON ({exc})") from None
+    class_name = index.get("_class_name")
+    cls = getattr(pipelines, str(class_name), None)
+    if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+        raise ValueError(f"{index_file}: unknown pipeline class {class_name!r}")
+    if expected is not None and expected is not Pipeline and not issubclass(cls, expected):
+        raise ValueError(f"{index_file}: holds a {class_name}, not a {expected.__name__}")
+    components = {}
+    for name in cls.component_names:
+        entry = index.get(name)
+        if entry is None:
+            components[name] = None
+            continue
+        sub = path / name
+        if (sub / "scheduler_config.json").is_file():
+            sched_cls = getattr(schedulers, entry[1], None)
+            if sched_cls is None:
+                raise ValueError(f"{index_file}: unknown scheduler class {entry[1]!r}")
+            components[name] = sched_cls.from_config(sub)
+        else:
+            components[name] = load_model(sub)
+    settings = dict(index.get("settings", {}))
+    accepted = inspect.signature(cls.__init__).parameters
+    pipe = cls(**components, **{k: v for k, v in settings.items() if k in accepted})
+    pipe.settings.update(settings)  # descriptive settings (defaults for the CLI, description) ride along
+    if device is not None or dtype is not None:
+        pipe.to(device, dtype)
+    return pipe

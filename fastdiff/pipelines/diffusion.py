@@ -1,0 +1,220 @@
+"""Diffusion sampling pipelines: pixel space (:class:`DiffusionPipeline`) and latent space with a VAE
+(:class:`LatentDiffusionPipeline`), both with class labels or a context sequence and classifier-free guidance.
+
+Guidance batches [uncond; cond] through one UNet call; with a DDIM/DDPM scheduler the combine
+uncond + s·(cond − uncond) happens inside the fused step kernel (fastdiff.ops.ddim_step / ddpm_step).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fastdiff.pipelines.base import (
+    OUTPUT_TYPES,
+    GeneratorArg,
+    NonFiniteError,
+    Pipeline,
+    check_positive_int,
+    make_generator,
+    to_output,
+)
+from fastdiff.schedulers.base import randn_tensor
+
+Labels = Union[None, int, Sequence[int], Tensor]
+
+
+def _size_pair(sample_size) -> tuple[int, int]:
+    if isinstance(sample_size, numbers.Integral):
+        return int(sample_size), int(sample_size)
+    h, w = sample_size
+    return int(h), int(w)
+
+
+class DiffusionPipeline(Pipeline):
+    """Pixel-space diffusion sampling: ``DiffusionPipeline(unet, scheduler, sample_size=32)``.
+
+    ``pipe(batch_size, num_inference_steps, generator, guidance_scale, class_labels, output_type, progress)``
+    → a list of PIL images, a (B, H, W, C) float array in [0, 1] ("np") or a (B, C, H, W) tensor ("pt").
+    """
+
+    component_names = ("unet", "scheduler")
+
+    def __init__(self, unet, scheduler, sample_size: Union[int, tuple[int, int], None] = None):
+        super().__init__(unet=unet, scheduler=scheduler)
+        if sample_size is None:
+            sample_size = getattr(unet.config, "sample_size", None)
+        if sample_size is None:
+            raise ValueError("sample_size is required (the image size the UNet was trained on)")
+        self.settings = {"sample_size": sample_size}
+
+    # ----------------------------------------------------------------- what the loop samples
+    def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        h, w = _size_pair(self.settings["sample_size"])
+        return (batch_size, self.unet.config.in_channels, h, w)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+    # ----------------------------------------------------------------- argument checks (before any work)
+    def _check_labels(self, class_labels: Labels, batch_size: int) -> Optional[Tensor]:
+        num_classes = getattr(self.unet.config, "num_classes", None)
+        if class_labels is None:
+            return None
+        if num_classes is None:
+            raise ValueError("class_labels given but the UNet is unconditional (its config has no num_classes)")
+        if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool):
+            class_labels = [int(class_labels)] * batch_size
+        labels = torch.as_tensor(class_labels).flatten()
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+        if labels.numel() != batch_size:
+            raise ValueError(f"class_labels has {labels.numel()} labels but batch_size is {batch_size}")
+        labels = labels.cpu().long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"class_labels must be in [0, {num_classes}), got {labels.tolist()}")
+        return labels
+
+    def _check_call(self, batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type):
+        batch_size = check_positive_int("batch_size", batch_size)
+        num_train = self.scheduler.config.num_train_timesteps
+        num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps, maximum=num_train)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        labels = self._check_labels(class_labels, batch_size)
+        context_dim = getattr(self.unet.config, "context_dim", None)
+        if context is not None:
+            if context_dim is None:
+                raise ValueError("context given but the UNet has no cross-attention (its config has no context_dim)")
+            if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[-1] != context_dim:
+                raise ValueError(f"context must be a (B, M, {context_dim}) tensor, got "
+                                 f"{tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__}")
+            if context.shape[0] not in (1, batch_size):
+                raise ValueError(f"context batch must be 1 or batch_size={batch_size}, got {context.shape[0]}")
+        elif context_dim is not None:
+            raise ValueError(f"this UNet cross-attends to a context: pass context of shape (B, M, {context_dim})")
+        if guidance_scale is not None:
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+                raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+            if getattr(self.unet.config, "num_classes", None) is None and context_dim is None:
+                raise ValueError("guidance_scale needs a class-conditional or context-conditioned UNet")
+            if labels is None and context is None:
+                raise ValueError("guidance_scale needs class_labels (or a context) to guide towards")
+        return batch_size, num_inference_steps, labels
+
+    # ----------------------------------------------------------------- sampling
+    @torch.inference_mode()
+    def __call__(
+        self,
+        batch_size: int = 16,
+        num_inference_steps: int = 50,
+        generator: GeneratorArg = None,
+        guidance_scale: Optional[float] = None,
+        class_labels: Labels = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        *,
+        eta: float = 0.0,
+        context: Optional[Tensor] = None,
+        negative_context: Optional[Tensor] = None,
+        latents: Optional[Tensor] = None,
+    ):
+        """Sample ``batch_size`` images.
+
+        Args:
+            batch_size: images to make (≥ 1).
+            num_inference_steps: sampler steps, 1 … num_train_timesteps.
+            generator: an int seed, a torch.Generator (or one per image) or None.
+            guidance_scale: classifier-free guidance scale s (None or 1.0: no guidance).
+            class_labels: an int, or B ints in [0, num_classes), for a class-conditional UNet.
+            output_type: "pil" (list of PIL images), "np" ((B, H, W, C) float32 in [0, 1]) or "pt".
+            progress: show a tqdm bar.
+            eta: DDIM's η (DDIM scheduler only).
+            context: (B or 1, M, context_dim) for a cross-attention UNet; negative_context the unconditional one
+                (zeros by default).
+            latents: the initial noise (B, C, h, w) instead of drawing it.
+        Raises:
+            ValueError for bad arguments (before any work), NonFiniteError if NaN/Inf appears (naming the step).
+        """
+        batch_size, num_inference_steps, labels = self._check_call(
+            batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type)
+        device, dtype = self.device, self.dtype
+        generator = make_generator(generator, device)
+        cfg = guidance_scale is not None and float(guidance_scale) != 1.0
+
+        # 1. conditioning, batched [uncond; cond] under guidance
+        model_labels = None
+        if labels is not None:
+            model_labels = labels.to(device)
+            if cfg:
+                null = torch.full_like(model_labels, self.unet.config.num_classes)
+                model_labels = torch.cat([null, model_labels])
+        model_context = None
+        if context is not None:
+            model_context = context.to(device, dtype).expand(batch_size, -1, -1)
+            if cfg:
+                uncond = (torch.zeros_like(model_context) if negative_context is None
+                          else negative_context.to(device, dtype).expand_as(model_context))
+                model_context = torch.cat([uncond, model_context])
+
+        # 2. initial noise x_T
+        shape = self._latent_shape(batch_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            latents = latents.to(device, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator}
+        if eta:
+            step_kwargs["eta"] = eta
+        if cfg:
+            step_kwargs["guidance_scale"] = float(guidance_scale)
+
+        # 3. the denoising loop
+        timesteps = self.scheduler.timesteps.tolist()  # one host copy, not one sync per step
+        first_bad = None if device.type == "cpu" else torch.full((), -1, device=device, dtype=torch.int64)
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+            model_in = torch.cat([latents, latents]) if cfg else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.float32)
+            if self._cuda_graphs is not None:
+                out = self._cuda_graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
+            else:
+                out = self.unet(model_in, t_batch, class_labels=model_labels, context=model_context)
+            latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
+            # 4. stop on NaN/Inf, naming the step (on CUDA the check stays on the device until the end)
+            finite = torch.isfinite(latents).all()
+            if first_bad is None:
+                if not finite:
+                    raise NonFiniteError(f"NaN/Inf in the latents at step {i + 1}/{len(timesteps)} (t={t})")
+            else:
+                first_bad = torch.where((first_bad < 0) & ~finite, i, first_bad)
+        if first_bad is not None and int(first_bad) >= 0:
+            bad = int(first_bad)
+            raise NonFiniteError(f"NaN/Inf in the latents at step {bad + 1}/{len(timesteps)} (t={timesteps[bad]})")
+
+        images = self._decode(latents)
+        return to_output(images, output_type)
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """Latent diffusion: the UNet denoises VAE latents, the VAE decodes them.
+    ``LatentDiffusionPipeline(unet, vae, scheduler, sample_size=latent_size)``; sample_size is the latent size."""
+
+    component_names = ("unet", "vae", "scheduler")
+
+    def __init__(self, unet, vae, scheduler, sample_size: Union[int, tuple[int, int], None] = None):
+        super().__init__(unet, scheduler, sample_size)
+        self.vae = vae
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        z = latents / getattr(self.vae.config, "scaling_factor", 1.0)
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return self.vae.decode(z + shift if shift else z)

@@ -1,0 +1,358 @@
+"""``fastdiff train <name>``: the recipes that produced the shipped digit models, reproducible on a 2-core CPU.
+
+Every recipe trains on the train split of :func:`fastdiff.data.load_digits` (16×16), logs the loss periodically
+under a tqdm bar, keeps an exponential moving average (EMA) of the weights where it helps, and writes a pipeline
+folder (``model_index.json`` + components) with a ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastdiff.data import IMAGE_SIZE, load_digits
+
+logger = logging.getLogger("fastdiff")
+
+NUM_CLASSES = 10
+
+
+@dataclass
+class Recipe:
+    description: str
+    steps: int  # optimiser steps of the main stage
+    run: Callable[..., dict]  # run(out, steps, seed, progress) → metrics for the model card
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- shared pieces
+class EMA:
+    """θ_ema ← d·θ_ema + (1 − d)·θ after every step; warm-started with d_k = min(decay, (1 + k)/(10 + k))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.num_updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless random minibatch indices (reshuffled every epoch)."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def _loop(name: str, steps: int, step_fn: Callable[[int], dict], progress: bool, log_every: int = 100) -> float:
+    """Run ``step_fn(k)`` for k < steps under a progress bar; log mean losses every ``log_every`` steps."""
+    start = time.perf_counter()
+    running: dict[str, float] = {}
+    bar = tqdm(range(steps), desc=name, disable=not progress, leave=False)
+    for k in bar:
+        losses = step_fn(k)
+        for key, v in losses.items():
+            running[key] = running.get(key, 0.0) + float(v)
+        if (k + 1) % log_every == 0 or k + 1 == steps:
+            n = (k % log_every) + 1
+            line = " ".join(f"{key}={v / n:.4f}" for key, v in running.items())
+            msg = f"{name} step {k + 1}/{steps} {line} ({time.perf_counter() - start:.0f}s)"
+            bar.write(msg) if progress else logger.info(msg)
+            running = {}
+    return time.perf_counter() - start
+
+
+def _adam(params, lr: float, betas=(0.9, 0.999)):
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+
+
+def _warmup_cosine(opt, steps: int, warmup: int = 100):
+    def factor(k):
+        if k < warmup:
+            return (k + 1) / warmup
+        return 0.5 * (1 + torch.cos(torch.tensor((k - warmup) / max(1, steps - warmup) * torch.pi)).item()) * 0.9 + 0.1
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _train_diffusion(unet, latents: torch.Tensor, labels: torch.Tensor, steps: int, seed: int, progress: bool,
+                     name: str, lr: float = 2e-3, batch_size: int = 128, p_uncond: float = 0.1):
+    """Class-conditional ε-prediction training (the DDPM loss) with label dropout to the null class for CFG."""
+    from fastdiff.models import losses
+    from fastdiff.schedulers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    alphas_cumprod = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(seed)
+    opt = _adam(unet.parameters(), lr)
+    sched = _warmup_cosine(opt, steps)
+    ema = EMA(unet, 0.999)
+    batches = _batches(len(latents), batch_size, gen)
+    unet.train()
+
+    def step(k):
+        idx = next(batches)
+        x0, y = latents[idx], labels[idx].clone()
+        drop = torch.rand(len(y), generator=gen) < p_uncond
+        y[drop] = NUM_CLASSES  # the null class
+        t = torch.randint(0, 1000, (len(y),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        loss = losses.ddpm_loss(unet, x0, t, noise, alphas_cumprod, class_labels=y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update(unet)
+        return {"loss": loss.item()}
+
+    seconds = _loop(name, steps, step, progress)
+    return ema.model, scheduler, seconds
+
+
+def _digit_unet(in_channels: int, size: int):
+    from fastdiff.models import UNet
+
+    return UNet(in_channels=in_channels, out_channels=in_channels, base_channels=32, channel_mult=(1, 2, 2),
+                layers_per_block=1, attention_levels=(1,), mid_attention=True, attention_head_dim=16,
+                norm_num_groups=8, num_classes=NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------------------------- recipes
+def run_ddpm(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    from fastdiff.pipelines import DiffusionPipeline
+
+    torch.manual_seed(seed)
+    x, y = load_digits("train")
+    unet = _digit_unet(1, IMAGE_SIZE)
+    unet, scheduler, seconds = _train_diffusion(unet, x, y, steps, seed, progress, "digits-ddpm")
+    pipe = DiffusionPipeline(unet, _ddim_like(scheduler, clip_sample=True), sample_size=IMAGE_SIZE)
+    _settings(pipe, "class-conditional pixel-space DDPM (16×16 digits), CFG", steps=25, guidance=3.0)
+    pipe.save_pretrained(out)
+    return {"train_seconds": round(seconds), "train_steps": steps, "parameters": _count(unet)}
+
+
+def _ddim_like(scheduler, clip_sample: bool):
+    """The shipped sampler: DDIM with the training noise schedule (x0 clipping only in pixel space)."""
+    from fastdiff.schedulers import DDIMScheduler
+
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+    return DDIMScheduler(**{k: v for k, v in dict(scheduler.config).items() if k in keep}, clip_sample=clip_sample)
+
+
+def _encode_all(encode, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([encode(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def run_ldm(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    from fastdiff.models import AutoencoderKL
+    from fastdiff.pipelines import LatentDiffusionPipeline
+
+    torch.manual_seed(seed)
+    x, y = load_digits("train")
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(32, 64),
+                        layers_per_block=1, norm_num_groups=8, mid_attention=False, scaling_factor=1.0)
+    gen = torch.Generator().manual_seed(seed)
+    opt = _adam(vae.parameters(), 2e-3)
+    vae_steps = max(1, steps // 2)
+    sched = _warmup_cosine(opt, vae_steps)
+    batches = _batches(len(x), 64, gen)
+    vae.train()
+
+    def vae_step(k):
+        xb = x[next(batches)]
+        posterior = vae.encode(xb)
+        recon = vae.decode(posterior.sample(gen))
+        rec = F.mse_loss(recon, xb)
+        kl = posterior.kl().mean() / xb[0].numel()
+        loss = rec + 1e-3 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return {"recon": rec.item(), "kl": kl.item()}
+
+    vae_seconds = _loop("digits-ldm/vae", vae_steps, vae_step, progress)
+    vae.eval()
+    latents = _encode_all(lambda b: vae.encode(b).mode(), x)
+    scale = float(1.0 / latents.std())
+    vae.config.scaling_factor = scale
+    unet = _digit_unet(latents.shape[1], latents.shape[-1])
+    unet, scheduler, unet_seconds = _train_diffusion(unet, latents * scale, y, steps, seed, progress,
+                                                     "digits-ldm/unet")
+    pipe = LatentDiffusionPipeline(unet, vae, _ddim_like(scheduler, clip_sample=False), sample_size=latents.shape[-1])
+    _settings(pipe, "class-conditional latent diffusion: AutoencoderKL (2×8×8 latents) + UNet, CFG", steps=25,
+              guidance=3.0)
+    pipe.save_pretrained(out)
+    return {"train_seconds": round(vae_seconds + unet_seconds), "vae_steps": vae_steps, "unet_steps": steps,
+            "latent_scaling_factor": round(scale, 5), "parameters": _count(unet) + _count(vae)}
+
+
+def run_vqvae(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    from fastdiff.models import VQVAE
+    from fastdiff.pipelines import VQPipeline
+
+    torch.manual_seed(seed)
+    x, y = load_digits("train")
+    vq = VQVAE(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               norm_num_groups=8, mid_attention=False, num_embeddings=64, embedding_dim=4, ema=True)
+    gen = torch.Generator().manual_seed(seed)
+    opt = _adam(vq.parameters(), 2e-3)
+    vq_steps = max(1, steps // 2)
+    sched = _warmup_cosine(opt, vq_steps)
+    batches = _batches(len(x), 64, gen)
+    vq.train()
+
+    def vq_step(k):
+        xb = x[next(batches)]
+        recon, _, vq_loss = vq(xb)
+        rec = F.mse_loss(recon, xb)
+        loss = rec + vq_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return {"recon": rec.item(), "vq": float(vq_loss)}
+
+    vq_seconds = _loop("digits-vqvae/vqvae", vq_steps, vq_step, progress)
+    vq.eval()
+    latents = _encode_all(vq.encode_latents, x)  # z_e before quantisation, (N, 4, 8, 8)
+    scale = float(1.0 / latents.std())
+    vq.config.scaling_factor = scale
+    with torch.no_grad():
+        codes_used = int(torch.unique(_encode_all(vq.encode, x)).numel())
+    unet = _digit_unet(latents.shape[1], latents.shape[-1])
+    unet, scheduler, unet_seconds = _train_diffusion(unet, latents * scale, y, steps, seed, progress,
+                                                     "digits-vqvae/prior")
+    pipe = VQPipeline(vq, unet, _ddim_like(scheduler, clip_sample=False), sample_size=latents.shape[-1])
+    _settings(pipe, "VQ-VAE (64 codes, 8×8 grid); codes sampled by a class-conditional latent DDPM prior on z_e",
+              steps=25, guidance=3.0)
+    pipe.save_pretrained(out)
+    return {"train_seconds": round(vq_seconds + unet_seconds), "vqvae_steps": vq_steps, "prior_steps": steps,
+            "codes_used": codes_used, "parameters": _count(unet) + _count(vq)}
+
+
+def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    from fastdiff.models import DCGANDiscriminator, DCGANGenerator, losses
+    from fastdiff.pipelines import GANPipeline
+
+    torch.manual_seed(seed)
+    x, _ = load_digits("train")
+    g = DCGANGenerator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32)
+    d = DCGANDiscriminator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32)
+    gen = torch.Generator().manual_seed(seed)
+    opt_g = _adam(g.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = _adam(d.parameters(), 2e-4, betas=(0.5, 0.999))
+    ema = EMA(g, 0.999)
+    batches = _batches(len(x), 64, gen)
+    g.train(), d.train()
+
+    def step(k):
+        real = x[next(batches)]
+        z = torch.randn(len(real), 64, generator=gen)
+        fake = g(z)
+        loss_d = losses.gan_discriminator_loss(d(real), d(fake.detach()))
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        loss_g = losses.gan_generator_loss(d(fake))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        ema.update(g)
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
+
+    seconds = _loop("digits-dcgan", steps, step, progress)
+    pipe = GANPipeline(ema.model)
+    _settings(pipe, "DCGAN (16×16 digits, non-saturating BCE losses)")
+    pipe.save_pretrained(out)
+    return {"train_seconds": round(seconds), "train_steps": steps, "parameters": _count(g)}
+
+
+def run_classifier(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    from fastdiff.models.classifier import DigitClassifier
+
+    torch.manual_seed(seed)
+    x, y = load_digits("train")
+    xt, yt = load_digits("test")
+    model = DigitClassifier()
+    gen = torch.Generator().manual_seed(seed)
+    opt = _adam(model.parameters(), 2e-3)
+    batches = _batches(len(x), 64, gen)
+    model.train()
+
+    def step(k):
+        idx = next(batches)
+        xb = x[idx]
+        # small random shifts (±1 px) so the classifier does not rely on exact placement
+        dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+        xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+        loss = F.cross_entropy(model(xb), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    seconds = _loop("digits-classifier", steps, step, progress)
+    model.eval()
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return {"train_seconds": round(seconds), "train_steps": steps, "held_out_accuracy": round(acc, 4)}
+
+
+RECIPES: dict[str, Recipe] = {
+    "digits-ddpm": Recipe("class-conditional pixel-space DDPM", 3000, run_ddpm),
+    "digits-ldm": Recipe("AutoencoderKL + class-conditional latent UNet", 3000, run_ldm),
+    "digits-vqvae": Recipe("VQ-VAE + latent DDPM prior on z_e", 3000, run_vqvae),
+    "digits-dcgan": Recipe("DCGAN", 4000, run_dcgan),
+    "digits-classifier": Recipe("digit classifier for fastdiff eval", 1500, run_classifier),
+}
+
+
+def _settings(pipe, description: str, steps: Optional[int] = None, guidance: Optional[float] = None) -> None:
+    pipe.settings["description"] = description
+    if steps is not None:
+        pipe.settings["default_steps"] = steps
+    if guidance is not None:
+        pipe.settings["default_guidance_scale"] = guidance
+    pipe.settings["grid_scale"] = 4
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(name: str, out: Path, steps: Optional[int] = None, seed: int = 0, progress: bool = True) -> dict:
+    """Train recipe ``name`` into folder ``out``; returns the metrics written to ``out/train_metrics.json``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    recipe = RECIPES[name]
+    steps = steps or recipe.steps
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    metrics = recipe.run(out, steps, seed, progress)
+    metrics.update({"recipe": name, "seed": seed, "torch": torch.__version__,
+                    "threads": torch.get_num_threads()})
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(f"{name}: trained in {metrics['train_seconds']} s → {out}")
+    return metrics
