@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m fastdiff -- generate --num N`: torchrun's own parser would take --num
+        argv = argv[1:]      # as an abbreviation of its --numa-binding, so the command goes after "--"
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):

@@ -78,6 +78,14 @@ def _layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _call(op, *args):
+    """Run a registered op. Under torch.compile the custom op is one node of the graph; in eager mode its
+    implementation is called directly, which skips tens of microseconds of custom-op dispatch per call."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return op._init_fn(*args)
+
+
 def _run(op: str, device: torch.device, backend: str, family: str, *args):
     """Inside a custom op: pick the path, count it, run the reference or the Triton host function."""
     path = dispatch.select(op, device, backend)
@@ -148,7 +156,7 @@ def group_norm_silu(
         return reference.group_norm_silu(x, num_groups, weight, bias, eps, activation)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    return _group_norm_silu_op(_layout(x), num_groups, weight, bias, eps, activation or "none", backend)
+    return _call(_group_norm_silu_op, _layout(x), num_groups, weight, bias, eps, activation or "none", backend)
 
 
 # --------------------------------------------------------------------------------------------- attention
@@ -196,12 +204,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     if _needs_grad(q, k, v):
         dispatch.record("attention", "torch")
         return reference.attention(q, k, v, scale)
-    return _attention_op(q, k, v, scale, backend)
+    return _call(_attention_op, q, k, v, scale, backend)
 
 
 # --------------------------------------------------------------------------------------------- ddim / ddpm steps
-def _check_alpha(name: str, alpha, sample: Tensor):
-    """A number in (0, 1], or a per-sample tensor of shape (B,) on the sample's device (its values are not read)."""
+def _check_alpha(name: str, alpha, sample: Tensor, *, one_ok: bool = True):
+    """A number in (0, 1] ((0, 1) when not one_ok), or a per-sample tensor of shape (B,) on the sample's device (its
+    values are not read)."""
     if isinstance(alpha, Tensor):
         _tensor(name, alpha, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
         if alpha.shape != (sample.shape[0],):
@@ -211,8 +220,10 @@ def _check_alpha(name: str, alpha, sample: Tensor):
             raise ValueError(f"{name} is on {alpha.device} but sample is on {sample.device}")
         return alpha.float().contiguous()
     value = _number(name, alpha)
-    if not 0.0 < value <= 1.0:
+    if one_ok and not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
+    if not one_ok and not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1) (the step divides by 1 − {name}), got {value}")
     return value
 
 
@@ -244,7 +255,7 @@ def _check_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, pr
             raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
     _choice("prediction_type", prediction_type, PREDICTION_TYPES)
     clip_sample_range = _number("clip_sample_range", clip_sample_range, allow_none=True, positive=True)
-    a_t = _check_alpha("alpha_prod_t", alpha_prod_t, sample)
+    a_t = _check_alpha("alpha_prod_t", alpha_prod_t, sample, one_ok=False)
     a_prev = _check_alpha("alpha_prod_t_prev", alpha_prod_t_prev, sample)
     return a_t, a_prev, clip_sample_range, guidance_scale
 
@@ -317,7 +328,7 @@ def ddim_step(
         return reference.ddim_step(sample, model_output, a_t, a_prev, eta, noise, prediction_type, clip_sample_range,
                                    guidance_scale, bool(use_clipped_model_output))
     (at_t, at_v), (ap_t, ap_v) = _split_alpha(a_t), _split_alpha(a_prev)
-    return _ddim_step_op(sample.contiguous(), model_output.contiguous(), at_t, ap_t, at_v, ap_v, eta,
+    return _call(_ddim_step_op, sample.contiguous(), model_output.contiguous(), at_t, ap_t, at_v, ap_v, eta,
                          noise.contiguous() if noise is not None else None, prediction_type, clip_sample_range,
                          guidance_scale, bool(use_clipped_model_output), backend)
 
@@ -367,17 +378,59 @@ def ddpm_step(
         return reference.ddpm_step(sample, model_output, a_t, a_prev, noise, variance_type, prediction_type,
                                    clip_sample_range, guidance_scale)
     (at_t, at_v), (ap_t, ap_v) = _split_alpha(a_t), _split_alpha(a_prev)
-    return _ddpm_step_op(sample.contiguous(), model_output.contiguous(), at_t, ap_t, at_v, ap_v,
+    return _call(_ddpm_step_op, sample.contiguous(), model_output.contiguous(), at_t, ap_t, at_v, ap_v,
                          noise.contiguous() if noise is not None else None, variance_type, prediction_type,
                          clip_sample_range, guidance_scale, backend)
 
 
 # --------------------------------------------------------------------------------------------- vq_nearest
-def vq_nearest(z: Tensor, codebook: Tensor, *, return_distances: bool = False, backend: Optional[str] = None):
-    """Nearest codebook row for every row of z (squared L2) → int64 indices (N,) [, fp32 squared distances (N,)].
+def vq_nearest(
+    z: Tensor,
+    codebook: Tensor,
+    *,
+    return_distances: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Nearest codebook row for every row of z by squared L2 distance (the VQ-VAE quantisation step).
 
-    The native extension (``torch.ops.fastdiff.vq_nearest``) runs where it is built; see :mod:`fastdiff.native`.
+    The native extension (``torch.ops.fastdiff.vq_nearest``: C++ on CPU, CUDA on GPU) runs where it is built or
+    can be built just in time; elsewhere the chunked PyTorch reference runs (see :mod:`fastdiff.native`). Neither
+    stores the N × K distance matrix.
+
+    Args:
+        z: (N, D) fp32/fp16/bf16, any strides; N = 0 gives empty outputs.
+        codebook: (K, D) with K ≥ 1, z's dtype and device, any strides.
+        return_distances: also return the squared distances.
+        backend: None/"auto" (FASTDIFF_BACKEND, then the extension where available), "torch" (reference) or
+            "native" (the extension; RuntimeError if it cannot run here).
+    Returns:
+        indices (N,) int64, argmin over k of ‖z_n − e_k‖², ties → the lowest k (like torch.argmin); with
+        return_distances also distances (N,) fp32, that minimum (computed as ‖z‖² − 2 z·e + ‖e‖² in fp32,
+        clamped at 0). Differentiable in the distances only on the reference path (chosen when grads are needed).
+    Raises:
+        TypeError: z or codebook is not a floating tensor of the supported dtypes, or their dtypes differ.
+        ValueError: z not 2-D, codebook not 2-D, D mismatch, D = 0, K = 0, different devices, bad backend.
     """
+    _tensor("z", z)
+    _tensor("codebook", codebook)
+    if z.ndim != 2:
+        raise ValueError(f"z must have shape (N, D) (2 dims), got shape {tuple(z.shape)}")
+    if codebook.ndim != 2:
+        raise ValueError(f"codebook must have shape (K, D) (2 dims), got shape {tuple(codebook.shape)}")
+    if codebook.shape[1] != z.shape[1]:
+        raise ValueError(f"codebook must have z's D={z.shape[1]} columns, got shape {tuple(codebook.shape)}")
+    if z.shape[1] < 1:
+        raise ValueError(f"z and codebook need D ≥ 1 columns, got shape {tuple(z.shape)}")
+    if codebook.shape[0] < 1:
+        raise ValueError(f"codebook must have at least one row (K ≥ 1), got shape {tuple(codebook.shape)}")
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"codebook must have z's dtype {z.dtype}, got {codebook.dtype}")
+    _same_device(z=z, codebook=codebook)
+    if not isinstance(return_distances, bool):
+        raise TypeError(f"return_distances must be a bool, got {type(return_distances).__name__}")
+    backend = dispatch.check_backend(backend)
+    if backend == "triton":
+        raise ValueError("backend='triton': vq_nearest has no Triton kernel; use None/'auto', 'torch' or 'native'")
     from fastdiff import native
 
     return native.vq_nearest(z, codebook, return_distances=return_distances, backend=backend)

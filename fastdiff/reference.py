@@ -24,7 +24,16 @@ def group_norm_silu(
 ) -> torch.Tensor:
     """GroupNorm over (C/G, *spatial) per (n, g), affine per channel, then SiLU. x: (N, C, *spatial)."""
     low = x.dtype in (torch.float16, torch.bfloat16)
-    xf = x.float() if low else x
+    if x.is_contiguous():
+        xf = x.float() if low else x
+    else:
+        # channels_last: torch's CPU kernel forms E[x²] − E[x]² in fp32, which cancels when |mean| ≫ std (x = 100 +
+        # randn loses 3 digits, 1000 + randn all of them). GroupNorm ignores a per-group constant, so subtract one:
+        # the group's mean at the first pixel (the fp32 result doubles as the upcast of fp16/bf16).
+        n, c = x.shape[:2]
+        first = x[(slice(None), slice(None)) + (0,) * (x.ndim - 2)].float()  # (N, C)
+        pivot = first.reshape(n, num_groups, -1).mean(2, keepdim=True).expand(n, num_groups, c // num_groups)
+        xf = x - pivot.reshape(n, c, *([1] * (x.ndim - 2)))  # fp32, channels_last
     w = weight.float() if (low and weight is not None) else weight
     b = bias.float() if (low and bias is not None) else bias
     y = F.group_norm(xf, num_groups, w, b, eps)
@@ -46,7 +55,10 @@ def _per_sample(alpha: Alpha, ndim: int) -> Alpha:
 
 
 def _sqrt(a: Alpha) -> Alpha:
-    return a.sqrt() if isinstance(a, torch.Tensor) else math.sqrt(a)
+    """Square root of a tensor or a float; a negative float (an ill-posed η or ᾱ order) gives NaN, as a tensor does."""
+    if isinstance(a, torch.Tensor):
+        return a.sqrt()
+    return math.sqrt(a) if a >= 0 else math.nan
 
 
 def guide(model_output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
@@ -63,8 +75,8 @@ def _x0_and_eps(x, out, alpha_prod_t, prediction_type):
     sqrt_b = _sqrt(1 - alpha_prod_t)
     if prediction_type == "epsilon":
         return (x - sqrt_b * out) / sqrt_a, out
-    if prediction_type == "sample":
-        return out, (x - sqrt_a * out) / sqrt_b
+    if prediction_type == "sample":  # a copy: the op's outputs must never alias its inputs
+        return out.clone(), (x - sqrt_a * out) / sqrt_b
     # v_prediction
     return sqrt_a * x - sqrt_b * out, sqrt_a * out + sqrt_b * x
 
@@ -147,22 +159,26 @@ def ddpm_step(
 
 
 def vq_nearest(
-    z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096
+    z: torch.Tensor, codebook: torch.Tensor, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook row per row of z by squared L2 → (indices int64 (N,), distances fp32 (N,)).
 
-    Chunked over rows of z so at most chunk_size × K distances exist at once; ties → the lowest index.
+    z: (N, D), codebook: (K, D), one floating dtype, computed in fp32. Chunked over rows of z (chunk_size rows,
+    by default as many as keep a chunk's distances to 2**22 elements = 16 MiB), so memory stays bounded for any N.
+    Ties → the lowest index: ``argmin`` guarantees the first minimum (``min(dim)`` documents no such order).
     """
-    n = z.shape[0]
+    n, k = z.shape[0], codebook.shape[0]
+    rows = chunk_size if chunk_size is not None else max(1, (1 << 22) // max(k, 1))
     indices = torch.empty(n, dtype=torch.int64, device=z.device)
     distances = torch.empty(n, dtype=torch.float32, device=z.device)
     e = codebook.float()
     e_sq = (e * e).sum(1)  # (K,)
-    for start in range(0, n, chunk_size):
-        zc = z[start : start + chunk_size].float()
+    for start in range(0, n, rows):
+        zc = z[start : start + rows].float()
         # ‖z − e‖² = ‖z‖² − 2 z·e + ‖e‖², the ‖z‖² term is constant per row for the argmin
         d = torch.addmm(e_sq, zc, e.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
-        best, idx = d.min(1)
-        indices[start : start + chunk_size] = idx
-        distances[start : start + chunk_size] = (best + (zc * zc).sum(1)).clamp_min_(0)
+        idx = d.argmin(1)
+        best = d.gather(1, idx[:, None]).squeeze(1)
+        indices[start : start + rows] = idx
+        distances[start : start + rows] = (best + (zc * zc).sum(1)).clamp_min_(0)
     return indices, distances

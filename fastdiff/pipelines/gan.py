@@ -45,9 +45,15 @@ class GANPipeline(Pipeline):
         z = randn_tensor((batch_size, self.generator.config.latent_dim), generator=generator, device=device,
                          dtype=dtype)
         if styled:
-            first = generator[0] if isinstance(generator, (list, tuple)) else generator
-            noise = self.generator.make_noise(batch_size, generator=first if first is not None and
-                                              first.device == device else None, device=device)
+            if isinstance(generator, (list, tuple)) and len(generator) == batch_size:
+                # one generator per image: each image's noise maps come from its own generator (as its z does), so an
+                # image does not depend on the rest of its batch; drawn on the generator's device, then moved
+                rows = [self.generator.make_noise(1, generator=g, device=g.device) for g in generator]
+                noise = [torch.cat(maps).to(device) for maps in zip(*rows)]
+            else:
+                first = generator[0] if isinstance(generator, (list, tuple)) else generator
+                noise = self.generator.make_noise(batch_size, generator=first if first is not None and
+                                                  first.device == device else None, device=device)
             images = self.generator(z, truncation=float(truncation), noise=noise)
         else:
             images = self.generator(z)

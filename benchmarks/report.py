@@ -1,0 +1,138 @@
+"""Turn ``pytest benchmarks/ --benchmark-json=out.json`` into a Markdown table of speed ratios and a bar chart.
+
+    python benchmarks/report.py out.json [--md BENCH_TABLE.md] [--png bench_ratios.png]
+
+For every benchmark group (one op at one shape, or one end-to-end case) the table lists each provider's median
+time and the ratio baseline time / fastdiff time for every baseline (> 1 means fastdiff is faster), plus the rate
+(GB/s or TFLOP/s) where the benchmark recorded one. The chart shows the same ratios, one bar per (group, baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+FASTDIFF = "fastdiff"
+RATE_KEYS = (("gpu_tflops", "TFLOP/s (device)"), ("tflops", "TFLOP/s"), ("gpu_gbps", "GB/s (device)"),
+             ("gbps", "GB/s"), ("gb_per_s", "GB/s"), ("gflops", "GFLOP/s"))
+
+
+def _provider(bench: dict) -> str:
+    params = bench.get("params") or {}
+    return str(params.get("provider") or bench.get("extra_info", {}).get("provider") or bench["name"])
+
+
+def _median(bench: dict) -> float:
+    stats = bench.get("stats") or {}
+    return float(stats.get("median", float("nan")))
+
+
+def _rate(bench: dict) -> str:
+    info = bench.get("extra_info", {})
+    for key, unit in RATE_KEYS:
+        if isinstance(info.get(key), (int, float)):
+            return f"{info[key]:.3g} {unit}"
+    return ""
+
+
+def collect(data: dict) -> dict[str, dict[str, dict]]:
+    """group → provider → benchmark entry."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data.get("benchmarks", []):
+        groups[bench.get("group") or bench["name"]][_provider(bench)] = bench
+    return dict(groups)
+
+
+def ratios(groups: dict[str, dict[str, dict]]) -> list[tuple[str, str, float]]:
+    """(group, baseline, baseline time / fastdiff time) for every group that has a fastdiff entry."""
+    rows = []
+    for group, providers in sorted(groups.items()):
+        if FASTDIFF not in providers:
+            continue
+        ours = _median(providers[FASTDIFF])
+        for name, bench in sorted(providers.items()):
+            if name != FASTDIFF and ours > 0 and math.isfinite(ours):
+                rows.append((group, name, _median(bench) / ours))
+    return rows
+
+
+def markdown(data: dict) -> str:
+    groups = collect(data)
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    lines = [
+        f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+        f"Python {machine.get('python_version', '?')}; commit {str(commit.get('id', '?'))[:10]}; "
+        f"{data.get('datetime', '')}",
+        "",
+        "| benchmark | provider | median | rate | speed-up of fastdiff (baseline / fastdiff) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for group, providers in sorted(groups.items()):
+        ours = _median(providers[FASTDIFF]) if FASTDIFF in providers else None
+        for name in sorted(providers, key=lambda p: (p != FASTDIFF, p)):
+            bench = providers[name]
+            t = _median(bench)
+            ratio = "" if name == FASTDIFF or ours is None else f"{t / ours:.2f}×"
+            lines.append(f"| {group} | {name} | {t * 1e3:.3f} ms | {_rate(bench)} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(data: dict, path: Path) -> bool:
+    """Bar chart of the ratios (log scale, 1× marked); False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = ratios(collect(data))
+    if not rows:
+        return False
+    labels = [f"{g} vs {b}" for g, b, _ in rows]
+    values = [r for _, _, r in rows]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(rows) + 1)))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("baseline time / fastdiff time (> 1: fastdiff faster)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--md", type=Path, default=None, help="write the table here (default: print it)")
+    parser.add_argument("--png", type=Path, default=Path("bench_ratios.png"), help="bar chart of the ratios")
+    args = parser.parse_args(argv)
+    try:
+        data = json.loads(args.json.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"report: cannot read {args.json}: {exc}", file=sys.stderr)
+        return 2
+    table = markdown(data)
+    if args.md:
+        args.md.write_text(table, encoding="utf-8")
+        print(f"wrote {args.md}")
+    else:
+        print(table)
+    if chart(data, args.png):
+        print(f"wrote {args.png}")
+    else:
+        print("no chart (matplotlib missing or no fastdiff ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""GroupNorm + SiLU: fastdiff.ops.group_norm_silu vs eager PyTorch (F.group_norm then F.silu) and torch.compile of it.
+
+One pytest-benchmark group per shape, a ``provider`` axis, and GB/s in ``extra_info`` (bytes moved: x read twice,
+y written once; the fused kernel may read x only once, so its GB/s is an effective rate comparable across
+providers). The ``copy`` anchor (x.clone(): one read, one write, counted as such) is the hardware limit the
+kernel's GB/s is measured against (target on an H200: fastdiff ≥ 80% of copy, ≥ 2× torch). On CUDA: fp16, the compiled Triton kernel, ``CALLS_PER_ROUND`` calls then one synchronize per timed round
+(so the launch-to-sync latency does not swamp microsecond kernels; time per call is in extra_info). On CPU: fp32,
+``fastdiff`` is the default dispatch there, the reference PyTorch path (the Triton interpreter is excluded: it is a
+correctness tool, not a CPU path), and ``compile`` is skipped unless FASTDIFF_BENCH_COMPILE=1 (inductor takes
+~45 s per shape on the 2-core CI machine).
+
+    pytest benchmarks/test_bench_group_norm_silu.py --benchmark-group-by=group
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff import ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.float16 if CUDA else torch.float32
+NUM_GROUPS = 32
+CALLS_PER_ROUND = 20 if CUDA else 1
+ROUNDS = 50 if CUDA else 10
+
+SHAPES = [(n, c, s, s) for s in (32, 16) for c in (128, 256, 512) for n in (1, 8)]  # (N, C, H, W)
+if CUDA:
+    SHAPES += [(1, 1280, 64, 64), (8, 1280, 64, 64)]  # SD-UNet's widest level at 64² latents
+PROVIDERS = ["fastdiff", "torch", "compile", "copy"]
+
+
+def _eager(x, num_groups, weight, bias, eps):
+    return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+
+
+def _fastdiff(x, num_groups, weight, bias, eps):
+    # CUDA: the compiled Triton kernel; CPU: the reference path users run (never the interpreter)
+    return ops.group_norm_silu(x, num_groups, weight, bias, eps, backend="triton" if CUDA else "torch")
+
+
+def _provider_fn(provider: str):
+    if provider == "fastdiff":
+        return _fastdiff
+    if provider == "torch":
+        return _eager
+    if provider == "copy":
+        return lambda x, *args: x.clone()
+    if not CUDA and os.environ.get("FASTDIFF_BENCH_COMPILE") != "1":
+        pytest.skip("torch.compile on CPU takes ~45 s per shape here; set FASTDIFF_BENCH_COMPILE=1 to include it")
+    torch._dynamo.reset()  # one compile per shape, never past dynamo's recompile limit (it would fall back to eager)
+    return torch.compile(_eager, dynamic=False)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bench_group_norm_silu(benchmark, shape, provider):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=DEVICE, dtype=DTYPE)
+    c = shape[1]
+    weight = (1 + 0.1 * torch.randn(c, generator=g)).to(device=DEVICE, dtype=DTYPE)
+    bias = (0.1 * torch.randn(c, generator=g)).to(device=DEVICE, dtype=DTYPE)
+    fn = _provider_fn(provider)
+    try:
+        expected = _eager(x.float(), NUM_GROUPS, weight.float(), bias.float(), 1e-5)
+        got = fn(x, NUM_GROUPS, weight, bias, 1e-5)  # warm-up: compiles Triton / inductor code
+    except Exception as exc:  # torch.compile can fail on a machine without a working toolchain
+        if provider == "compile":
+            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
+        raise
+    if provider != "copy":
+        err = ((got.float() - expected).norm() / expected.norm()).item()
+        assert err < 5e-3, f"{provider} disagrees with eager fp32: relative error {err:.2e}"
+
+    def run():
+        for _ in range(CALLS_PER_ROUND):
+            y = fn(x, NUM_GROUPS, weight, bias, 1e-5)
+        if CUDA:
+            torch.cuda.synchronize()
+        return y
+
+    benchmark.group = f"group_norm_silu N={shape[0]} C={c} {shape[2]}x{shape[3]} G={NUM_GROUPS} {DTYPE}"
+    benchmark.extra_info.update(provider=provider, device=DEVICE, dtype=str(DTYPE), calls_per_round=CALLS_PER_ROUND)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=2)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
+        moved = (2 if provider == "copy" else 3) * x.numel() * x.element_size()  # (reads + writes) of x-sized tensors
+        benchmark.extra_info["us_per_call"] = round(per_call * 1e6, 2)
+        benchmark.extra_info["GB/s"] = round(moved / per_call / 1e9, 2)

@@ -1,0 +1,385 @@
+// CPU implementation of fastdiff::vq_nearest (see vq_nearest.h for the contract).
+//
+// The search is a GEMM whose output is reduced on the fly. For every block of 96 rows of z:
+//   1. the rows are converted to fp32 and packed as [micro-block][D][MR], so a micro-kernel broadcasts
+//      consecutive floats;
+//   2. the codebook, packed once per call as panels [K/NR][D][NR] (a thread-shared buffer, ||e||^2 alongside,
+//      padded columns get ||e||^2 = +inf), is swept panel by panel: a panel stays in L1 while every micro-block
+//      of the block uses it, and those calls prefetch the next panel into L2;
+//   3. a register-blocked micro-kernel computes an MR x NR tile of dot products z.e in fp32 (FMA over d), turns
+//      them into ||e||^2 - 2 z.e and folds them into a running per-lane minimum and argmin (strict "<", and
+//      every lane sees its codebook columns in increasing order, so ties keep the lowest index);
+//   4. the lanes of each row are reduced to one (distance, index), equal distances keeping the lower index.
+// Only an MR x NR tile of distances ever exists, in registers.
+//
+// Micro-kernels: AVX-512 (12 x 32), AVX2+FMA (6 x 16) and a portable one (4 x 16, auto-vectorised). The first
+// two are compiled with per-function target attributes and picked at run time from CPUID, so the extension
+// needs no -march flag and runs correctly on any x86-64 (or other) CPU.
+#include "vq_nearest.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define FASTDIFF_X86 1
+#include <immintrin.h>
+#else
+#define FASTDIFF_X86 0
+#endif
+
+namespace fastdiff {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Rows of z per parallel work item (a multiple of every MR below).
+constexpr int64_t kBlockRows = 96;
+
+struct FreeDeleter {
+  void operator()(void* p) const noexcept { std::free(p); }
+};
+template <typename T>
+using Buffer = std::unique_ptr<T[], FreeDeleter>;
+
+// 64-byte aligned scratch memory (aligned vector loads of packed panels and of the per-lane state).
+template <typename T>
+Buffer<T> alloc_aligned(int64_t count) {
+  size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
+  bytes = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(p != nullptr, "fastdiff.vq_nearest: could not allocate ", bytes, " bytes of scratch memory");
+  return Buffer<T>(static_cast<T*>(p));
+}
+
+// One micro-kernel call: zp is an [D][MR] fp32 block of rows, ep an [D][NR] codebook panel whose first column
+// is codebook row j0, esq its NR squared norms; best/bidx the [MR][LANES] running minimum and argmin; pf_lines
+// 64-byte lines from pf on (a slice of the next panel) are prefetched into L2 along the way.
+using MicroFn = void (*)(const float* zp, const float* ep, const float* esq, int64_t D, float* best, int32_t* bidx,
+                         int32_t j0, const float* pf, int64_t pf_lines);
+
+// ------------------------------------------------------------------------------------------------ micro-kernels
+constexpr int kGenericMR = 4, kGenericNR = 16;
+
+void micro_generic(const float* zp, const float* ep, const float* esq, int64_t D, float* best, int32_t* bidx,
+                   int32_t j0, const float* pf, int64_t pf_lines) {
+  (void)pf;
+  (void)pf_lines;
+  constexpr int MR = kGenericMR, NR = kGenericNR;
+  float acc[MR][NR] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* b = ep + d * NR;
+    for (int r = 0; r < MR; ++r) {
+      const float a = zp[d * MR + r];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a * b[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int j = 0; j < NR; ++j) {
+      const float dist = esq[j] - 2.0f * acc[r][j];
+      if (dist < best[r * NR + j]) {
+        best[r * NR + j] = dist;
+        bidx[r * NR + j] = j0 + j;
+      }
+    }
+  }
+}
+
+#if FASTDIFF_X86
+constexpr int kAvx2MR = 6, kAvx2NR = 16;
+
+// 6 rows x 16 columns: 12 ymm accumulators + 2 panel vectors + 1 broadcast = 15 of the 16 ymm registers.
+__attribute__((target("avx2,fma"))) void micro_avx2(const float* zp, const float* ep, const float* esq, int64_t D,
+                                                    float* best, int32_t* bidx, int32_t j0, const float* pf,
+                                                    int64_t pf_lines) {
+  constexpr int MR = kAvx2MR, NR = kAvx2NR;
+  __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 b0 = _mm256_load_ps(ep + d * NR);
+    const __m256 b1 = _mm256_load_ps(ep + d * NR + 8);
+    if (d < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf + d * 16), _MM_HINT_T1);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(zp + d * MR + r);
+      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  const __m256 e0 = _mm256_load_ps(esq), e1 = _mm256_load_ps(esq + 8);
+  const __m256 minus2 = _mm256_set1_ps(-2.0f);
+  const __m256i i0 = _mm256_add_epi32(_mm256_set1_epi32(j0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i i1 = _mm256_add_epi32(i0, _mm256_set1_epi32(8));
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m256 d0 = _mm256_fmadd_ps(acc0[r], minus2, e0);  // exact -2x, so this equals e - 2 z.e rounded once
+    const __m256 d1 = _mm256_fmadd_ps(acc1[r], minus2, e1);
+    // Columns 8..15 have the higher indices: they win a lane only when strictly smaller.
+    const __m256 lt = _mm256_cmp_ps(d1, d0, _CMP_LT_OQ);
+    const __m256 dm = _mm256_blendv_ps(d0, d1, lt);
+    const __m256i im = _mm256_blendv_epi8(i0, i1, _mm256_castps_si256(lt));
+    const __m256 bv = _mm256_load_ps(best + r * 8);
+    const __m256i bi = _mm256_load_si256(reinterpret_cast<const __m256i*>(bidx + r * 8));
+    const __m256 better = _mm256_cmp_ps(dm, bv, _CMP_LT_OQ);
+    _mm256_store_ps(best + r * 8, _mm256_blendv_ps(bv, dm, better));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bidx + r * 8),
+                       _mm256_blendv_epi8(bi, im, _mm256_castps_si256(better)));
+  }
+}
+
+constexpr int kAvx512MR = 12, kAvx512NR = 32;
+
+// 12 rows x 32 columns: 24 zmm accumulators + 2 panel vectors, the row values come as embedded broadcasts.
+__attribute__((target("avx512f"))) void micro_avx512(const float* zp, const float* ep, const float* esq, int64_t D,
+                                                     float* best, int32_t* bidx, int32_t j0, const float* pf,
+                                                    int64_t pf_lines) {
+  constexpr int MR = kAvx512MR, NR = kAvx512NR;
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 b0 = _mm512_load_ps(ep + d * NR);
+    const __m512 b1 = _mm512_load_ps(ep + d * NR + 16);
+    if (2 * d < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * d * 16), _MM_HINT_T1);
+    if (2 * d + 1 < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf + (2 * d + 1) * 16), _MM_HINT_T1);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(zp[d * MR + r]);
+      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  const __m512 e0 = _mm512_load_ps(esq), e1 = _mm512_load_ps(esq + 16);
+  const __m512 minus2 = _mm512_set1_ps(-2.0f);
+  const __m512i i0 = _mm512_add_epi32(_mm512_set1_epi32(j0),
+                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(16));
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 d0 = _mm512_fmadd_ps(acc0[r], minus2, e0);
+    const __m512 d1 = _mm512_fmadd_ps(acc1[r], minus2, e1);
+    const __mmask16 lt = _mm512_cmp_ps_mask(d1, d0, _CMP_LT_OQ);
+    const __m512 dm = _mm512_mask_mov_ps(d0, lt, d1);
+    const __m512i im = _mm512_mask_mov_epi32(i0, lt, i1);
+    const __m512 bv = _mm512_load_ps(best + r * 16);
+    const __m512i bi = _mm512_load_si512(bidx + r * 16);
+    const __mmask16 better = _mm512_cmp_ps_mask(dm, bv, _CMP_LT_OQ);
+    _mm512_store_ps(best + r * 16, _mm512_mask_mov_ps(bv, better, dm));
+    _mm512_store_si512(bidx + r * 16, _mm512_mask_mov_epi32(bi, better, im));
+  }
+}
+#endif  // FASTDIFF_X86
+
+// ------------------------------------------------------------------------------------------------ ISA choice
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa supported_isa() {
+  static const Isa isa = [] {
+#if FASTDIFF_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;  // libgcc also checks the OS saves zmm state
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+    return Isa::kGeneric;
+  }();
+  return isa;
+}
+
+Isa active_isa() {
+  Isa isa = supported_isa();
+  if (const char* cap = std::getenv("FASTDIFF_CPU_ISA")) {
+    if (std::strcmp(cap, "generic") == 0) {
+      isa = Isa::kGeneric;
+    } else if (std::strcmp(cap, "avx2") == 0 && isa > Isa::kAvx2) {
+      isa = Isa::kAvx2;
+    }
+  }
+  return isa;
+}
+
+// ------------------------------------------------------------------------------------------------ packing + driver
+// codebook (K, D) of T, any strides -> panels [ceil(K/NR)][D][NR] fp32 and esq [ceil(K/NR) * NR].
+template <typename T>
+void pack_codebook(const T* e, int64_t s0, int64_t s1, int64_t K, int64_t D, int64_t NR, float* packed, float* esq) {
+  const int64_t panels = (K + NR - 1) / NR;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(NR * D, 1));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t j = 0; j < NR; ++j) {
+        const int64_t row = p * NR + j;
+        float* col = packed + p * D * NR + j;
+        if (row < K) {
+          const T* src = e + row * s0;
+          float sq = 0.0f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = static_cast<float>(src[d * s1]);
+            col[d * NR] = v;
+            sq += v * v;
+          }
+          esq[row] = sq;
+        } else {  // padding column: never chosen, since +inf is not < any running minimum
+          for (int64_t d = 0; d < D; ++d) col[d * NR] = 0.0f;
+          esq[row] = kInf;
+        }
+      }
+    }
+  });
+}
+
+template <int MR, int NR, int LANES, typename T>
+void search_rows(MicroFn micro, const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D, const float* packed,
+                 const float* esq, int64_t K, int64_t* out_idx, float* out_dist) {
+  static_assert(kBlockRows % MR == 0, "kBlockRows must be a multiple of MR");
+  static_assert(NR % LANES == 0, "NR must be a multiple of LANES");
+  constexpr int64_t kMicroBlocks = kBlockRows / MR;
+  const int64_t panels = (K + NR - 1) / NR;
+  const int64_t panel_floats = D * NR;
+  const int64_t panel_lines = panel_floats * static_cast<int64_t>(sizeof(float)) / 64;  // cache lines per panel
+  const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
+
+  // Blocks are handed out one at a time from a shared counter rather than split statically, so a thread whose
+  // core is busy with another process does not hold the others up at the end of the parallel region.
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Buffer<float> zp = alloc_aligned<float>(kMicroBlocks * D * MR);
+    Buffer<float> best = alloc_aligned<float>(kBlockRows * LANES);
+    Buffer<int32_t> bidx = alloc_aligned<int32_t>(kBlockRows * LANES);
+    float zsq[kBlockRows];
+    for (int64_t b = next_block.fetch_add(1, std::memory_order_relaxed); b < blocks;
+         b = next_block.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t row0 = b * kBlockRows;
+      const int64_t rows = std::min(kBlockRows, N - row0);
+      const int64_t mblocks = (rows + MR - 1) / MR;
+      // 1. rows -> fp32 [micro-block][D][MR] (rows past N are zeros whose results are dropped), and ||z||^2
+      for (int64_t r = 0; r < mblocks * MR; ++r) {
+        float* dst = zp.get() + (r / MR) * D * MR + (r % MR);
+        if (r < rows) {
+          const T* src = z + (row0 + r) * zs0;
+          float sq = 0.0f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = static_cast<float>(src[d * zs1]);
+            dst[d * MR] = v;
+            sq += v * v;
+          }
+          zsq[r] = sq;
+        } else {
+          for (int64_t d = 0; d < D; ++d) dst[d * MR] = 0.0f;
+        }
+      }
+      std::fill_n(best.get(), mblocks * MR * LANES, kInf);
+      std::fill_n(bidx.get(), mblocks * MR * LANES, 0);
+      // 2. sweep the codebook panel by panel, in increasing column order: a panel stays in L1 while every
+      //    micro-block of this block uses it, and those calls prefetch the next panel into L2 between them.
+      for (int64_t p = 0; p < panels; ++p) {
+        const float* panel = packed + p * panel_floats;
+        const int64_t next_lines = p + 1 < panels ? panel_lines : 0;
+        const int64_t slice = (next_lines + mblocks - 1) / mblocks;
+        for (int64_t m = 0; m < mblocks; ++m) {
+          const int64_t first = std::min(next_lines, m * slice);
+          const int64_t count = std::min(next_lines - first, slice);
+          const float* pf = count > 0 ? panel + panel_floats + first * 16 : panel;
+          micro(zp.get() + m * D * MR, panel, esq + p * NR, D, best.get() + m * MR * LANES, bidx.get() + m * MR * LANES,
+                static_cast<int32_t>(p * NR), pf, count);
+        }
+      }
+      // 3. lanes -> one (distance, index) per row
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* bv = best.get() + r * LANES;
+        const int32_t* bi = bidx.get() + r * LANES;
+        float v = bv[0];
+        int32_t i = bi[0];
+        for (int l = 1; l < LANES; ++l) {  // branch-free: the winner is data-dependent
+          const bool take = (bv[l] < v) | ((bv[l] == v) & (bi[l] < i));
+          v = take ? bv[l] : v;
+          i = take ? bi[l] : i;
+        }
+        out_idx[row0 + r] = i;
+        out_dist[row0 + r] = std::max(v + zsq[r], 0.0f);
+      }
+    }
+  });
+}
+
+template <typename T>
+void vq_nearest_cpu_impl(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices, at::Tensor& distances) {
+  const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
+  const Isa isa = active_isa();
+  const int64_t NR = isa == Isa::kAvx512 ? 32 : 16;
+  const int64_t panels = (K + NR - 1) / NR;
+  Buffer<float> packed = alloc_aligned<float>(panels * NR * D);
+  Buffer<float> esq = alloc_aligned<float>(panels * NR);
+  pack_codebook<T>(codebook.const_data_ptr<T>(), codebook.stride(0), codebook.stride(1), K, D, NR, packed.get(),
+                   esq.get());
+  const T* zdata = z.const_data_ptr<T>();
+  int64_t* idx = indices.mutable_data_ptr<int64_t>();
+  float* dist = distances.mutable_data_ptr<float>();
+  switch (isa) {
+#if FASTDIFF_X86
+    case Isa::kAvx512:
+      search_rows<kAvx512MR, kAvx512NR, 16, T>(micro_avx512, zdata, z.stride(0), z.stride(1), N, D, packed.get(),
+                                               esq.get(), K, idx, dist);
+      return;
+    case Isa::kAvx2:
+      search_rows<kAvx2MR, kAvx2NR, 8, T>(micro_avx2, zdata, z.stride(0), z.stride(1), N, D, packed.get(), esq.get(),
+                                          K, idx, dist);
+      return;
+#endif
+    default:
+      search_rows<kGenericMR, kGenericNR, kGenericNR, T>(micro_generic, zdata, z.stride(0), z.stride(1), N, D,
+                                                         packed.get(), esq.get(), K, idx, dist);
+  }
+}
+
+}  // namespace
+
+void check_vq_inputs(const at::Tensor& z, const at::Tensor& codebook) {
+  TORCH_CHECK_VALUE(z.dim() == 2, "vq_nearest: z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "vq_nearest: codebook must have shape (K, D), got ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.size(1) == z.size(1), "vq_nearest: codebook has D=", codebook.size(1), " but z has D=",
+                    z.size(1));
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "vq_nearest: codebook must have at least one row (K >= 1)");
+  TORCH_CHECK_VALUE(codebook.size(0) <= std::numeric_limits<int32_t>::max(), "vq_nearest: K must be < 2^31");
+  TORCH_CHECK_VALUE(z.device() == codebook.device(), "vq_nearest: codebook is on ", codebook.device(),
+                    " but z is on ", z.device());
+  const auto dtype = z.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "vq_nearest: z must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(codebook.scalar_type() == dtype, "vq_nearest: codebook must have z's dtype ", dtype, ", got ",
+                   codebook.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at::Tensor& codebook) {
+  check_vq_inputs(z, codebook);
+  TORCH_CHECK(z.device().is_cpu(), "vq_nearest_cpu: expected CPU tensors, got ", z.device());
+  at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  at::Tensor distances = at::empty({z.size(0)}, z.options().dtype(at::kFloat));
+  if (z.size(0) == 0) return {indices, distances};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_nearest_cpu", [&] {
+    vq_nearest_cpu_impl<scalar_t>(z, codebook, indices, distances);
+  });
+  return {indices, distances};
+}
+
+std::string vq_cpu_isa() {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+}  // namespace fastdiff

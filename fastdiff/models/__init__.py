@@ -1,0 +1,44 @@
+"""fastdiff's compact models, built only from fastdiff.ops / fastdiff.nn, with safetensors checkpoints.
+
+UNet (DDPM / latent diffusion, class and cross-attention conditioning), VAE (MLP), AutoencoderKL, VQVAE,
+DCGANGenerator / DCGANDiscriminator, StyleGenerator, DigitClassifier (scores generated digits); training losses
+in :mod:`fastdiff.models.losses`;
+``save_pretrained`` / ``from_pretrained`` / :func:`load_model` in :mod:`fastdiff.models.modeling`.
+"""
+
+from fastdiff.models import losses
+from fastdiff.models.classifier import DigitClassifier, DigitClassifierConfig
+from fastdiff.models.gan import (
+    DCGANConfig,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    StyleGenerator,
+    StyleGeneratorConfig,
+)
+from fastdiff.models.modeling import ModelMixin, load_model, registered_models
+from fastdiff.models.unet import UNet, UNetConfig
+from fastdiff.models.vae import VAE, AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, VAEConfig
+from fastdiff.models.vqvae import VQVAE, VQVAEConfig
+
+__all__ = [
+    "UNet",
+    "UNetConfig",
+    "VAE",
+    "VAEConfig",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "DiagonalGaussian",
+    "VQVAE",
+    "VQVAEConfig",
+    "DCGANConfig",
+    "DCGANGenerator",
+    "DCGANDiscriminator",
+    "StyleGenerator",
+    "StyleGeneratorConfig",
+    "DigitClassifier",
+    "DigitClassifierConfig",
+    "ModelMixin",
+    "load_model",
+    "registered_models",
+    "losses",
+]

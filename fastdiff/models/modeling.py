@@ -1,0 +1,249 @@
+"""Checkpoints for fastdiff models: ``save_pretrained`` / ``from_pretrained`` / :func:`load_model`, and the registry.
+
+A checkpoint is a folder with two files:
+
+* ``config.json``: the model's config dataclass as JSON plus ``"_class_name"`` (which model class) and
+  ``"_fastdiff_version"``;
+* ``model.safetensors``: the state dict (parameters and persistent buffers).
+
+Loading builds a fresh model from the config, reads and validates every tensor (names, shapes, dtype kinds) and
+only then assigns them, so a bad checkpoint raises a ValueError / FileNotFoundError naming the file or tensor and
+never leaves a half-loaded model behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("fastdiff")
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+__all__ = ["ModelMixin", "load_model", "register_model", "registered_models", "build_config", "tuple_fields",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
+
+_REGISTRY: dict[str, type["ModelMixin"]] = {}
+
+PathLike = Union[str, os.PathLike]
+
+
+def register_model(cls: type["ModelMixin"]) -> type["ModelMixin"]:
+    """Make ``cls`` loadable by :func:`load_model` under its class name (ModelMixin subclasses register themselves)."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def registered_models() -> dict[str, type["ModelMixin"]]:
+    """Class name → model class, for every model :func:`load_model` can build."""
+    import fastdiff.models  # noqa: F401  (importing the package registers every model)
+
+    return dict(_REGISTRY)
+
+
+def tuple_fields(config) -> None:
+    """Turn list values of a config dataclass into tuples (as JSON gives them back), so configs compare equal."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list):
+            setattr(config, f.name, tuple(value))
+
+
+def build_config(config_class: type, config: Any, overrides: dict[str, Any]):
+    """A config instance from ``config`` (an instance, a dict or None) updated by keyword ``overrides``.
+
+    Raises TypeError for a config of the wrong type and ValueError for unknown keys.
+    """
+    if config is None:
+        config = config_class()
+    elif isinstance(config, dict):
+        config = _config_from_dict(config_class, config, where="config")
+    elif not isinstance(config, config_class):
+        raise TypeError(f"config must be a {config_class.__name__}, a dict or None, got {type(config).__name__}")
+    if overrides:
+        names = {f.name for f in dataclasses.fields(config_class)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown {config_class.__name__} option(s) {unknown}; known: {sorted(names)}")
+        config = dataclasses.replace(config, **overrides)
+    return config
+
+
+def _config_from_dict(config_class: type, values: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown {config_class.__name__} key(s) {unknown}; known: {sorted(names)}")
+    # JSON has no tuples: every list in a config is a tuple field.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: invalid {config_class.__name__}: {exc}") from exc
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist (or is not a folder)")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    if not isinstance(values.get("_class_name"), str):
+        raise ValueError(f"{path}: no '_class_name' string entry, so the model class is unknown")
+    return values
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError (not a public class) for corrupt/truncated files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+class ModelMixin(nn.Module):
+    """Base of every fastdiff model: a ``config`` dataclass, ``save_pretrained`` and ``from_pretrained``.
+
+    Subclasses set ``config_class`` and call ``super().__init__()``; they register themselves for
+    :func:`load_model` by class name.
+    """
+
+    config_class: ClassVar[Optional[type]] = None
+    config: Any
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("config_class") is not None:
+            register_model(cls)
+
+    # ----------------------------------------------------------------------------------------- save
+    def save_pretrained(self, save_directory: PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``save_directory`` (created if needed).
+
+        Each file is written to a temporary name first and then renamed, so an interrupted save never leaves a
+        truncated file under the final name.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_directory {str(folder)!r} exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"_class_name": type(self).__name__, "_fastdiff_version": _version(), **dataclasses.asdict(self.config)}
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        tmp_config, tmp_weights = folder / (CONFIG_NAME + ".tmp"), folder / (WEIGHTS_NAME + ".tmp")
+        tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "fastdiff_class": type(self).__name__})
+        os.replace(tmp_weights, folder / WEIGHTS_NAME)
+        os.replace(tmp_config, folder / CONFIG_NAME)
+        logger.info("fastdiff: saved %s (%d tensors) to %s", type(self).__name__, len(tensors), folder)
+
+    # ----------------------------------------------------------------------------------------- load
+    @classmethod
+    def from_pretrained(cls, pretrained_model_path: PathLike, device: Union[str, torch.device, None] = None,
+                        dtype: Optional[torch.dtype] = None):
+        """Build the model from a folder written by :meth:`save_pretrained`.
+
+        Args:
+            pretrained_model_path: the checkpoint folder.
+            device: where to put the model (default: CPU).
+            dtype: floating dtype of the model; None keeps the stored dtype (when all floating tensors share one).
+        Raises:
+            FileNotFoundError: the folder, config.json or model.safetensors is missing.
+            ValueError: invalid JSON or config, a checkpoint of another class, a corrupt safetensors file, missing or
+                unexpected tensors, or a shape/dtype mismatch (the message names the file or tensor).
+        """
+        folder = Path(pretrained_model_path)
+        values = _read_config(folder)
+        name = values["_class_name"]
+        if cls.config_class is None:  # called on ModelMixin itself: pick the class from the config
+            return load_model(folder, device=device, dtype=dtype)
+        if name != cls.__name__:
+            raise ValueError(f"{folder / CONFIG_NAME}: the checkpoint holds a {name!r}, not a {cls.__name__!r}; "
+                             f"load it with {name}.from_pretrained or fastdiff.load_model")
+        return cls._load(folder, values, device, dtype)
+
+    @classmethod
+    def _load(cls, folder: Path, values: dict[str, Any], device, dtype):
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        config_values = {k: v for k, v in values.items() if not k.startswith("_")}
+        config = _config_from_dict(cls.config_class, config_values, where=str(folder / CONFIG_NAME))
+        weights_path = folder / WEIGHTS_NAME
+        stored = _read_weights(weights_path)
+
+        model = cls(config)
+        expected = model.state_dict()
+        _validate_state(weights_path, stored, expected)
+        if dtype is None:
+            floating = {t.dtype for t in stored.values() if t.is_floating_point()}
+            dtype = floating.pop() if len(floating) == 1 else None
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.load_state_dict(stored, strict=True)
+        if device is not None:
+            model.to(device=device)
+        model.eval()
+        return model
+
+
+def _validate_state(path: Path, stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every expected tensor present with its shape and dtype kind, nothing else; raise ValueError otherwise."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s) {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s) {_short(unexpected)}")
+        raise ValueError(f"{path}: does not match the model built from {CONFIG_NAME}: " + "; ".join(parts))
+    for name, ref in expected.items():
+        t = stored[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        if t.is_floating_point() != ref.is_floating_point() or (not ref.is_floating_point() and t.dtype != ref.dtype):
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def _version() -> str:
+    from fastdiff import __version__
+
+    return __version__
+
+
+def load_model(path: PathLike, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
+    """Load any fastdiff model saved with ``save_pretrained``; the class comes from ``config.json``.
+
+    Raises FileNotFoundError / ValueError as :meth:`ModelMixin.from_pretrained`, and ValueError naming the known
+    classes when ``_class_name`` is not a fastdiff model.
+    """
+    folder = Path(path)
+    values = _read_config(folder)
+    name = values["_class_name"]
+    models = registered_models()
+    if name not in models:
+        raise ValueError(f"{folder / CONFIG_NAME}: unknown model class {name!r}; fastdiff models: {sorted(models)}")
+    return models[name]._load(folder, values, device, dtype)

@@ -1,0 +1,254 @@
+"""The diffusion UNet (DDPM / latent diffusion): residual blocks with a time embedding, self-attention at chosen
+levels, optional class conditioning (with a "null" class for classifier-free guidance) and optional
+cross-attention to a context sequence.
+
+Layout and parameter names follow diffusers: ``conv_in``, ``time_embedding.linear_1/linear_2``,
+``class_embedding``, ``down_blocks[i].resnets/attentions/downsamplers``, ``mid_block``,
+``up_blocks[i].resnets/attentions/upsamplers``, ``conv_norm_out``, ``conv_out``. Without ``context_dim`` the
+attention layers are spatial self-attention (UNet2DModel's AttnDownBlock2D); with it they are transformer blocks
+with self-attention, cross-attention and a feed-forward (UNet2DConditionModel's CrossAttnDownBlock2D).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.models.blocks import (
+    DownBlock2D,
+    MidBlock2D,
+    SpatialSelfAttention,
+    TimestepEmbedding,
+    Transformer2D,
+    UpBlock2D,
+    attention_heads,
+    timestep_embedding,
+)
+from fastdiff.models.modeling import ModelMixin, build_config, tuple_fields
+from fastdiff.nn import GroupNormSiLU
+
+__all__ = ["UNet", "UNetConfig"]
+
+Timesteps = Union[int, float, Tensor]
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3  # channels of x_t (3 for RGB pixels, 4 for SD latents)
+    out_channels: int = 3  # channels of the prediction (ε, v or x0)
+    base_channels: int = 64  # channels at level 0; level i has base_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; the image is halved between levels
+    block_out_channels: Optional[tuple[int, ...]] = None  # explicit channels per level (overrides the two above)
+    layers_per_block: int = 2  # residual blocks per down level (up levels have one more, as in diffusers)
+    attention_levels: tuple[int, ...] = (1,)  # levels with attention after every residual block; level i is H/2**i
+    mid_attention: bool = True  # attention between the two residual blocks of the middle block
+    attention_head_dim: Optional[int] = 8  # channels per head (heads = C // attention_head_dim)
+    num_attention_heads: Optional[int] = None  # if set, a fixed head count per block (head dim = C // heads); wins
+    norm_num_groups: int = 32  # GroupNorm groups, dividing every level's channels
+    norm_eps: float = 1e-5  # GroupNorm epsilon of the residual blocks and self-attention
+    num_classes: Optional[int] = None  # class-conditional: labels 0..num_classes-1, plus num_classes = "null"
+    context_dim: Optional[int] = None  # cross-attention to a (B, M, context_dim) context (latent diffusion)
+    use_linear_projection: bool = False  # transformer proj_in/proj_out as Linear instead of 1×1 conv (SD 2.x)
+    dropout: float = 0.0  # dropout inside residual blocks and feed-forwards
+    flip_sin_to_cos: bool = True  # time embedding order [cos, sin] (diffusers' default) or [sin, cos]
+    freq_shift: float = 0.0  # diffusers' downscale_freq_shift of the sinusoidal embedding
+
+    def __post_init__(self):
+        tuple_fields(self)
+        channels = self.channels
+        if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
+            raise ValueError(f"channels per level must be positive ints, got {channels}")
+        _positive("in_channels", self.in_channels)
+        _positive("out_channels", self.out_channels)
+        _positive("layers_per_block", self.layers_per_block)
+        _positive("norm_num_groups", self.norm_num_groups)
+        for c in channels:
+            if c % self.norm_num_groups:
+                raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels {channels}")
+        bad = [lvl for lvl in self.attention_levels if not isinstance(lvl, int) or not 0 <= lvl < len(channels)]
+        if bad:
+            raise ValueError(f"attention_levels must be level indices in [0, {len(channels)}), got {bad}")
+        for c in channels:
+            if self.num_attention_heads is None and self.attention_head_dim is not None and c % self.attention_head_dim:
+                raise ValueError(f"attention_head_dim={self.attention_head_dim} must divide every level's channels "
+                                 f"{channels}")
+            if self.num_attention_heads is not None and c % self.num_attention_heads:
+                raise ValueError(f"num_attention_heads={self.num_attention_heads} must divide every level's channels "
+                                 f"{channels}")
+        if self.num_classes is not None:
+            _positive("num_classes", self.num_classes)
+        if self.context_dim is not None:
+            _positive("context_dim", self.context_dim)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels per level."""
+        if self.block_out_channels is not None:
+            return tuple(self.block_out_channels)
+        return tuple(self.base_channels * m for m in self.channel_mult)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class UNet(ModelMixin):
+    """ε/v/x0-prediction UNet. ``UNet(UNetConfig(...))`` or ``UNet(**config_fields)``.
+
+    forward(x, t, class_labels=None, context=None):
+        x: (B, in_channels, H, W), H and W divisible by 2**(levels − 1); fp32/fp16/bf16, any memory format.
+        t: timestep(s): a number, a 0-d tensor or a (B,) tensor.
+        class_labels: (B,) integer labels in [0, num_classes] (num_classes is the null class); None means the null
+            class for a class-conditional UNet. Only for a UNet with ``num_classes``.
+        context: (B, M, context_dim); required when the UNet has ``context_dim``.
+    Returns (B, out_channels, H, W).
+    Raises ValueError for wrong shapes or channel counts, sizes the levels cannot halve, labels for an
+    unconditional UNet or out of range (checked for CPU tensors only: no device sync), a missing or unexpected
+    context.
+    """
+
+    config_class = UNetConfig
+
+    def __init__(self, config: Optional[UNetConfig] = None, **overrides):
+        super().__init__()
+        cfg = self.config = build_config(UNetConfig, config, overrides)
+        channels = cfg.channels
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        temb = 4 * channels[0]
+
+        def make_attention(c: int) -> nn.Module:
+            heads, dim_head = attention_heads(c, cfg.attention_head_dim, cfg.num_attention_heads)
+            if cfg.context_dim is not None:
+                return Transformer2D(c, heads, dim_head, cfg.context_dim, groups, cfg.use_linear_projection,
+                                     cfg.dropout)
+            return SpatialSelfAttention(c, heads, dim_head, groups, eps)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes is not None else None
+
+        skip_channels = [channels[0]]  # channels of every skip state, in push order
+        self.down_blocks = nn.ModuleList()
+        for level, c in enumerate(channels):
+            last = level == len(channels) - 1
+            self.down_blocks.append(DownBlock2D(
+                channels[max(level - 1, 0)], c, cfg.layers_per_block, temb, groups, eps, add_downsample=not last,
+                attention=make_attention if level in cfg.attention_levels else None, dropout=cfg.dropout))
+            skip_channels += [c] * (cfg.layers_per_block + (0 if last else 1))
+
+        self.mid_block = MidBlock2D(channels[-1], temb, groups, eps,
+                                    attention=make_attention if cfg.mid_attention else None, dropout=cfg.dropout)
+
+        self.up_blocks = nn.ModuleList()
+        prev = channels[-1]
+        for level in reversed(range(len(channels))):
+            c, n = channels[level], cfg.layers_per_block + 1
+            skips = [skip_channels.pop() for _ in range(n)]
+            self.up_blocks.append(UpBlock2D(
+                prev, c, n, temb, groups, eps, add_upsample=level > 0, skip_channels=skips,
+                attention=make_attention if level in cfg.attention_levels else None, dropout=cfg.dropout))
+            prev = c
+
+        self.conv_norm_out = GroupNormSiLU(groups, channels[0], eps)
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+
+    @property
+    def null_class(self) -> Optional[int]:
+        """The label of the unconditional ("null") class for classifier-free guidance, or None."""
+        return self.config.num_classes
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W must be multiples of this."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    def forward(self, x: Tensor, t: Timesteps, class_labels: Optional[Tensor] = None,
+                context: Optional[Tensor] = None) -> Tensor:
+        self._check_input(x)
+        b = x.shape[0]
+        t = self._timesteps(t, b, x.device)  # (B,)
+        class_labels = self._class_labels(class_labels, b, x.device)  # (B,) or None
+        self._check_context(context, b)
+
+        # 1. time (+ class) embedding; every residual block starts with SiLU(emb), done once here
+        emb = self.time_embedding(timestep_embedding(t, self.config.channels[0], self.config.flip_sin_to_cos,
+                                                     self.config.freq_shift).to(self.conv_in.weight.dtype))  # (B, E)
+        if self.class_embedding is not None:
+            emb = emb + self.class_embedding(class_labels)
+        emb = torch.nn.functional.silu(emb)
+
+        # 2. down path, keeping every intermediate state for the skip connections
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, states = block(h, emb, context)
+            skips.extend(states)
+
+        # 3. middle, then the up path consumes the skips from the end
+        h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            h = block(h, skips, emb, context)
+        return self.conv_out(self.conv_norm_out(h))
+
+    # ----------------------------------------------------------------------------------------- input checks
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, the UNet expects in_channels={self.config.in_channels}")
+        f = self.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {x.shape[2]}×{x.shape[3]} cannot be halved {len(self.config.channels) - 1} "
+                             f"times by the UNet's levels: H and W must be multiples of {f}")
+
+    @staticmethod
+    def _timesteps(t: Timesteps, batch: int, device: torch.device) -> Tensor:
+        if isinstance(t, Tensor):
+            if t.ndim == 0:
+                return t.to(device).expand(batch)
+            if t.shape == (batch,):
+                return t.to(device)
+            if t.shape == (1,):
+                return t.to(device).expand(batch)
+            raise ValueError(f"t must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real):
+            raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}")
+        return torch.full((batch,), float(t), device=device)
+
+    def _class_labels(self, labels: Optional[Tensor], batch: int, device: torch.device) -> Optional[Tensor]:
+        n = self.config.num_classes
+        if n is None:
+            if labels is not None:
+                raise ValueError("class_labels were given to an unconditional UNet (config.num_classes is None)")
+            return None
+        if labels is None:
+            return torch.full((batch,), n, dtype=torch.long, device=device)  # the null class
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be an integer tensor of shape ({batch},)")
+        if labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape ({batch},), got {tuple(labels.shape)}")
+        if labels.device.type == "cpu" and bool(((labels < 0) | (labels > n)).any()):
+            raise ValueError(f"class_labels must be in [0, {n}] ({n} is the null class), got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return labels.to(device)
+
+    def _check_context(self, context: Optional[Tensor], batch: int) -> None:
+        dim = self.config.context_dim
+        if dim is None:
+            if context is not None:
+                raise ValueError("context was given to a UNet without cross-attention (config.context_dim is None)")
+            return
+        if context is None:
+            raise ValueError(f"this UNet cross-attends to a context: pass context of shape ({batch}, M, {dim})")
+        if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[0] != batch or context.shape[2] != dim:
+            shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"context must have shape ({batch}, M, {dim}), got {shape}")

@@ -1,0 +1,38 @@
+"""Diffusers-compatible schedulers: same constructor arguments, config files, timesteps and step() results (for the
+same inputs and torch.Generator), with the DDPM/DDIM updates running through the fused fastdiff ops.
+
+    pipe.scheduler = fastdiff.schedulers.DDIMScheduler.from_config(pipe.scheduler.config)
+"""
+
+from fastdiff.schedulers.base import (
+    CONFIG_NAME,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    TimestepsNotSetError,
+    randn_tensor,
+)
+from fastdiff.schedulers.ddim import DDIMConfig, DDIMScheduler
+from fastdiff.schedulers.ddpm import DDPMConfig, DDPMScheduler
+from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
+from fastdiff.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
+from fastdiff.schedulers.euler_ancestral import EulerAncestralDiscreteConfig, EulerAncestralDiscreteScheduler
+
+__all__ = [
+    "CONFIG_NAME",
+    "DDIMConfig",
+    "DDIMScheduler",
+    "DDPMConfig",
+    "DDPMScheduler",
+    "DPMSolverMultistepConfig",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteConfig",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteConfig",
+    "EulerDiscreteScheduler",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "TimestepsNotSetError",
+    "randn_tensor",
+]

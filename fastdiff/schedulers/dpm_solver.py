@@ -1,0 +1,232 @@
+"""DPM-Solver++ multistep (Lu et al. 2022b): first order (= DDIM) or the second-order 2M solver on the data
+prediction x̂0, in half-log-SNR time λ = log(α_t/σ_t)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.schedulers.base import (
+    FINAL_SIGMAS_TYPES,
+    Generator,
+    SchedulerConfig,
+    SchedulerOutput,
+    SigmaScheduler,
+    broadcast_to,
+    check_add_noise,
+    check_bool,
+    check_choice,
+    check_int,
+    check_num_inference_steps,
+    guide,
+    karras_sigmas,
+    sigma_schedule_from_timesteps,
+    sigma_to_t,
+    spaced_timesteps,
+)
+
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+@dataclass(frozen=True)
+class DPMSolverMultistepConfig(SchedulerConfig):
+    timestep_spacing: str = "linspace"
+    solver_order: int = 2  # 1 (DPM-Solver++(1), i.e. DDIM) or 2 (DPM-Solver++(2M))
+    algorithm_type: str = "dpmsolver++"  # the data-prediction solver (the only one implemented)
+    solver_type: str = "midpoint"  # how the second-order term is weighted: "midpoint" or "heun"
+    lower_order_final: bool = True  # first order for the last step when there are fewer than 15 steps
+    euler_at_final: bool = False  # first order for the last step always
+    use_karras_sigmas: bool = False  # σ spaced as in Karras et al. 2022, eq. 5 (ρ = 7)
+    final_sigmas_type: str = "zero"  # σ after the last step: "zero" or "sigma_min" (σ at training timestep 0)
+
+    UNSUPPORTED: ClassVar[dict] = {
+        "thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+        "use_flow_sigmas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
+        "use_dynamic_shifting": False,
+    }
+    INERT: ClassVar[tuple] = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("solver_order", self.solver_order)
+        check_choice("solver_order", self.solver_order, (1, 2))
+        check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
+        check_choice("solver_type", self.solver_type, SOLVER_TYPES)
+        check_bool("lower_order_final", self.lower_order_final)
+        check_bool("euler_at_final", self.euler_at_final)
+        check_bool("use_karras_sigmas", self.use_karras_sigmas)
+        check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
+
+
+def alpha_sigma(sigma: float) -> tuple[float, float]:
+    """(α_t, σ_t) of the variance-preserving process at the variance-exploding noise level σ = σ_t/α_t."""
+    alpha_t = 1 / math.sqrt(sigma**2 + 1)
+    return alpha_t, sigma * alpha_t
+
+
+class DPMSolverMultistepScheduler(SigmaScheduler):
+    """DPM-Solver++ (Lu et al. 2022b, Algorithm 2, "2M"), diffusers-compatible, order 1 or 2.
+
+    Keyword arguments: the fields of :class:`DPMSolverMultistepConfig` (diffusers' names and defaults). Errors:
+    ValueError naming the argument for a bad value; TypeError for an unknown keyword.
+    """
+
+    config_class = DPMSolverMultistepConfig
+    init_noise_sigma = 1.0
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.timesteps = self.timesteps.to(torch.int64)
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self.model_outputs: list[Tensor | None] = [None] * self.config.solver_order  # x̂0 of the last steps
+        self.lower_order_nums = 0  # steps taken so far, capped at solver_order
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None,
+                      timesteps: Sequence[int] | None = None) -> None:
+        """Choose n timesteps (config.timestep_spacing, or Karras σ), or take custom descending ``timesteps``.
+
+        Raises ValueError naming num_inference_steps (not an integer in [1, T]) or timesteps.
+        """
+        cfg = self.config
+        T = cfg.num_train_timesteps
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("pass either num_inference_steps or timesteps, not both")
+        if timesteps is not None:
+            if cfg.use_karras_sigmas:
+                raise ValueError("custom timesteps cannot be combined with use_karras_sigmas=True")
+            schedule = np.array(timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps, dtype=np.int64)
+            if schedule.size == 0 or (np.diff(schedule) >= 0).any() or schedule[0] >= T or schedule[-1] < 0:
+                raise ValueError(f"timesteps must be a non-empty strictly descending list in [0, {T}), "
+                                 f"got {schedule.tolist()}")
+            n = len(schedule)
+        else:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps must be given (or custom timesteps)")
+            n = check_num_inference_steps(num_inference_steps, T)
+            if cfg.timestep_spacing == "trailing":
+                schedule = spaced_timesteps("trailing", T, n)
+            else:  # n + 1 points, the smallest dropped
+                schedule = spaced_timesteps(cfg.timestep_spacing, T, n + 1, cfg.steps_offset)[:-1]
+            schedule = schedule.astype(np.int64)
+            if schedule.max() >= T:
+                raise ValueError(f"steps_offset={cfg.steps_offset} puts timestep {schedule.max()} outside [0, {T})")
+        if cfg.use_karras_sigmas:
+            sigmas = karras_sigmas(float(self._train_sigmas[0]), float(self._train_sigmas[-1]), n)
+            schedule = sigma_to_t(sigmas, self._log_sigmas)
+            if cfg.beta_schedule != "squaredcos_cap_v2":  # on the cosine schedule diffusers truncates instead
+                schedule = schedule.round()
+        else:
+            sigmas = sigma_schedule_from_timesteps(schedule, self._train_sigmas)
+        self._set_schedule(schedule, sigmas, self._last_sigma(cfg.final_sigmas_type), device, torch.int64)
+        self._reset_history()
+
+    def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
+        """DPM-Solver feeds x_t to the model unscaled."""
+        return sample
+
+    def convert_model_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
+        """The data prediction x̂0 at the current σ, from any model parameterisation (Lu et al. 2022b, §3.1)."""
+        alpha_t, sigma_t = alpha_sigma(self._sigma_list[self._step_index])
+        if self.config.prediction_type == "epsilon":
+            return (sample - sigma_t * model_output) / alpha_t
+        if self.config.prediction_type == "sample":
+            return model_output
+        return alpha_t * sample - sigma_t * model_output  # v_prediction
+
+    def first_order_update(self, x0_pred: Tensor, sample: Tensor) -> Tensor:
+        """DPM-Solver++(1): x_t = (σ_t/σ_s)·x_s − α_t·(e^(−h) − 1)·x̂0, h = λ_t − λ_s (Lu et al. 2022b, eq. 5)."""
+        i = self._step_index
+        if self._sigma_list[i + 1] == 0.0:  # σ_t = 0: h = ∞, e^(−h) = 0, and the update is x̂0 itself
+            return x0_pred.to(torch.float32, copy=True)
+        alpha_t, sigma_t = alpha_sigma(self._sigma_list[i + 1])
+        alpha_s, sigma_s = alpha_sigma(self._sigma_list[i])
+        lambda_t = math.log(alpha_t) - math.log(sigma_t)
+        lambda_s = math.log(alpha_s) - math.log(sigma_s)
+        h = lambda_t - lambda_s
+        return (sigma_t / sigma_s) * sample - (alpha_t * math.expm1(-h)) * x0_pred
+
+    def second_order_update(self, x0_preds: list[Tensor], sample: Tensor) -> Tensor:
+        """DPM-Solver++(2M): D0 = x̂0(s0), D1 = (x̂0(s0) − x̂0(s1))/r0, r0 = h_0/h; midpoint
+        x_t = (σ_t/σ_s0)·x − α_t(e^(−h) − 1)·D0 − ½α_t(e^(−h) − 1)·D1 (Lu et al. 2022b, Algorithm 2);
+        heun replaces the D1 weight by α_t((e^(−h) − 1)/h + 1)."""
+        i = self._step_index
+        alpha_t, sigma_t = alpha_sigma(self._sigma_list[i + 1])
+        alpha_s0, sigma_s0 = alpha_sigma(self._sigma_list[i])
+        alpha_s1, sigma_s1 = alpha_sigma(self._sigma_list[i - 1])
+        lambda_t = math.log(alpha_t) - math.log(sigma_t)
+        lambda_s0 = math.log(alpha_s0) - math.log(sigma_s0)
+        lambda_s1 = math.log(alpha_s1) - math.log(sigma_s1)
+        m0, m1 = x0_preds[-1], x0_preds[-2]
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        if h == 0.0 or h_0 == 0.0:  # a repeated σ (n close to T): D1 is undefined, take the first-order step
+            return self.first_order_update(m0, sample)
+        r0 = h_0 / h
+        D0, D1 = m0, (1.0 / r0) * (m0 - m1)
+        phi_1 = math.expm1(-h)  # e^(−h) − 1
+        if self.config.solver_type == "midpoint":
+            return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 - 0.5 * (alpha_t * phi_1) * D1
+        return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 + (alpha_t * (phi_1 / h + 1.0)) * D1
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep,
+        sample: Tensor,
+        generator: Generator = None,
+        variance_noise: Tensor | None = None,
+        return_dict: bool = True,
+        *,
+        guidance_scale: float | None = None,
+    ):
+        """One multistep DPM-Solver++ step from σ_s (this timestep) to σ_t (the next one).
+
+        Args:
+            model_output: the model's prediction (config.prediction_type), sample's shape; with guidance_scale,
+                (2B, ...) = [uncond; cond], combined in torch first.
+            timestep: the current entry of ``timesteps`` (an int or a scalar tensor).
+            sample: x_s, (B, ...).
+            generator, variance_noise: accepted for diffusers' signature; the ODE solver draws no noise.
+        Returns:
+            SchedulerOutput(prev_sample=x_t, pred_original_sample=x̂0); with return_dict=False, (prev_sample,) as in
+            diffusers.
+        """
+        model_output = guide(model_output, sample, guidance_scale)
+        i = self._current_step(timestep)
+        n, cfg = self.num_inference_steps, self.config
+        # 1. the order this step may use: first order for the last step (and for the first, which has no history)
+        is_last = i == n - 1
+        first_order_final = is_last and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                         or cfg.final_sigmas_type == "zero")
+        # 2. x̂0 at this σ, pushed onto the history
+        x0_pred = self.convert_model_output(model_output, sample)
+        self.model_outputs = self.model_outputs[1:] + [x0_pred]
+        sample = sample.to(torch.float32)
+        # 3. the DPM-Solver++ update
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or first_order_final:
+            prev_sample = self.first_order_update(x0_pred, sample)
+        else:
+            prev_sample = self.second_order_update(self.model_outputs, sample)
+        self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
+        prev_sample = prev_sample.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """x_t = α_t·x0 + σ_t·ε at the σ of each timestep's place in the schedule; timesteps () or (B,)."""
+        check_add_noise(original_samples, noise)
+        timesteps = torch.as_tensor(timesteps)
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = broadcast_to(sigmas[self._sigma_indices(timesteps)], original_samples)
+        alpha_t = 1 / (sigma**2 + 1) ** 0.5
+        sigma_t = sigma * alpha_t
+        return alpha_t * original_samples + sigma_t * noise

@@ -1,0 +1,306 @@
+"""Flash-attention forward in Triton: softmax(q kᵀ · scale) v with an fp32 online softmax.
+
+One program owns BLOCK_N query rows of one (batch, head) and walks the keys in tiles of BLOCK_M, keeping a running
+row maximum m, a running denominator l and an fp32 accumulator; the (N, M) score matrix only ever exists as one
+(BLOCK_N, BLOCK_M) tile in registers. Full key tiles run unmasked; the last, partial tile (M = 77 text tokens, M = 1)
+is masked. When M ≤ BLOCK_M that masked tile is all there is: no loop (cross-attention with 77 tokens and a 128-key
+tile is one tile).
+
+Layers (STYLE.md): the private ``_attention_kernel``; the host function :func:`attention`, which validates nothing
+(``fastdiff.ops.attention`` does), allocates the output, picks block sizes and launches.
+
+Unlike the norm kernels, q, k and v are NOT upcast to fp32 on load: ``tl.dot`` takes fp16/bf16 operands in their
+native precision (tensor cores) and accumulates in fp32; the probabilities are rounded to v's dtype for the second
+dot, as every flash-attention kernel does. fp32 inputs use ``input_precision="ieee"`` (no TF32), so fp32 keeps fp32
+accuracy (on a GPU that dot runs on the CUDA cores: correct, not fast; fp16/bf16 are the fast path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2(e)), folded into the scale
+
+# Under Triton's interpreter (TRITON_INTERPRET=1, read at import like Triton itself does) one small fixed config keeps
+# the tests fast and skips autotuning; it still exercises several query blocks, several key tiles and a masked tail at
+# the tested sizes.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2)
+# FASTDIFF_AUTOTUNE=0 skips autotuning on the GPU (one heuristic config per call; cheap CUDA test runs)
+_AUTOTUNE = os.environ.get("FASTDIFF_AUTOTUNE", "1") != "0"
+
+
+@triton.jit
+def _load(
+    ptrs,  # tile of pointers
+    row_mask,  # (rows,) bool
+    col_mask,  # (cols,) bool
+    MASK_ROWS: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
+    """Load a 2-D tile, masking only the axes that can run past the tensor (masked elements read as 0)."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attention_tile(
+    acc,  # (BLOCK_N, BLOCK_D) fp32 running Σ p·v
+    m_i,  # (BLOCK_N,) fp32 running row max of the log2-scaled scores
+    l_i,  # (BLOCK_N,) fp32 running Σ p
+    q,  # (BLOCK_N, BLOCK_D) q's dtype
+    K_tile,  # K + start_m * stride_km: the first key row of this tile
+    V_tile,  # V + start_m * stride_vm
+    offs_m,  # (BLOCK_M,) int32 key offsets within the tile
+    offs_d,  # (BLOCK_D,) int32
+    m_left,  # keys left from this tile's start (≥ 1)
+    stride_km, stride_kd, stride_vm, stride_vd,
+    qk_scale,  # scale · log2(e)
+    D: tl.constexpr,
+    MASK_M: tl.constexpr,  # this tile runs past M
+    MASK_D: tl.constexpr,  # D < BLOCK_D (padded head dim)
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """Fold one (BLOCK_M, D) tile of keys and values into the online-softmax state."""
+    mask_m = offs_m < m_left
+    mask_d = offs_d < D
+    k = _load(K_tile + offs_m[:, None] * stride_km + offs_d[None, :] * stride_kd, mask_m, mask_d,
+              MASK_M, MASK_D)  # (BLOCK_M, BLOCK_D)
+    if DOT_UPCAST:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) fp32
+    qk = qk * qk_scale
+    if MASK_M:
+        qk = tl.where(mask_m[None, :], qk, float("-inf"))
+    # every tile holds at least one real key, so m_new is finite and no row sees (-inf) - (-inf)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))  # (BLOCK_N,)
+    p = tl.exp2(qk - m_new[:, None])  # (BLOCK_N, BLOCK_M) fp32, masked keys give 0
+    alpha = tl.exp2(m_i - m_new)  # rescales the old state; 0 on the first tile (m_i = -inf)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load(V_tile + offs_m[:, None] * stride_vm + offs_d[None, :] * stride_vd, mask_m, mask_d,
+              MASK_M, MASK_D)  # (BLOCK_M, BLOCK_D)
+    acc = acc * alpha[:, None]
+    p = p.to(v.dtype)  # (BLOCK_N, BLOCK_M) rounded to v's dtype for the tensor-core dot
+    if DOT_UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    Q,  # (B, H, N, D) any strides
+    K,  # (B, H, M, D) any strides
+    V,  # (B, H, M, D) any strides
+    O,  # (B, H, N, D) output, q's dtype
+    stride_qb, stride_qh, stride_qn, stride_qd,  # b, h, seq strides in units of ALIGN elements; d in elements
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H,  # heads
+    N,  # query length
+    M,  # key/value length
+    qk_scale,  # scale · log2(e), fp32
+    D: tl.constexpr,  # head dim
+    BLOCK_D: tl.constexpr,  # next power of two ≥ D (≥ 16)
+    MASK_D: tl.constexpr,  # D < BLOCK_D
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, None (the default) for fp16/bf16
+    DOT_UPCAST: tl.constexpr,  # interpreter + bf16: dot in fp32 on exactly upcast operands (see host)
+    ALIGN: tl.constexpr,  # largest power of two ≤ 16 dividing every b, h, seq stride
+    BLOCK_N: tl.constexpr,  # query rows per program
+    BLOCK_M: tl.constexpr,  # keys per tile
+):
+    # grid: (cdiv(N, BLOCK_N), B * H); neighbouring programs share one (b, h), so its K/V stay in L2
+    # multiplying the strides back by ALIGN tells the compiler that rows start ALIGN elements apart, so heads of
+    # D = 40 (row stride 40, not a multiple of 16) still load as 16-byte vectors
+    stride_qb *= ALIGN
+    stride_qh *= ALIGN
+    stride_qn *= ALIGN
+    stride_kb *= ALIGN
+    stride_kh *= ALIGN
+    stride_km *= ALIGN
+    stride_vb *= ALIGN
+    stride_vh *= ALIGN
+    stride_vm *= ALIGN
+    stride_ob *= ALIGN
+    stride_oh *= ALIGN
+    stride_on *= ALIGN
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+
+    # rows past N load as 0 and are never stored
+    q = _load(Q + offs_n[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask_n, mask_d,
+              True, MASK_D)  # (BLOCK_N, BLOCK_D)
+    if DOT_UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # full key tiles, unmasked along M
+    m_full = (M // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        acc, m_i, l_i = _attention_tile(
+            acc, m_i, l_i, q, K + start_m * stride_km, V + start_m * stride_vm, offs_m, offs_d, M - start_m,
+            stride_km, stride_kd, stride_vm, stride_vd, qk_scale, D, False, MASK_D, DOT_PRECISION, DOT_UPCAST)
+    # the partial last tile (all of it when M < BLOCK_M)
+    if m_full < M:
+        acc, m_i, l_i = _attention_tile(
+            acc, m_i, l_i, q, K + m_full * stride_km, V + m_full * stride_vm, offs_m, offs_d, M - m_full,
+            stride_km, stride_kd, stride_vm, stride_vd, qk_scale, D, True, MASK_D, DOT_PRECISION, DOT_UPCAST)
+
+    o = acc / l_i[:, None]  # l_i ≥ 1: the row max contributes exp2(0)
+    o_ptrs = O + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------- autotuning
+def _keep(conf: triton.Config) -> bool:
+    """Static filter: 8 warps (two warp groups) only on 128-row tiles, 4 warps only on tiles up to 128×64,
+    4 stages only on short key tiles, 32-key tiles only with ≤ 64 query rows (short M, wide heads), and one
+    32×32 two-stage tile as the fallback that fits shared memory even for fp32 at D = 256."""
+    bn, bm = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"]
+    if bn == 32:
+        return bm == 32 and conf.num_warps == 4 and conf.num_stages == 2
+    if conf.num_warps == 8 and (bn != 128 or bm < 64):
+        return False
+    if conf.num_warps == 4 and bn * bm > 128 * 64:
+        return False
+    if conf.num_stages == 4 and bm > 64:
+        return False
+    return bm != 32 or bn <= 64
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+    for bn in (32, 64, 128)
+    for bm in (32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
+_CONFIGS = [c for c in _CONFIGS if _keep(c)]
+
+
+_SMEM_BYTES = 160 * 1024  # shared-memory budget per program: fits an A100 (164 KiB), leaves room on Hopper (227 KiB)
+_ACC_REGS = 128  # fp32 accumulator registers per thread, at most
+
+
+def _fits(conf: triton.Config, block_d: int, itemsize: int) -> bool:
+    """Rough resource estimate: the q tile plus num_stages buffers of k and v in shared memory, and the fp32
+    accumulator spread over the threads. (The autotuner also skips configs that fail to compile for lack of
+    resources; this keeps it from compiling them at all.)"""
+    bn, bm = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"]
+    smem = itemsize * block_d * (bn + 2 * bm * conf.num_stages)
+    regs = bn * block_d // (32 * conf.num_warps)
+    return smem <= _SMEM_BYTES and regs <= _ACC_REGS
+
+
+def _candidates(configs, m: int, block_d: int, itemsize: int) -> list:
+    """The configs worth trying for one call: no key tile longer than M needs, within the resource estimate; 32-row
+    and 32-key tiles only for short M or wide heads (D > 128), or when nothing else fits."""
+    m_tile = max(32, triton.next_power_of_2(m))
+    wide = block_d > 128
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= m_tile and _fits(c, block_d, itemsize)]
+    preferred = [
+        c for c in fitting
+        if c.kwargs["BLOCK_N"] != 32 and (c.kwargs["BLOCK_M"] != 32 or m_tile == 32 or wide)
+    ]
+    # never empty: the smallest config (32×32, 2 stages) is the last resort
+    return preferred or fitting or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"],
+                                                                c.num_stages))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """``early_config_prune`` hook of the autotuner."""
+    args = {**named_args, **kwargs}
+    return _candidates(configs, args["M"], args["BLOCK_D"], args["Q"].element_size())
+
+
+def _default_config(m: int, block_d: int, itemsize: int) -> triton.Config:
+    """The config used without autotuning (FASTDIFF_AUTOTUNE=0): the largest tile that fits, 3 stages if it can."""
+    return max(
+        _candidates(_CONFIGS, m, block_d, itemsize),
+        key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages == 3),
+    )
+
+
+_attention_kernel_tuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["N", "M", "BLOCK_D"],  # dtypes are part of the key too
+    prune_configs_by={"early_config_prune": _prune},
+)(_attention_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------- host function
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: triton.Config | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v. q: (B, H, N, D); k, v: (B, H, M, D), any strides → (B, H, N, D) contiguous, q's dtype.
+
+    ``config`` forces one ``triton.Config`` (BLOCK_N, BLOCK_M, warps, stages; tests use it to check every tuned
+    config); None means the interpreter's fixed config, the autotuner, or with FASTDIFF_AUTOTUNE=0 a heuristic one.
+    Validates nothing (``fastdiff.ops.attention`` does).
+    """
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584, unsupported there), so
+    # under it bf16 operands are upcast to fp32 first: exact for q, k, v and for p once rounded to bf16, with fp32
+    # accumulation, i.e. the compiled bf16 dot's numbers up to summation order. (The interpreter rounds fp32 → bf16
+    # toward zero where the GPU rounds to nearest, so interpreted bf16 errors are about twice the GPU's.)
+    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    precision = "ieee" if (q.dtype == torch.float32 or upcast) else None  # fp32 stays fp32 (no TF32)
+    strides = [t.stride() for t in (q, k, v, o)]
+    align = 16
+    while align > 1 and any(s % align for st in strides for s in st[:3]):
+        align //= 2
+    args = (
+        q, k, v, o,
+        *(x for st in strides for x in (st[0] // align, st[1] // align, st[2] // align, st[3])),
+        H, N, M, float(scale) * _LOG2E,
+    )
+    meta = {"D": D, "BLOCK_D": block_d, "MASK_D": block_d != D, "DOT_PRECISION": precision, "DOT_UPCAST": upcast,
+            "ALIGN": align}
+    if config is None and _INTERPRET:  # every launch is interpreted then, CUDA tensors included: never autotune
+        config = _INTERPRET_CONFIG
+    elif config is None and not _AUTOTUNE:
+        config = _default_config(M, block_d, q.element_size())
+    if config is None:
+        def grid(cfg):
+            return (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
+
+        _attention_kernel_tuned[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), B * H)
+        _attention_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages)
+    return o

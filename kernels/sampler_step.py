@@ -1,0 +1,344 @@
+"""Fused DDIM / DDPM update with classifier-free guidance: one launch reads x_t, the model output and the noise once
+and writes x_{t-1} and the predicted x0 once (the op ``fastdiff.ops.ddim_step`` / ``ddpm_step``).
+
+Layers (STYLE.md): private ``@triton.jit`` kernels and helpers; host functions :func:`ddim_step` and :func:`ddpm_step`
+that validate nothing (``fastdiff.ops`` does), allocate the outputs, pick the block size and launch.
+
+Alphas: Python floats → the per-step coefficients are computed here on the host in float64 and passed as scalars,
+and the grid is flat over all elements. Per-sample (B,) fp32 tensors → the grid is (B, chunks of one sample): every
+program loads its sample's ᾱ_t and ᾱ_prev once (scalar loads) and computes the coefficients on chip, so the
+values never travel to the host (no device sync).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+VARIANCE_TYPES = {"fixed_small": 0, "fixed_large": 1}
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (chunks of one sample in the per-sample layout)
+
+
+# --------------------------------------------------------------------------------------------- device helpers
+@triton.jit
+def _step_offsets(
+    n_elements,  # B * per_sample_numel
+    per_sample_numel,  # elements of one sample
+    PER_SAMPLE_ALPHA: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Flat grid: program i covers [i·BLOCK, (i+1)·BLOCK). Per-sample grid (B, chunks): one chunk of one sample."""
+    if PER_SAMPLE_ALPHA:
+        sample_idx = tl.program_id(0)
+        local = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = local < per_sample_numel
+        offs = sample_idx.to(tl.int64) * per_sample_numel + local
+    else:
+        sample_idx = 0
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_elements
+    return offs, mask, sample_idx
+
+
+@triton.jit
+def _guided_model_output(
+    M,  # (N,) model output, or (2N,) = [uncond; cond] with HAS_GUIDANCE
+    offs,
+    mask,
+    n_elements,  # N
+    guidance_scale,
+    HAS_GUIDANCE: tl.constexpr,
+):
+    """Load the model output in fp32; with guidance, uncond + s·(cond − uncond) in registers."""
+    out = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GUIDANCE:
+        cond = tl.load(M + n_elements + offs, mask=mask, other=0.0).to(tl.float32)
+        out = out + guidance_scale * (cond - out)
+    return out
+
+
+@triton.jit
+def _alpha_roots(alpha_prod_t):
+    """sqrt(ᾱ_t), sqrt(1 − ᾱ_t) and their reciprocals (IEEE-rounded: computed once per program)."""
+    sqrt_alpha = tl.sqrt_rn(alpha_prod_t)
+    sqrt_beta = tl.sqrt_rn(1.0 - alpha_prod_t)
+    return sqrt_alpha, sqrt_beta, tl.div_rn(1.0, sqrt_alpha), tl.div_rn(1.0, sqrt_beta)
+
+
+@triton.jit
+def _x0_and_eps(
+    x,  # x_t, fp32
+    out,  # (guided) model output, fp32
+    sqrt_alpha,  # sqrt(ᾱ_t)
+    sqrt_beta,  # sqrt(1 − ᾱ_t)
+    inv_sqrt_alpha,
+    inv_sqrt_beta,
+    PREDICTION_TYPE: tl.constexpr,  # 0 epsilon, 1 sample, 2 v_prediction
+):
+    """Predicted x0 and noise ε from x_t = sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·ε (v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0)."""
+    if PREDICTION_TYPE == 0:
+        x0 = (x - sqrt_beta * out) * inv_sqrt_alpha
+        eps = out
+    elif PREDICTION_TYPE == 1:
+        x0 = out
+        eps = (x - sqrt_alpha * out) * inv_sqrt_beta
+    else:
+        x0 = sqrt_alpha * x - sqrt_beta * out
+        eps = sqrt_alpha * out + sqrt_beta * x
+    return x0, eps
+
+
+@triton.jit
+def _clip(x0, clip_range):
+    """clamp(x0, −r, r), NaN propagating like torch.clamp."""
+    x0 = tl.maximum(x0, -clip_range, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x0, clip_range, propagate_nan=tl.PropagateNan.ALL)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _ddim_step_kernel(
+    X,  # (N,) sample x_t, N = B * per_sample_numel
+    M,  # (N,) model output, or (2N,) = [uncond; cond] with HAS_GUIDANCE
+    Z,  # (N,) noise z (read with HAS_NOISE only)
+    ALPHA_T,  # (B,) fp32 ᾱ_t (read with PER_SAMPLE_ALPHA only)
+    ALPHA_PREV,  # (B,) fp32 ᾱ_prev (read with PER_SAMPLE_ALPHA only)
+    PREV,  # (N,) out: x_{t-1}, sample's dtype
+    X0,  # (N,) out: predicted x0, sample's dtype
+    n_elements,
+    per_sample_numel,
+    sqrt_alpha,  # host coefficients for float alphas (ignored with PER_SAMPLE_ALPHA): sqrt(ᾱ_t)
+    sqrt_beta,  # sqrt(1 − ᾱ_t)
+    inv_sqrt_alpha,
+    inv_sqrt_beta,
+    x0_coeff,  # sqrt(ᾱ_prev)
+    eps_coeff,  # sqrt(1 − ᾱ_prev − σ_t²)
+    std_dev,  # σ_t = η·sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev))
+    eta,
+    guidance_scale,
+    clip_range,
+    PREDICTION_TYPE: tl.constexpr,
+    HAS_GUIDANCE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    PER_SAMPLE_ALPHA: tl.constexpr,
+    CLIP: tl.constexpr,
+    USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """DDIM (Song et al. 2021, eq. 12): x_{t-1} = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε + σ_t·z."""
+    offs, mask, sample_idx = _step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
+    if PER_SAMPLE_ALPHA:
+        alpha_t = tl.load(ALPHA_T + sample_idx)
+        alpha_prev = tl.load(ALPHA_PREV + sample_idx)
+        sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _alpha_roots(alpha_t)
+        variance = tl.div_rn(1.0 - alpha_prev, 1.0 - alpha_t) * (1.0 - tl.div_rn(alpha_t, alpha_prev))
+        std_dev = eta * tl.sqrt_rn(variance)
+        x0_coeff = tl.sqrt_rn(alpha_prev)
+        eps_coeff = tl.sqrt_rn(1.0 - alpha_prev - std_dev * std_dev)
+    # 1. guided model output, predicted x0 and ε
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    out = _guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
+    x0, eps = _x0_and_eps(x, out, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta, PREDICTION_TYPE)
+    # 2. clip x0 (and re-derive ε from the clipped x0 if asked)
+    if CLIP:
+        x0 = _clip(x0, clip_range)
+        if USE_CLIPPED_MODEL_OUTPUT:
+            eps = (x - sqrt_alpha * x0) * inv_sqrt_beta
+    # 3. x_{t-1} = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε (+ σ_t·z)
+    prev = x0_coeff * x0 + eps_coeff * eps
+    if HAS_NOISE:
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        prev = prev + std_dev * z
+    tl.store(PREV + offs, prev.to(PREV.dtype.element_ty), mask=mask)
+    tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ddpm_step_kernel(
+    X,  # (N,) sample x_t, N = B * per_sample_numel
+    M,  # (N,) model output, or (2N,) = [uncond; cond] with HAS_GUIDANCE
+    Z,  # (N,) noise z (read with HAS_NOISE only)
+    ALPHA_T,  # (B,) fp32 ᾱ_t (read with PER_SAMPLE_ALPHA only)
+    ALPHA_PREV,  # (B,) fp32 ᾱ_prev (read with PER_SAMPLE_ALPHA only)
+    PREV,  # (N,) out: x_{t-1}, sample's dtype
+    X0,  # (N,) out: predicted x0, sample's dtype
+    n_elements,
+    per_sample_numel,
+    sqrt_alpha,  # host coefficients for float alphas (ignored with PER_SAMPLE_ALPHA): sqrt(ᾱ_t)
+    sqrt_beta,  # sqrt(1 − ᾱ_t)
+    inv_sqrt_alpha,
+    inv_sqrt_beta,
+    x0_coeff,  # sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)
+    xt_coeff,  # sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)
+    std_dev,  # σ_t: sqrt(β̃_t) (fixed_small) or sqrt(β_t) (fixed_large)
+    guidance_scale,
+    clip_range,
+    PREDICTION_TYPE: tl.constexpr,
+    VARIANCE_TYPE: tl.constexpr,  # 0 fixed_small, 1 fixed_large
+    HAS_GUIDANCE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    PER_SAMPLE_ALPHA: tl.constexpr,
+    CLIP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """DDPM ancestral step (Ho et al. 2020, eq. 6–7): x_{t-1} = μ̃_t(x_t, x0) + σ_t·z."""
+    offs, mask, sample_idx = _step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
+    if PER_SAMPLE_ALPHA:
+        alpha_t = tl.load(ALPHA_T + sample_idx)
+        alpha_prev = tl.load(ALPHA_PREV + sample_idx)
+        sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _alpha_roots(alpha_t)
+        beta_prod_t = 1.0 - alpha_t
+        beta_prod_t_prev = 1.0 - alpha_prev
+        current_alpha_t = tl.div_rn(alpha_t, alpha_prev)
+        current_beta_t = 1.0 - current_alpha_t
+        x0_coeff = tl.div_rn(tl.sqrt_rn(alpha_prev) * current_beta_t, beta_prod_t)
+        xt_coeff = tl.div_rn(tl.sqrt_rn(current_alpha_t) * beta_prod_t_prev, beta_prod_t)
+        if VARIANCE_TYPE == 0:
+            variance = tl.maximum(tl.div_rn(beta_prod_t_prev, beta_prod_t) * current_beta_t, 1e-20)
+        else:
+            variance = current_beta_t
+        std_dev = tl.sqrt_rn(variance)
+    # 1. guided model output and predicted x0
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    out = _guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
+    x0, _ = _x0_and_eps(x, out, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta, PREDICTION_TYPE)
+    # 2. clip x0
+    if CLIP:
+        x0 = _clip(x0, clip_range)
+    # 3. posterior mean μ̃ = sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)·x_t (+ σ_t·z)
+    prev = x0_coeff * x0 + xt_coeff * x
+    if HAS_NOISE:
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        prev = prev + std_dev * z
+    tl.store(PREV + offs, prev.to(PREV.dtype.element_ty), mask=mask)
+    tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------- host side
+def _sqrt(value: float) -> float:
+    """math.sqrt that gives NaN for a negative argument, as the tensor path does (an ill-posed η or ᾱ order)."""
+    return math.sqrt(value) if value >= 0.0 else math.nan
+
+
+def _alpha_roots_host(alpha_prod_t: float) -> tuple[float, float, float, float]:
+    sqrt_alpha, sqrt_beta = _sqrt(alpha_prod_t), _sqrt(1.0 - alpha_prod_t)
+    return sqrt_alpha, sqrt_beta, 1.0 / sqrt_alpha, 1.0 / sqrt_beta
+
+
+def _block_size(n_elements: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps). Interpreter: small blocks, so small test tensors span several programs."""
+    if device.type != "cuda":
+        return 128, 1
+    if n_elements <= (1 << 21):
+        return 1024, 4
+    return 4096, 8
+
+
+def _launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev, prev, x0, scalars, **constexprs):
+    """Pick the layout (flat, or per-sample when an alpha is a tensor), the block size, and launch once."""
+    n_elements = sample.numel()
+    batch = sample.shape[0]
+    per_sample_numel = n_elements // batch
+    block, num_warps = _block_size(n_elements, sample.device)
+    per_sample_alpha = isinstance(alpha_prod_t, torch.Tensor) or isinstance(alpha_prod_t_prev, torch.Tensor)
+    if per_sample_alpha:
+        # a float next to a tensor becomes a (B,) tensor too (a fill, no host sync)
+        alpha_t, alpha_prev = (
+            a if isinstance(a, torch.Tensor) else torch.full((batch,), a, dtype=torch.float32, device=sample.device)
+            for a in (alpha_prod_t, alpha_prod_t_prev)
+        )
+        block = max(32, min(block, triton.next_power_of_2(per_sample_numel)))
+        num_warps = min(num_warps, max(1, block // 256))  # small samples: fewer warps per (smaller) program
+        grid = (batch, triton.cdiv(per_sample_numel, block))
+        if grid[1] > MAX_GRID_Y:
+            raise ValueError(f"sample has {per_sample_numel} elements per batch entry; the per-sample-alpha kernel "
+                             f"handles at most {MAX_GRID_Y * block}")
+    else:
+        alpha_t = alpha_prev = sample  # placeholders, never read
+        grid = (triton.cdiv(n_elements, block),)
+    kernel[grid](
+        sample, model_output, noise if noise is not None else sample, alpha_t, alpha_prev, prev, x0,
+        n_elements, per_sample_numel, *scalars,
+        PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK_SIZE=block, num_warps=num_warps, **constexprs,
+    )
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+    guidance_scale: float | None = None,
+    use_clipped_model_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch :func:`_ddim_step_kernel`. Inputs as validated by ``fastdiff.ops.ddim_step`` (contiguous; alphas
+    Python floats or contiguous fp32 (B,) tensors) → (prev_sample, pred_original_sample), sample's shape and dtype."""
+    prev = torch.empty_like(sample)
+    x0 = torch.empty_like(sample)
+    if sample.numel() == 0:
+        return prev, x0
+    scalars = [0.0] * 7  # computed on chip from the (B,) tensors
+    if not isinstance(alpha_prod_t, torch.Tensor) and not isinstance(alpha_prod_t_prev, torch.Tensor):
+        a_t, a_prev = float(alpha_prod_t), float(alpha_prod_t_prev)
+        variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+        std_dev = eta * _sqrt(variance)
+        scalars = [*_alpha_roots_host(a_t), _sqrt(a_prev), _sqrt(1.0 - a_prev - std_dev**2), std_dev]
+    has_noise = noise is not None and eta > 0
+    _launch(
+        _ddim_step_kernel, sample, model_output, noise if has_noise else None, alpha_prod_t, alpha_prod_t_prev,
+        prev, x0, [*scalars, float(eta), float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
+        PREDICTION_TYPE=PREDICTION_TYPES[prediction_type], HAS_GUIDANCE=guidance_scale is not None,
+        HAS_NOISE=has_noise, CLIP=clip_sample_range is not None,
+        USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
+    )
+    return prev, x0
+
+
+def ddpm_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    noise: torch.Tensor | None = None,
+    variance_type: str = "fixed_small",
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch :func:`_ddpm_step_kernel`. Inputs as validated by ``fastdiff.ops.ddpm_step`` → (prev_sample,
+    pred_original_sample), sample's shape and dtype."""
+    prev = torch.empty_like(sample)
+    x0 = torch.empty_like(sample)
+    if sample.numel() == 0:
+        return prev, x0
+    scalars = [0.0] * 7  # computed on chip from the (B,) tensors
+    if not isinstance(alpha_prod_t, torch.Tensor) and not isinstance(alpha_prod_t_prev, torch.Tensor):
+        a_t, a_prev = float(alpha_prod_t), float(alpha_prod_t_prev)
+        beta_prod_t, beta_prod_t_prev = 1.0 - a_t, 1.0 - a_prev
+        current_alpha_t = a_t / a_prev
+        current_beta_t = 1.0 - current_alpha_t
+        if variance_type == "fixed_small":
+            variance = max(beta_prod_t_prev / beta_prod_t * current_beta_t, 1e-20)
+        else:
+            variance = current_beta_t
+        scalars = [
+            *_alpha_roots_host(a_t),
+            _sqrt(a_prev) * current_beta_t / beta_prod_t,
+            _sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t,
+            _sqrt(variance),
+        ]
+    _launch(
+        _ddpm_step_kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev, prev, x0,
+        [*scalars, float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
+        PREDICTION_TYPE=PREDICTION_TYPES[prediction_type], VARIANCE_TYPE=VARIANCE_TYPES[variance_type],
+        HAS_GUIDANCE=guidance_scale is not None, HAS_NOISE=noise is not None, CLIP=clip_sample_range is not None,
+    )
+    return prev, x0

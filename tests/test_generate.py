@@ -1,0 +1,258 @@
+"""fastdiff generate: the same files whatever the number of ranks (1 process vs 2 gloo processes under torchrun) and
+the batch size, deterministic and stochastic samplers, resuming a killed run, the manifest, and bad arguments (exit
+code 2, one line on stderr, before any sampling).
+
+Every run here computes with one thread per process: oneDNN can round a convolution differently with another thread
+count (seen: a 1×1 conv, 1 thread vs 2), and torchrun gives each worker one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import cli
+from fastdiff.generate import MANIFEST, generate, image_generator, image_seed
+from fastdiff.models import StyleGenerator, UNet
+from fastdiff.pipelines import DiffusionPipeline, GANPipeline
+from fastdiff.schedulers import DDIMScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM = 10
+TIMEOUT = 180  # seconds for one subprocess (a 2-process torchrun run takes ~15 s on a busy 2-core machine)
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny class-conditional pixel-diffusion pipeline folder (DDIM, 8×8 grayscale, 4 steps, guidance 2)."""
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
+                attention_levels=(1,), norm_num_groups=4, attention_head_dim=8, num_classes=10).eval()
+    pipe = DiffusionPipeline(unet, DDIMScheduler(), sample_size=8)
+    pipe.settings.update(default_steps=4, default_guidance_scale=2.0)
+    path = tmp_path_factory.mktemp("model")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    """The files of a 1-process run with the whole job in one batch, per (sampler, format)."""
+    cache = {}
+
+    def get(sampler, fmt):
+        if (sampler, fmt) not in cache:
+            out = tmp_path_factory.mktemp(f"ref-{sampler}-{fmt}")
+            generate(model_dir, NUM, out, batch=NUM, sampler=sampler, fmt=fmt, progress=False)
+            cache[sampler, fmt] = files(out)
+        return cache[sampler, fmt]
+
+    return get
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def assert_same_files(got: dict, ref: dict) -> None:
+    assert sorted(got) == sorted(ref), f"file names differ: {sorted(set(got) ^ set(ref))}"
+    differ = [name for name in ref if got[name] != ref[name]]
+    assert not differ, f"{len(differ)}/{len(ref)} files differ: {differ}"
+
+
+def env() -> dict:
+    """The subprocesses: this checkout importable, one thread, the same kernel path as the tests (conftest)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    e.pop("FASTDIFF_GENERATE_CRASH_AFTER", None)
+    return e
+
+
+def fastdiff_cmd(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**env(), **(extra_env or {})}, timeout=TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------------- seeds
+def test_image_seeds_are_stable():
+    # pinned: a change here changes every image of every folder (and breaks resuming folders made before)
+    assert image_seed(0, 0) == 8668861027912758289
+    assert image_seed(0, 1) == 4881901421217228719
+    assert image_seed(1, 0) == 8431846347943309920
+    assert len({image_seed(s, i) for s in range(20) for i in range(200)}) == 4000
+    assert torch.equal(torch.randn(3, generator=image_generator(5, 7)), torch.randn(3, generator=image_generator(5, 7)))
+
+
+# --------------------------------------------------------------------------------------------- invariance
+@pytest.mark.parametrize("sampler, fmt", [(None, "png"), ("ddpm", "npz"), ("euler-a", "png")])  # ddpm, euler-a:
+def test_batch_size_does_not_change_the_files(model_dir, reference, tmp_path, sampler, fmt):  # noise every step
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}"
+        summary = generate(model_dir, NUM, out, batch=batch, sampler=sampler, fmt=fmt, progress=False)
+        assert summary["new"] == NUM and summary["skipped"] == 0
+        assert_same_files(files(out), reference(sampler, fmt))
+
+
+def test_files_and_manifest(model_dir, reference):
+    ref = reference(None, "png")
+    assert sorted(ref) == [f"{i:06d}.png" for i in range(NUM)] + [MANIFEST]
+    manifest = json.loads(ref[MANIFEST])
+    assert manifest["count"] == NUM and manifest["seed"] == 0 and manifest["format"] == "png"
+    assert manifest["sampler"] == "DDIMScheduler" and manifest["steps"] == 4 and manifest["guidance"] == 2.0
+    assert manifest["num_classes"] == 10 and manifest["fastdiff_version"]
+    from io import BytesIO
+
+    from PIL import Image
+
+    image = Image.open(BytesIO(ref["000003.png"]))
+    assert image.mode == "L" and image.size == (8, 8)
+    # image i is pipe(generator=[image_generator(S, i)], class i mod 10): one image can be remade on its own
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    one = pipe(batch_size=1, num_inference_steps=4, generator=[image_generator(0, 3)], class_labels=[3],
+               guidance_scale=2.0, output_type="pil", progress=False)[0]
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(image))
+
+
+def test_npz_holds_the_float_image(reference):
+    from io import BytesIO
+
+    data = np.load(BytesIO(reference("ddpm", "npz")["000007.npz"]))
+    assert data["image"].shape == (8, 8, 1) and data["image"].dtype == np.float32
+    assert int(data["index"]) == 7 and int(data["class_label"]) == 7
+
+
+@pytest.mark.parametrize("sampler, fmt", [("ddim", "png"), ("euler-a", "npz")])
+def test_two_ranks_make_the_same_files_as_one(model_dir, reference, tmp_path, sampler, fmt):
+    out = tmp_path / "out"
+    # `torchrun --nproc_per_node=2 -m fastdiff -- generate ...` ("--": torchrun would take --num for its --numa-binding)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff", "--",
+         "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", "2",
+         "--sampler", sampler, "--format", fmt],
+        capture_output=True, text=True, cwd=ROOT, env=env(), timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_files(files(out), reference(None if sampler == "ddim" else sampler, fmt))  # ddim: the model's own
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("generated")]
+    assert len(summary) == 1 and f"generated {NUM} images" in summary[0] and "2 rank(s)" in summary[0], proc.stdout
+
+
+def test_style_gan_noise_is_per_image():
+    torch.manual_seed(0)
+    pipe = GANPipeline(StyleGenerator(resolution=8, latent_dim=8, w_dim=8, mapping_layers=2, base_channels=8,
+                                      max_channels=8, channels=1).eval())
+    batch = pipe(batch_size=4, generator=[image_generator(0, i) for i in range(4)], output_type="pt", progress=False)
+    for i in (0, 2):
+        alone = pipe(batch_size=1, generator=[image_generator(0, i)], output_type="pt", progress=False)
+        assert torch.equal(batch[i], alone[0])
+
+
+# --------------------------------------------------------------------------------------------- resuming
+def test_killed_run_resumes_to_the_same_files(model_dir, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["-q", "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", "3"]
+    # killed (SIGKILL) after 4 images, while the 5th is a temporary file
+    proc = fastdiff_cmd(*args, extra_env={"FASTDIFF_GENERATE_CRASH_AFTER": "4"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    temps = [n for n in names if n.endswith(".tmp")]
+    assert len(temps) == 1 and temps[0].startswith(".000004.png."), names
+    assert [n for n in names if not n.endswith(".tmp")] == [f"{i:06d}.png" for i in range(4)] + [MANIFEST], names
+    summary = generate(model_dir, NUM, out, batch=4, progress=False)  # the same command (any batch size)
+    assert summary["skipped"] == 4 and summary["new"] == NUM - 4
+    assert_same_files(files(out), reference(None, "png"))
+    again = generate(model_dir, NUM, out, batch=4, progress=False)
+    assert again["new"] == 0 and again["skipped"] == NUM
+
+
+def test_rerun_with_other_settings_is_refused(model_dir, reference, tmp_path):
+    out = tmp_path / "out"
+    generate(model_dir, NUM, out, batch=NUM, progress=False)
+    before = files(out)
+    for kwargs, what in [({"steps": 5}, "steps 4 there, 5 now"), ({"seed": 1}, "seed"), ({"guidance": 3.0}, "guidance"),
+                         ({"sampler": "ddpm"}, "sampler"), ({"fmt": "npz"}, "format"), ({"num": NUM + 1}, "count")]:
+        kwargs = {"num": NUM, **kwargs}
+        with pytest.raises(ValueError, match=what):
+            generate(model_dir, outdir=out, progress=False, **kwargs)
+    # the model's own sampler named explicitly is the same setting
+    assert generate(model_dir, NUM, out, sampler="ddim", progress=False)["new"] == 0
+    assert files(out) == before
+    proc = fastdiff_cmd("generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--seed", "9")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("fastdiff: error: --outdir") and "seed 0 there, 9 now" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- bad arguments
+def unwritable_dir(tmp_path: Path) -> Path:
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder / "out"
+    candidate = Path("/sys/fastdiff-generate-test")  # root writes anywhere but in sysfs
+    try:
+        candidate.mkdir()
+    except OSError:
+        return candidate
+    candidate.rmdir()
+    pytest.skip("no unwritable folder to test with (root, and sysfs is writable)")
+
+
+@pytest.mark.parametrize("case", ["num 0", "num -5", "batch 0", "seed -1", "steps 0", "file", "unwritable",
+                                  "foreign images", "unknown model", "guidance unconditional", "steps > T"])
+def test_bad_arguments_exit_2_before_sampling(model_dir, tmp_path, capsys, monkeypatch, case):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled despite bad arguments")
+
+    monkeypatch.setattr(DiffusionPipeline, "__call__", no_sampling)
+    out = tmp_path / "out"
+    args = {"--model": str(model_dir), "--num": "4", "--outdir": str(out)}
+    if case.startswith(("num", "batch", "seed", "steps ")) and case != "steps > T":
+        flag, value = case.split()
+        args[f"--{flag}"] = value
+    elif case == "file":
+        out.write_text("not a folder")
+    elif case == "unwritable":
+        args["--outdir"] = str(unwritable_dir(tmp_path))
+    elif case == "foreign images":
+        out.mkdir()
+        (out / "000000.png").write_bytes(b"from another tool")
+    elif case == "unknown model":
+        args["--model"] = "no-such-model"
+    elif case == "guidance unconditional":
+        torch.manual_seed(0)
+        unet = UNet(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1,), layers_per_block=1,
+                    attention_levels=(), norm_num_groups=4)
+        DiffusionPipeline(unet, DDIMScheduler(), sample_size=8).save_pretrained(tmp_path / "uncond")
+        args.update({"--model": str(tmp_path / "uncond"), "--guidance": "3"})
+    elif case == "steps > T":
+        args["--steps"] = "1001"
+    rc = cli.main(["generate", *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("fastdiff: error: ") and err.count("\n") == 1, err
+    key = {"file": "is a file", "unwritable": "outdir", "foreign images": "no manifest.json",
+           "unknown model": "unknown model", "guidance unconditional": "unconditional", "steps > T": "--steps"}
+    assert key.get(case, f"--{case.split()[0]}") in err
+    if case != "foreign images":
+        assert not out.is_dir() or not any(out.iterdir())
+
+
+def test_bad_arguments_from_the_command_line(tmp_path):
+    proc = fastdiff_cmd("generate", "--model", "x", "--num", "0", "--outdir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr == "fastdiff: error: --num must be ≥ 1, got 0\n", proc.stderr
+    assert not (tmp_path / "out").exists()
