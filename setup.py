@@ -26,7 +26,8 @@ from setuptools import setup
 
 log = logging.getLogger("fastdiff.setup")
 ROOT = Path(__file__).resolve().parent
-CSRC = ROOT / "csrc"  # absolute include path: ninja runs from the build directory
+# The sources: csrc/ in a checkout; fastdiff/csrc (the package-data copy) in an sdist made without them.
+CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT / "fastdiff" / "csrc"  # absolute: ninja runs elsewhere
 
 
 def _sources(*patterns: str) -> list[str]:

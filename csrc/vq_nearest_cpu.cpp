@@ -67,6 +67,29 @@ Buffer<T> alloc_aligned(int64_t count) {
 using MicroFn = void (*)(const float* zp, const float* ep, const float* esq, int64_t D, float* best, int32_t* bidx,
                          int32_t j0, const float* pf, int64_t pf_lines);
 
+// Reduces each row's LANES running (minimum, argmin) pairs to one: the smallest distance, equal distances taking
+// the lowest index; writes index and distance + ||z||^2 (clamped at 0) for `rows` rows.
+using FinishFn = void (*)(const float* best, const int32_t* bidx, const float* zsq, int64_t rows, int64_t* out_idx,
+                          float* out_dist);
+
+template <int LANES>
+void finish_generic(const float* best, const int32_t* bidx, const float* zsq, int64_t rows, int64_t* out_idx,
+                    float* out_dist) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* bv = best + r * LANES;
+    const int32_t* bi = bidx + r * LANES;
+    float v = bv[0];
+    int32_t i = bi[0];
+    for (int l = 1; l < LANES; ++l) {  // branch-free: the winner is data-dependent
+      const bool take = (bv[l] < v) | ((bv[l] == v) & (bi[l] < i));
+      v = take ? bv[l] : v;
+      i = take ? bi[l] : i;
+    }
+    out_idx[r] = i;
+    out_dist[r] = std::max(v + zsq[r], 0.0f);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ micro-kernels
 constexpr int kGenericMR = 4, kGenericNR = 16;
 
@@ -166,8 +189,9 @@ __attribute__((target("avx512f"))) void micro_avx512(const float* zp, const floa
   const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(16));
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    const __m512 d0 = _mm512_fmadd_ps(acc0[r], minus2, e0);
+    const __m512 d0 = _mm512_fmadd_ps(acc0[r], minus2, e0);  // exact -2x, so this equals e - 2 z.e rounded once
     const __m512 d1 = _mm512_fmadd_ps(acc1[r], minus2, e1);
+    // Columns 16..31 have the higher indices: they win a lane only when strictly smaller.
     const __mmask16 lt = _mm512_cmp_ps_mask(d1, d0, _CMP_LT_OQ);
     const __m512 dm = _mm512_mask_mov_ps(d0, lt, d1);
     const __m512i im = _mm512_mask_mov_epi32(i0, lt, i1);
@@ -176,6 +200,17 @@ __attribute__((target("avx512f"))) void micro_avx512(const float* zp, const floa
     const __mmask16 better = _mm512_cmp_ps_mask(dm, bv, _CMP_LT_OQ);
     _mm512_store_ps(best + r * 16, _mm512_mask_mov_ps(bv, better, dm));
     _mm512_store_si512(bidx + r * 16, _mm512_mask_mov_epi32(bi, better, im));
+  }
+}
+
+__attribute__((target("avx512f"))) void finish_avx512(const float* best, const int32_t* bidx, const float* zsq,
+                                                      int64_t rows, int64_t* out_idx, float* out_dist) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 bv = _mm512_load_ps(best + r * 16);  // never NaN: only values that won a "<" get in
+    const float v = _mm512_reduce_min_ps(bv);
+    const __mmask16 at_min = _mm512_cmp_ps_mask(bv, _mm512_set1_ps(v), _CMP_EQ_OQ);
+    out_idx[r] = _mm512_mask_reduce_min_epi32(at_min, _mm512_load_si512(bidx + r * 16));
+    out_dist[r] = std::max(v + zsq[r], 0.0f);
   }
 }
 #endif  // FASTDIFF_X86
@@ -237,8 +272,8 @@ void pack_codebook(const T* e, int64_t s0, int64_t s1, int64_t K, int64_t D, int
 }
 
 template <int MR, int NR, int LANES, typename T>
-void search_rows(MicroFn micro, const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D, const float* packed,
-                 const float* esq, int64_t K, int64_t* out_idx, float* out_dist) {
+void search_rows(MicroFn micro, FinishFn finish, const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D,
+                 const float* packed, const float* esq, int64_t K, int64_t* out_idx, float* out_dist) {
   static_assert(kBlockRows % MR == 0, "kBlockRows must be a multiple of MR");
   static_assert(NR % LANES == 0, "NR must be a multiple of LANES");
   constexpr int64_t kMicroBlocks = kBlockRows / MR;
@@ -256,32 +291,50 @@ void search_rows(MicroFn micro, const T* z, int64_t zs0, int64_t zs1, int64_t N,
     Buffer<float> best = alloc_aligned<float>(kBlockRows * LANES);
     Buffer<int32_t> bidx = alloc_aligned<int32_t>(kBlockRows * LANES);
     float zsq[kBlockRows];
-    for (int64_t b = next_block.fetch_add(1, std::memory_order_relaxed); b < blocks;
-         b = next_block.fetch_add(1, std::memory_order_relaxed)) {
+    int64_t next = next_block.fetch_add(1, std::memory_order_relaxed);
+    for (int64_t b = next; b < blocks; b = next) {
+      next = next_block.fetch_add(1, std::memory_order_relaxed);  // claimed now, so its rows can be prefetched
       const int64_t row0 = b * kBlockRows;
       const int64_t rows = std::min(kBlockRows, N - row0);
       const int64_t mblocks = (rows + MR - 1) / MR;
-      // 1. rows -> fp32 [micro-block][D][MR] (rows past N are zeros whose results are dropped), and ||z||^2
+      // Rows of the next block, when they are one contiguous range, stream into L2 while this one computes.
+      const char* next_rows = nullptr;
+      int64_t next_row_lines = 0;
+      if (next < blocks && zs1 == 1 && zs0 == D) {
+        next_rows = reinterpret_cast<const char*>(z + next * kBlockRows * zs0);
+        next_row_lines = (std::min(kBlockRows, N - next * kBlockRows) * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+      }
+      const int64_t row_lines_per_panel = (next_row_lines + panels - 1) / panels;
+      // 1. rows -> fp32 [micro-block][D][MR] (rows past N are zeros whose results are dropped)
       for (int64_t r = 0; r < mblocks * MR; ++r) {
         float* dst = zp.get() + (r / MR) * D * MR + (r % MR);
-        if (r < rows) {
-          const T* src = z + (row0 + r) * zs0;
-          float sq = 0.0f;
-          for (int64_t d = 0; d < D; ++d) {
-            const float v = static_cast<float>(src[d * zs1]);
-            dst[d * MR] = v;
-            sq += v * v;
-          }
-          zsq[r] = sq;
-        } else {
+        if (r >= rows) {
           for (int64_t d = 0; d < D; ++d) dst[d * MR] = 0.0f;
+        } else if (zs1 == 1) {
+          const T* src = z + (row0 + r) * zs0;
+          for (int64_t d = 0; d < D; ++d) dst[d * MR] = static_cast<float>(src[d]);
+        } else {
+          const T* src = z + (row0 + r) * zs0;
+          for (int64_t d = 0; d < D; ++d) dst[d * MR] = static_cast<float>(src[d * zs1]);
         }
+      }
+      //    and ||z||^2 from the packed rows: MR independent sums (they vectorise, no serial dependency chain)
+      for (int64_t m = 0; m < mblocks; ++m) {
+        const float* zm = zp.get() + m * D * MR;
+        float sq[MR] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          for (int r = 0; r < MR; ++r) sq[r] += zm[d * MR + r] * zm[d * MR + r];
+        }
+        for (int r = 0; r < MR; ++r) zsq[m * MR + r] = sq[r];
       }
       std::fill_n(best.get(), mblocks * MR * LANES, kInf);
       std::fill_n(bidx.get(), mblocks * MR * LANES, 0);
       // 2. sweep the codebook panel by panel, in increasing column order: a panel stays in L1 while every
       //    micro-block of this block uses it, and those calls prefetch the next panel into L2 between them.
       for (int64_t p = 0; p < panels; ++p) {
+        for (int64_t l = p * row_lines_per_panel; l < std::min(next_row_lines, (p + 1) * row_lines_per_panel); ++l) {
+          __builtin_prefetch(next_rows + l * 64, 0, 2);
+        }
         const float* panel = packed + p * panel_floats;
         const int64_t next_lines = p + 1 < panels ? panel_lines : 0;
         const int64_t slice = (next_lines + mblocks - 1) / mblocks;
@@ -294,19 +347,7 @@ void search_rows(MicroFn micro, const T* z, int64_t zs0, int64_t zs1, int64_t N,
         }
       }
       // 3. lanes -> one (distance, index) per row
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* bv = best.get() + r * LANES;
-        const int32_t* bi = bidx.get() + r * LANES;
-        float v = bv[0];
-        int32_t i = bi[0];
-        for (int l = 1; l < LANES; ++l) {  // branch-free: the winner is data-dependent
-          const bool take = (bv[l] < v) | ((bv[l] == v) & (bi[l] < i));
-          v = take ? bv[l] : v;
-          i = take ? bi[l] : i;
-        }
-        out_idx[row0 + r] = i;
-        out_dist[row0 + r] = std::max(v + zsq[r], 0.0f);
-      }
+      finish(best.get(), bidx.get(), zsq, rows, out_idx + row0, out_dist + row0);
     }
   });
 }
@@ -324,20 +365,21 @@ void vq_nearest_cpu_impl(const at::Tensor& z, const at::Tensor& codebook, at::Te
   const T* zdata = z.const_data_ptr<T>();
   int64_t* idx = indices.mutable_data_ptr<int64_t>();
   float* dist = distances.mutable_data_ptr<float>();
+  const int64_t zs0 = z.stride(0), zs1 = z.stride(1);
   switch (isa) {
 #if FASTDIFF_X86
     case Isa::kAvx512:
-      search_rows<kAvx512MR, kAvx512NR, 16, T>(micro_avx512, zdata, z.stride(0), z.stride(1), N, D, packed.get(),
+      search_rows<kAvx512MR, kAvx512NR, 16, T>(micro_avx512, finish_avx512, zdata, zs0, zs1, N, D, packed.get(),
                                                esq.get(), K, idx, dist);
       return;
     case Isa::kAvx2:
-      search_rows<kAvx2MR, kAvx2NR, 8, T>(micro_avx2, zdata, z.stride(0), z.stride(1), N, D, packed.get(), esq.get(),
-                                          K, idx, dist);
+      search_rows<kAvx2MR, kAvx2NR, 8, T>(micro_avx2, finish_generic<8>, zdata, zs0, zs1, N, D, packed.get(),
+                                          esq.get(), K, idx, dist);
       return;
 #endif
     default:
-      search_rows<kGenericMR, kGenericNR, kGenericNR, T>(micro_generic, zdata, z.stride(0), z.stride(1), N, D,
-                                                         packed.get(), esq.get(), K, idx, dist);
+      search_rows<kGenericMR, kGenericNR, kGenericNR, T>(micro_generic, finish_generic<kGenericNR>, zdata, zs0, zs1,
+                                                         N, D, packed.get(), esq.get(), K, idx, dist);
   }
 }
 

@@ -1,15 +1,21 @@
 """``fastdiff generate``: many images into a folder, sharded over torch.distributed ranks, resumable.
 
     fastdiff generate --model digits-ddpm --num 50000 --outdir out/ --batch 256
-    torchrun --nproc_per_node=8 -m fastdiff generate --model digits-ddpm --num 50000 --outdir out/ --batch 256
+    torchrun --nproc_per_node=8 -m fastdiff -- generate --model digits-ddpm --num 50000 --outdir out/ --batch 256
+
+(The "--" keeps torchrun's own parser from reading ``--num`` as an abbreviation of its ``--numa-binding``.)
 
 **Which image is which.** Image i is made from its own CPU ``torch.Generator`` seeded with :func:`image_seed` (S, i)
 (a numpy ``SeedSequence(S, spawn_key=(i,))``, a stable algorithm), and the pipelines draw each row's noise — the
 initial x_T and the noise of stochastic samplers (DDPM, Euler ancestral, DDIM with η > 0) at every step — from that
-row's generator. Class-conditional models get class i mod num_classes. So image i depends on (S, i) and the settings
-only, not on the number of ranks or on ``--batch``. Bit-identical files across batch sizes also need the model's
-kernels to compute each row independently of the rest of the batch: true on the CPU reference path (tested); on GPUs
-cuDNN/cuBLAS may pick other algorithms for other batch shapes, so a few pixels may differ by one level there.
+row's generator; class-conditional models get class i mod num_classes. So image i is the same sample whatever the
+number of ranks or the batch size. Bit for bit: BLAS/oneDNN/cuDNN pick their algorithms by tensor shape (and on CPUs
+by thread count), so every pipeline call here has the same number of rows, min(batch, num), a rank's last call padded
+with throw-away rows. Then, with the same ``--batch``, device type and threads per process, the files are
+byte-identical for any number of ranks (tested: 1 process vs 2 under torchrun); another ``--batch`` (or
+OMP_NUM_THREADS: torchrun sets 1 per worker) can change the float32 output in the last bits, which moves a PNG pixel by
+one level once in a while. A resumed run should therefore keep its ``--batch``: it is not a refused setting, but the
+manifest records the first run's and another one is warned about.
 
 **Files.** One per image: ``outdir/000123.png`` (8-bit grayscale, RGB or RGBA) or ``outdir/000123.npz`` (``image``:
 the unquantised float32 (H, W, C) output in [0, 1]; ``index``; ``class_label`` for class-conditional models). One file
@@ -20,7 +26,8 @@ exactly which images are missing. Each file is written under a temporary name in
 **Resuming.** Rerunning the same command skips the finished indices (left-over temporaries are deleted) and makes
 the rest. ``outdir/manifest.json``, written atomically by rank 0 before any image, records the model (and a digest of
 its files), sampler, steps, seed, guidance, classes, count, format and fastdiff version; a rerun whose settings differ
-(the batch size and the number of ranks are not settings) is refused with a ValueError (CLI: one line, exit code 2).
+(the batch size and the number of ranks are not settings) is refused with a ValueError (CLI: one line, exit code 2;
+under torchrun every rank prints it and torchrun itself exits with 1).
 
 **Ranks.** Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT set) each process joins a process
 group — NCCL on GPUs (rank r uses cuda:LOCAL_RANK), gloo on the CPU — unless one is already initialised, in which case
@@ -46,9 +53,8 @@ import signal
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -87,7 +93,7 @@ def image_name(index: int, num: int, fmt: str) -> str:
 # --------------------------------------------------------------------------------------------- checks
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
     return int(value)
@@ -204,14 +210,17 @@ def _prepare_outdir(outdir: Path, manifest: dict, model_path: Path) -> list[int]
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             raise ValueError(f"--outdir {str(outdir)!r}: unreadable {MANIFEST} ({exc}); use a new folder") from None
+        if not isinstance(old, dict):
+            raise ValueError(f"--outdir {str(outdir)!r}: {MANIFEST} is not a JSON object; use a new folder")
         diffs = [f"{k} {old.get(k)!r} there, {manifest[k]!r} now" for k in COMPARED if old.get(k) != manifest[k]]
         if diffs:
             raise ValueError(f"--outdir {str(outdir)!r} holds images made with other settings ({'; '.join(diffs)}); "
                              f"use another folder or the same settings")
+        if old.get("batch") != manifest["batch"]:
+            logger.warning("fastdiff: %s was started with --batch %s, continuing with %s: the rest may differ from an "
+                           "uninterrupted run in the last bits", outdir, old.get("batch"), manifest["batch"])
         if old.get("fastdiff_version") != manifest["fastdiff_version"]:
             logger.warning("fastdiff: %s was started with fastdiff %s, continuing with %s", outdir,
                            old.get("fastdiff_version"), manifest["fastdiff_version"])
@@ -236,7 +245,7 @@ class _Dist:
     rank: int = 0
     world: int = 1
     owned: bool = False  # this call initialised the process group (and destroys it at the end)
-    comm_device: torch.device = torch.device("cpu")
+    comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def broadcast(self, obj):
         if self.world == 1:
@@ -271,7 +280,7 @@ def _resolve_device(device) -> torch.device:
     except UsageError as exc:
         raise ValueError(str(exc)) from None
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         if dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
@@ -285,7 +294,7 @@ def _init_distributed(device: torch.device) -> _Dist:
 
     comm = device if device.type == "cuda" else torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
-        comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         return _Dist(dist.get_rank(), dist.get_world_size(), False, comm)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -300,7 +309,7 @@ def _init_distributed(device: torch.device) -> _Dist:
 
 
 # --------------------------------------------------------------------------------------------- the job
-def _resolve_job(pipe, model: str, settings: dict, steps: Optional[int], guidance: Optional[float]):
+def _resolve_job(pipe, model: str, settings: dict, steps: int | None, guidance: float | None):
     """(num_classes, steps, guidance) for this pipeline; ValueError for what it cannot generate."""
     from fastdiff.pipelines import GANPipeline
 
@@ -328,14 +337,15 @@ def _resolve_job(pipe, model: str, settings: dict, steps: Optional[int], guidanc
     return num_classes, steps, None if guidance is None else float(guidance)
 
 
-def generate(model: Union[str, os.PathLike], num: int, outdir: Union[str, os.PathLike], batch: int = 256,
-             sampler: Optional[str] = None, steps: Optional[int] = None, seed: int = 0,
-             guidance: Optional[float] = None, fmt: str = "png", device=None, progress: bool = True) -> dict:
+def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batch: int = 256,
+             sampler: str | None = None, steps: int | None = None, seed: int = 0, guidance: float | None = None,
+             fmt: str = "png", device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Make images 0 … num − 1 of a model into ``outdir``, one file each, sharded over the torch.distributed ranks.
 
     Args:
         model: a shipped model name (``fastdiff.list_models()``) or a pipeline folder.
-        num: how many images (≥ 1); batch: images per pipeline call on each rank (≥ 1; does not change the images).
+        num: how many images (≥ 1); batch: images per pipeline call on each rank (≥ 1; the images are the same samples
+            whatever the batch; bit-identical files need the same batch, see the module docstring).
         sampler: "ddpm", "ddim", "dpm++", "euler" or "euler-a" instead of the model's own; steps: sampler steps
             (default: the model's default_steps, else 25).
         seed: S ≥ 0; image i is drawn with :func:`image_generator` (S, i).
@@ -346,7 +356,7 @@ def generate(model: Union[str, os.PathLike], num: int, outdir: Union[str, os.Pat
         this rank's summary: ``{"rank", "world", "outdir", "count", "new", "skipped", "seconds", "images_per_s",
         "per_rank": [images/s of each rank]}``.
     Raises:
-        ValueError naming the argument, before any image is made: bad numbers, unknown model or sampler, a file or an
+        ValueError (TypeError for a non-number) naming the argument, before any image is made: bad numbers, unknown model or sampler, a file or an
         unwritable path as ``outdir``, an ``outdir`` made with other settings (see ``outdir/manifest.json``).
     """
     import fastdiff
@@ -360,9 +370,10 @@ def generate(model: Union[str, os.PathLike], num: int, outdir: Union[str, os.Pat
         raise ValueError(f"--seed must be < 2**63, got {seed}")
     if steps is not None:
         steps = _check_int("--steps", steps, 1)
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
-                                 or not math.isfinite(guidance)):
-        raise ValueError(f"--guidance must be a finite number, got {guidance!r}")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)):
+        raise TypeError(f"--guidance must be a number, got {guidance!r}")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be finite, got {guidance!r}")
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     if sampler is not None and sampler not in SAMPLERS:
@@ -395,6 +406,7 @@ def generate(model: Union[str, os.PathLike], num: int, outdir: Union[str, os.Pat
             "class_labels": None if num_classes is None else "index mod num_classes",
             "count": num,
             "format": fmt,
+            "batch": batch,  # not compared: recorded for the bit-exactness note above
             "file_names": f"{'N' * max(6, len(str(num - 1)))}.{fmt}",
             "seeding": SEEDING,
         }
@@ -414,6 +426,7 @@ def generate(model: Union[str, os.PathLike], num: int, outdir: Union[str, os.Pat
         # 4. this rank's share, in rounds every rank takes part in (one all_reduce of the progress per round)
         mine = pending[dist.rank::dist.world]
         rounds = math.ceil(math.ceil(len(pending) / dist.world) / batch)
+        rows_per_call = min(batch, num)  # the same for every rank and every call, whatever the number of ranks
         crash_after = int(os.environ.get(_CRASH_ENV, "-1") or -1)
         bar = None
         if progress and dist.rank == 0:
@@ -427,15 +440,16 @@ def generate(model: Union[str, os.PathLike], num: int, outdir: Union[str, os.Pat
             chunk = mine[r * batch:(r + 1) * batch]
             if chunk:
                 t0 = time.perf_counter()
-                kwargs = {"batch_size": len(chunk), "generator": [image_generator(seed, i) for i in chunk],
+                rows = chunk + chunk[-1:] * (rows_per_call - len(chunk))  # a fixed shape: padded, extra rows dropped
+                kwargs = {"batch_size": len(rows), "generator": [image_generator(seed, i) for i in rows],
                           "output_type": "np", "progress": False}
                 if steps is not None:
                     kwargs["num_inference_steps"] = steps
                 if num_classes is not None:
-                    kwargs["class_labels"] = [i % num_classes for i in chunk]
+                    kwargs["class_labels"] = [i % num_classes for i in rows]
                 if guidance is not None:
                     kwargs["guidance_scale"] = guidance
-                images = pipe(**kwargs)  # (B, H, W, C) float32 in [0, 1]
+                images = pipe(**kwargs)[:len(chunk)]  # (B, H, W, C) float32 in [0, 1]
                 for index, image in zip(chunk, images):
                     if fmt == "png":
                         data = _encode_png(image)

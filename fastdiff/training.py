@@ -171,7 +171,7 @@ def run_ldm(out: Path, steps: int, seed: int, progress: bool) -> dict:
                         layers_per_block=1, norm_num_groups=8, mid_attention=False, scaling_factor=1.0)
     gen = torch.Generator().manual_seed(seed)
     opt = _adam(vae.parameters(), 2e-3)
-    vae_steps = max(1, steps // 2)
+    vae_steps = max(1, min(400, steps))  # the autoencoder converges long before the latent UNet
     sched = _warmup_cosine(opt, vae_steps)
     batches = _batches(len(x), 64, gen)
     vae.train()
@@ -215,7 +215,7 @@ def run_vqvae(out: Path, steps: int, seed: int, progress: bool) -> dict:
                norm_num_groups=8, mid_attention=False, num_embeddings=64, embedding_dim=4, ema=True)
     gen = torch.Generator().manual_seed(seed)
     opt = _adam(vq.parameters(), 2e-3)
-    vq_steps = max(1, steps // 2)
+    vq_steps = max(1, min(800, steps))
     sched = _warmup_cosine(opt, vq_steps)
     batches = _batches(len(x), 64, gen)
     vq.train()
@@ -229,7 +229,7 @@ def run_vqvae(out: Path, steps: int, seed: int, progress: bool) -> dict:
         loss.backward()
         opt.step()
         sched.step()
-        return {"recon": rec.item(), "vq": float(vq_loss)}
+        return {"recon": rec.item(), "vq": vq_loss.item()}
 
     vq_seconds = _loop("digits-vqvae/vqvae", vq_steps, vq_step, progress)
     vq.eval()

@@ -102,7 +102,9 @@ def _attention_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# H, N and M are not specialised (N % 16, M == 1, ...): one compiled kernel per dtype, head dim and config serves every
+# sequence length, which keeps first-call compile (and autotune) time down
+@triton.jit(do_not_specialize=["H", "N", "M"])
 def _attention_kernel(
     Q,  # (B, H, N, D) any strides
     K,  # (B, H, M, D) any strides
@@ -125,7 +127,6 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,  # query rows per program
     BLOCK_M: tl.constexpr,  # keys per tile
 ):
-    # grid: (cdiv(N, BLOCK_N), B * H); neighbouring programs share one (b, h), so its K/V stay in L2
     # multiplying the strides back by ALIGN tells the compiler that rows start ALIGN elements apart, so heads of
     # D = 40 (row stride 40, not a multiple of 16) still load as 16-byte vectors
     stride_qb *= ALIGN
@@ -140,6 +141,8 @@ def _attention_kernel(
     stride_ob *= ALIGN
     stride_oh *= ALIGN
     stride_on *= ALIGN
+
+    # grid: (cdiv(N, BLOCK_N), B * H); neighbouring programs share one (b, h), so its K/V stay in L2
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -184,13 +187,13 @@ def _attention_kernel(
 
 # ---------------------------------------------------------------------------------------------------- autotuning
 def _keep(conf: triton.Config) -> bool:
-    """Static filter: 8 warps (two warp groups) only on 128-row tiles, 4 warps only on tiles up to 128×64,
-    4 stages only on short key tiles, 32-key tiles only with ≤ 64 query rows (short M, wide heads), and one
-    32×32 two-stage tile as the fallback that fits shared memory even for fp32 at D = 256."""
+    """Static filter: 8 warps (two warp groups) on 128×(≥64) tiles or on 64-row tiles (for wide heads), 4 warps
+    only on tiles up to 128×64, 4 stages only on short key tiles, 32-key tiles only with ≤ 64 query rows (short M,
+    wide heads), and one 32×32 two-stage tile as the fallback that fits even fp32 at D = 256."""
     bn, bm = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"]
     if bn == 32:
         return bm == 32 and conf.num_warps == 4 and conf.num_stages == 2
-    if conf.num_warps == 8 and (bn != 128 or bm < 64):
+    if conf.num_warps == 8 and bn == 128 and bm < 64:
         return False
     if conf.num_warps == 4 and bn * bm > 128 * 64:
         return False
@@ -210,7 +213,7 @@ _CONFIGS = [c for c in _CONFIGS if _keep(c)]
 
 
 _SMEM_BYTES = 160 * 1024  # shared-memory budget per program: fits an A100 (164 KiB), leaves room on Hopper (227 KiB)
-_ACC_REGS = 128  # fp32 accumulator registers per thread, at most
+_ACC_REGS = 96  # fp32 accumulator registers per thread, at most (128 spilled in sm_90 builds at D = 128 and 256)
 
 
 def _fits(conf: triton.Config, block_d: int, itemsize: int) -> bool:
@@ -225,17 +228,23 @@ def _fits(conf: triton.Config, block_d: int, itemsize: int) -> bool:
 
 def _candidates(configs, m: int, block_d: int, itemsize: int) -> list:
     """The configs worth trying for one call: no key tile longer than M needs, within the resource estimate; 32-row
-    and 32-key tiles only for short M or wide heads (D > 128), or when nothing else fits."""
+    tiles, 32-key tiles and 8 warps on 64 rows only for short M or wide heads (D > 128), or when nothing else fits."""
+    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.num_stages))
+    if itemsize >= 4:
+        # fp32 takes the exact ("ieee") CUDA-core dot: every config spills and takes 5-60 s to compile on sm_90, so
+        # one small config, no tuning (fp16/bf16 are the fast path)
+        return [smallest]
     m_tile = max(32, triton.next_power_of_2(m))
     wide = block_d > 128
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= m_tile and _fits(c, block_d, itemsize)]
     preferred = [
         c for c in fitting
-        if c.kwargs["BLOCK_N"] != 32 and (c.kwargs["BLOCK_M"] != 32 or m_tile == 32 or wide)
+        if c.kwargs["BLOCK_N"] != 32
+        and (c.kwargs["BLOCK_M"] != 32 or m_tile == 32 or wide)
+        and (c.kwargs["BLOCK_N"] != 64 or c.num_warps == 4 or wide)
     ]
     # never empty: the smallest config (32×32, 2 stages) is the last resort
-    return preferred or fitting or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"],
-                                                                c.num_stages))]
+    return preferred or fitting or [smallest]
 
 
 def _prune(configs, named_args, **kwargs):

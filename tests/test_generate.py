@@ -27,6 +27,7 @@ from fastdiff.schedulers import DDIMScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM = 10
+BATCH = 3  # 10 images: 4 calls in 1 process, 2 per rank in 2 (the last padded)
 TIMEOUT = 180  # seconds for one subprocess (a 2-process torchrun run takes ~15 s on a busy 2-core machine)
 
 
@@ -54,15 +55,15 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
-    """The files of a 1-process run with the whole job in one batch, per (sampler, format)."""
+    """The files of an uninterrupted 1-process run, per (sampler, format, batch)."""
     cache = {}
 
-    def get(sampler, fmt):
-        if (sampler, fmt) not in cache:
-            out = tmp_path_factory.mktemp(f"ref-{sampler}-{fmt}")
-            generate(model_dir, NUM, out, batch=NUM, sampler=sampler, fmt=fmt, progress=False)
-            cache[sampler, fmt] = files(out)
-        return cache[sampler, fmt]
+    def get(sampler, fmt, batch=BATCH):
+        if (sampler, fmt, batch) not in cache:
+            out = tmp_path_factory.mktemp(f"ref-{sampler}-{fmt}-{batch}")
+            generate(model_dir, NUM, out, batch=batch, sampler=sampler, fmt=fmt, progress=False)
+            cache[sampler, fmt, batch] = files(out)
+        return cache[sampler, fmt, batch]
 
     return get
 
@@ -85,8 +86,8 @@ def env() -> dict:
 
 
 def fastdiff_cmd(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**env(), **(extra_env or {})}, timeout=TIMEOUT)
+    return subprocess.run([sys.executable, "-m", "fastdiff", *args], check=False, capture_output=True, text=True,
+                          cwd=ROOT, env={**env(), **(extra_env or {})}, timeout=TIMEOUT)
 
 
 # --------------------------------------------------------------------------------------------- seeds
@@ -100,13 +101,42 @@ def test_image_seeds_are_stable():
 
 
 # --------------------------------------------------------------------------------------------- invariance
-@pytest.mark.parametrize("sampler, fmt", [(None, "png"), ("ddpm", "npz"), ("euler-a", "png")])  # ddpm, euler-a:
-def test_batch_size_does_not_change_the_files(model_dir, reference, tmp_path, sampler, fmt):  # noise every step
-    for batch in (1, 3):
+def test_other_chunks_of_the_same_batch_size_make_the_same_files(model_dir, reference, tmp_path):
+    """What another number of ranks or a resumed run does: other images share a call, the bytes stay the same."""
+    out = tmp_path / "out"
+    out.mkdir()
+    ref = reference("ddpm", "png")  # calls 0-2, 3-5, 6-8, 9+padding
+    for name, data in ref.items():
+        if name == MANIFEST or int(name[:6]) in (0, 2, 4, 6):
+            (out / name).write_bytes(data)
+    summary = generate(model_dir, NUM, out, batch=BATCH, sampler="ddpm", progress=False)  # calls 1 3 5, 7 8 9
+    assert summary["new"] == 6 and summary["skipped"] == 4
+    assert_same_files(files(out), ref)
+
+
+@pytest.mark.parametrize("sampler, fmt", [(None, "png"), ("ddpm", "npz"), ("euler-a", "npz")])  # ddpm, euler-a:
+def test_other_batch_sizes_make_the_same_images(model_dir, reference, tmp_path, sampler, fmt):  # noise every step
+    """The same samples; bits may differ where a kernel rounds differently for another shape (oneDNN does)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    ref = reference(sampler, fmt)
+    for batch in (1, 4):
         out = tmp_path / f"b{batch}"
         summary = generate(model_dir, NUM, out, batch=batch, sampler=sampler, fmt=fmt, progress=False)
         assert summary["new"] == NUM and summary["skipped"] == 0
-        assert_same_files(files(out), reference(sampler, fmt))
+        got = files(out)
+        assert sorted(got) == sorted(ref)
+        manifest, ref_manifest = json.loads(got[MANIFEST]), json.loads(ref[MANIFEST])
+        assert manifest.pop("batch") == batch and ref_manifest.pop("batch") == BATCH and manifest == ref_manifest
+        for name in sorted(set(ref) - {MANIFEST}):
+            if fmt == "npz":
+                a, b = np.load(BytesIO(got[name]))["image"], np.load(BytesIO(ref[name]))["image"]
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"batch {batch}, {name}")
+            else:
+                a, b = np.asarray(Image.open(BytesIO(got[name]))), np.asarray(Image.open(BytesIO(ref[name])))
+                assert np.abs(a.astype(int) - b).max() <= 1, f"batch {batch}, {name}"
 
 
 def test_files_and_manifest(model_dir, reference):
@@ -143,9 +173,9 @@ def test_two_ranks_make_the_same_files_as_one(model_dir, reference, tmp_path, sa
     # `torchrun --nproc_per_node=2 -m fastdiff -- generate ...` ("--": torchrun would take --num for its --numa-binding)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff", "--",
-         "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", "2",
+         "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", str(BATCH),
          "--sampler", sampler, "--format", fmt],
-        capture_output=True, text=True, cwd=ROOT, env=env(), timeout=TIMEOUT)
+        check=False, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_files(files(out), reference(None if sampler == "ddim" else sampler, fmt))  # ddim: the model's own
     summary = [line for line in proc.stdout.splitlines() if line.startswith("generated")]
@@ -156,16 +186,20 @@ def test_style_gan_noise_is_per_image():
     torch.manual_seed(0)
     pipe = GANPipeline(StyleGenerator(resolution=8, latent_dim=8, w_dim=8, mapping_layers=2, base_channels=8,
                                       max_channels=8, channels=1).eval())
-    batch = pipe(batch_size=4, generator=[image_generator(0, i) for i in range(4)], output_type="pt", progress=False)
-    for i in (0, 2):
-        alone = pipe(batch_size=1, generator=[image_generator(0, i)], output_type="pt", progress=False)
-        assert torch.equal(batch[i], alone[0])
+    with torch.no_grad():  # trained generators use their noise; a fresh one has strength 0
+        for name, param in pipe.generator.named_parameters():
+            if name.endswith("noise_strength"):
+                param.fill_(0.5)
+    # the noise maps too come from each image's own generator: image i does not depend on its batch mates
+    a = pipe(batch_size=4, generator=[image_generator(0, i) for i in (0, 1, 2, 3)], output_type="pt", progress=False)
+    b = pipe(batch_size=4, generator=[image_generator(0, i) for i in (2, 5, 6, 0)], output_type="pt", progress=False)
+    assert torch.equal(a[0], b[3]) and torch.equal(a[2], b[0]) and not torch.equal(a[1], b[1])
 
 
 # --------------------------------------------------------------------------------------------- resuming
 def test_killed_run_resumes_to_the_same_files(model_dir, reference, tmp_path):
     out = tmp_path / "out"
-    args = ["-q", "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", "3"]
+    args = ["-q", "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", str(BATCH)]
     # killed (SIGKILL) after 4 images, while the 5th is a temporary file
     proc = fastdiff_cmd(*args, extra_env={"FASTDIFF_GENERATE_CRASH_AFTER": "4"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -173,10 +207,10 @@ def test_killed_run_resumes_to_the_same_files(model_dir, reference, tmp_path):
     temps = [n for n in names if n.endswith(".tmp")]
     assert len(temps) == 1 and temps[0].startswith(".000004.png."), names
     assert [n for n in names if not n.endswith(".tmp")] == [f"{i:06d}.png" for i in range(4)] + [MANIFEST], names
-    summary = generate(model_dir, NUM, out, batch=4, progress=False)  # the same command (any batch size)
+    summary = generate(model_dir, NUM, out, batch=BATCH, progress=False)  # the same command again
     assert summary["skipped"] == 4 and summary["new"] == NUM - 4
     assert_same_files(files(out), reference(None, "png"))
-    again = generate(model_dir, NUM, out, batch=4, progress=False)
+    again = generate(model_dir, NUM, out, batch=BATCH, progress=False)
     assert again["new"] == 0 and again["skipped"] == NUM
 
 
@@ -256,3 +290,17 @@ def test_bad_arguments_from_the_command_line(tmp_path):
     proc = fastdiff_cmd("generate", "--model", "x", "--num", "0", "--outdir", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr == "fastdiff: error: --num must be ≥ 1, got 0\n", proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gan_models_generate_without_steps(tmp_path):
+    torch.manual_seed(0)
+    GANPipeline(StyleGenerator(resolution=8, latent_dim=8, w_dim=8, mapping_layers=2, base_channels=8, max_channels=8,
+                               channels=3).eval()).save_pretrained(tmp_path / "gan")
+    summary = generate(tmp_path / "gan", 3, tmp_path / "out", batch=2, progress=False)
+    assert summary["new"] == 3 and (tmp_path / "out" / "000002.png").is_file()
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["pipeline"] == "GANPipeline" and manifest["sampler"] is None and manifest["steps"] is None
+    with pytest.raises(ValueError, match="--steps"):
+        generate(tmp_path / "gan", 3, tmp_path / "out2", steps=4, progress=False)
+    with pytest.raises(ValueError, match="--sampler"):
+        generate(tmp_path / "gan", 3, tmp_path / "out2", sampler="ddim", progress=False)

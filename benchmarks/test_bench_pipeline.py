@@ -1,0 +1,112 @@
+"""End to end: DDIM sampling, batch 16, fastdiff vs diffusers' pipeline with identical weights, side by side.
+
+Two UNets: the shipped digits UNet (fastdiff's ``digits-ddpm``, converted to diffusers with ``to_diffusers``) and a
+larger diffusers-sized UNet2DModel (64/128/128 channels, attention at 16², 32² RGB; random weights, converted to
+fastdiff with ``from_diffusers``). Providers:
+
+    fastdiff   fastdiff's DiffusionPipeline (fused kernels on CUDA, CUDA graphs there; the reference path on CPU)
+    diffusers  diffusers' DDIMPipeline with the same weights and scheduler config
+    compile    diffusers' pipeline with ``torch.compile(unet)`` (CUDA, or FASTDIFF_BENCH_COMPILE=1 on CPU: slow to
+               compile here)
+
+50 steps as the issue asks; ``FASTDIFF_BENCH_QUICK=1`` (used by CI together with --benchmark-disable) runs 3 steps
+at batch 4 so the file only checks that everything still runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastdiff
+
+diffusers = pytest.importorskip("diffusers")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+QUICK = os.environ.get("FASTDIFF_BENCH_QUICK") == "1"
+STEPS = 3 if QUICK else 50
+BATCH = 4 if QUICK else 16
+PROVIDERS = ["fastdiff", "diffusers", "compile"]
+
+
+def _digits_pair():
+    from fastdiff.interop import to_diffusers
+
+    ours = fastdiff.load("digits-ddpm")  # class-conditional: both libraries sample its null class here
+    return ours, to_diffusers(ours)
+
+
+def _large_pair():
+    from fastdiff.interop import from_diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, attention_head_dim=32,
+    ).eval()
+    scheduler = diffusers.DDIMScheduler()
+    theirs = diffusers.DDIMPipeline(unet=unet, scheduler=scheduler)
+    ours = fastdiff.pipelines.DiffusionPipeline(from_diffusers(unet).eval(),
+                                                fastdiff.schedulers.DDIMScheduler.from_config(scheduler.config),
+                                                sample_size=32)
+    return ours, theirs
+
+
+CASES = {"digits-ddpm 16²": _digits_pair, "diffusers-sized UNet 32² (6.5M)": _large_pair}
+_cache: dict = {}
+
+
+def _pair(case):
+    if case not in _cache:
+        try:
+            ours, theirs = CASES[case]()
+        except (ImportError, ValueError) as exc:
+            pytest.skip(f"{case}: {exc}")
+        ours.to(DEVICE)
+        theirs.to(DEVICE)
+        theirs.set_progress_bar_config(disable=True)
+        _cache[case] = (ours, theirs)
+    return _cache[case]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bench_pipeline(benchmark, case, provider):
+    if provider == "compile" and not CUDA and os.environ.get("FASTDIFF_BENCH_COMPILE") != "1":
+        pytest.skip("torch.compile of a whole UNet takes minutes on this CPU; FASTDIFF_BENCH_COMPILE=1 to include it")
+    ours, theirs = _pair(case)
+    if provider == "fastdiff":
+        if CUDA:
+            ours.enable_cuda_graph()
+
+        def run():
+            return ours(batch_size=BATCH, num_inference_steps=STEPS, generator=0, output_type="pt", progress=False)
+    else:
+        pipe = theirs
+        if provider == "compile":
+            pipe = type(theirs)(unet=torch.compile(theirs.unet), scheduler=theirs.scheduler)
+            pipe.set_progress_bar_config(disable=True)
+
+        def run():
+            return pipe(batch_size=BATCH, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                        output_type="np")
+
+    def timed():
+        out = run()
+        if CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    try:
+        timed()  # warm-up: first-call costs (compilation, autotuning, graph capture) are not timed
+    except Exception as exc:
+        if provider == "compile":
+            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
+        raise
+    benchmark.group = f"pipeline {case} DDIM {STEPS} steps batch {BATCH} {DEVICE.type}"
+    benchmark.extra_info.update(provider=provider, steps=STEPS, batch=BATCH, device=DEVICE.type)
+    benchmark.pedantic(timed, rounds=1 if not CUDA else 3, iterations=1, warmup_rounds=0)

@@ -1,0 +1,114 @@
+"""VQ nearest-codebook search: fastdiff's native kernel vs what users would otherwise call, side by side per size.
+
+Providers:
+    fastdiff  ``fastdiff.ops.vq_nearest(backend="native")``: the C++ kernel on CPU, the CUDA kernel on GPU
+              (forced, and checked to have run)
+    torch     ``torch.cdist(z, e).argmin(1)`` (materialises the N × K distances)
+    compile   ``torch.compile`` of the same expression (skipped if it fails to compile here)
+    faiss     ``faiss.IndexFlatL2(D)`` with the codebook added, ``index.search(z, 1)`` (CPU only; skipped when
+              faiss-cpu is not installed: ``pip install fastdiff[faiss]``)
+
+Sizes (N, K, D): (16384, 512, 64), (65536, 1024, 64), (16384, 8192, 256), i.e. 1.1, 8.6 and 69 GFLOP of
+dot products (2·N·K·D). fp32 on CPU; fp32 and fp16 on CUDA. One pytest-benchmark group per size and dtype;
+``extra_info`` holds the shape, the FLOP count and GFLOP/s at the median time. Each provider's answer is checked
+against fastdiff's before timing (they may differ only on near-ties). Every timed call synchronises CUDA.
+
+Run: ``pytest benchmarks/test_bench_vq_nearest.py --benchmark-group-by=group``; with ``--benchmark-disable``
+every case runs once (the CI's quick pass).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.float16] if CUDA else [torch.float32]
+SIZES = [(16384, 512, 64), (65536, 1024, 64), (16384, 8192, 256)]  # (N, K, D)
+PROVIDERS = ["fastdiff", "torch", "compile", "faiss"]
+MAX_DISAGREEMENT = 1e-3  # fraction of rows where a baseline may pick another (near-tied) code
+
+
+def _cdist_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(z, codebook).argmin(1)
+
+
+_compiled = None
+
+
+def _compiled_cdist_argmin():
+    global _compiled
+    if _compiled is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per size
+        _compiled = torch.compile(_cdist_argmin)
+    return _compiled
+
+
+def _provider_fn(provider: str, z: torch.Tensor, codebook: torch.Tensor):
+    if provider == "fastdiff":
+        return lambda: ops.vq_nearest(z, codebook, backend="native")
+    if provider == "torch":
+        return lambda: _cdist_argmin(z, codebook)
+    if provider == "compile":
+        fn = _compiled_cdist_argmin()
+        return lambda: fn(z, codebook)
+    if provider == "faiss":
+        if CUDA:
+            pytest.skip("faiss IndexFlatL2 here is the CPU anchor")
+        faiss = pytest.importorskip("faiss")
+        index = faiss.IndexFlatL2(codebook.shape[1])
+        index.add(codebook.float().numpy())
+        queries = z.float().numpy()
+        return lambda: index.search(queries, 1)[1]
+    raise AssertionError(provider)
+
+
+def _indices(out) -> torch.Tensor:
+    return torch.as_tensor(out).reshape(-1).to(torch.int64).cpu()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "N{}-K{}-D{}".format(*s))
+def test_bench_vq_nearest(benchmark, size, dtype, provider):
+    n, k, d = size
+    z = torch.randn(n, d, device=DEVICE).to(dtype)
+    codebook = torch.randn(k, d, device=DEVICE).to(dtype)
+    fn = _provider_fn(provider, z, codebook)
+
+    # warm up (build, compile) and check the answer before timing anything
+    fastdiff.reset_counts()
+    try:
+        out = fn()
+    except Exception as exc:  # torch.compile may be unusable here (no compiler, unsupported device)
+        if provider == "compile":
+            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
+        raise
+    if provider == "fastdiff":
+        assert fastdiff.counts() == {("vq_nearest", "native"): 1}, fastdiff.counts()
+    else:
+        ours = ops.vq_nearest(z, codebook, backend="native").cpu()
+        disagree = (_indices(out) != ours).float().mean().item()
+        assert disagree <= MAX_DISAGREEMENT, f"{provider} disagrees with fastdiff on {disagree:.2%} of rows"
+
+    def timed():
+        result = fn()
+        if CUDA:
+            torch.cuda.synchronize()
+        return result
+
+    benchmark.group = f"vq_nearest N={n} K={k} D={d} {str(dtype).removeprefix('torch.')} {DEVICE.type}"
+    flops = 2 * n * k * d
+    benchmark.extra_info.update(provider=provider, N=n, K=k, D=d, dtype=str(dtype), device=DEVICE.type, flops=flops,
+                                threads=torch.get_num_threads())
+    benchmark(timed)
+
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gflops"] = flops / stats.stats.median / 1e9
