@@ -22,8 +22,9 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,9 +43,10 @@ _loaded: Optional[bool] = None  # None: not tried yet
 _origin = ""                    # where the loaded extension came from
 _error = ""                     # why it could not be loaded
 _fake_registered = False
+_kernels: dict[str, bool] = {}  # device type -> the loaded extension has a kernel for it (plain dict: traceable)
 
 
-# --------------------------------------------------------------------------------------------- flags (setup.py has a copy)
+# --------------------------------------------------------------------------------------------- flags (as in setup.py)
 def openmp_flags() -> list[str]:
     """``-fopenmp`` where torch's ATen runs parallel_for on OpenMP (its header-inlined loop needs it)."""
     return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
@@ -166,11 +168,17 @@ def _try_load() -> bool:
         _error = f"{_origin} loaded but registered no fastdiff::vq_nearest"
         return False
     _register_fake()
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        _kernels[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
     return True
 
 
 def load() -> bool:
-    """Load (building if needed) the extension once per process; True when ``torch.ops.fastdiff.vq_nearest`` exists."""
+    """Load (building if needed) the extension once per process; True when ``torch.ops.fastdiff.vq_nearest`` exists.
+
+    Once it has run, this and the dispatch below only read module globals, so torch.compile(fullgraph=True)
+    traces through :func:`fastdiff.ops.vq_nearest` (the first call, which may build, should happen eagerly).
+    """
     global _loaded
     if _loaded is None:
         with _lock:
@@ -182,8 +190,7 @@ def load() -> bool:
 
 
 def _has_kernel(device: torch.device) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
+    return _kernels.get(device.type, False)
 
 
 # --------------------------------------------------------------------------------------------- reporting

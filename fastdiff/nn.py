@@ -102,7 +102,7 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
         if self.ema:
             self.embedding.weight.requires_grad_(False)
-            # One pseudo-count per code: a code nobody picks decays numerator and denominator alike and keeps its vector.
+            # One pseudo-count per code: a code nobody picks decays numerator and denominator alike, keeps its vector.
             self.register_buffer("cluster_size", torch.ones(num_embeddings))
             self.register_buffer("embed_avg", self.embedding.weight.detach().clone())
 

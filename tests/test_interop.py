@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -513,6 +514,8 @@ def test_accelerate_through_the_triton_interpreter(monkeypatch):
     """FASTDIFF_BACKEND=auto with TRITON_INTERPRET=1 (conftest): the patched GroupNorm+SiLU and attention run the
     Triton kernels through the interpreter. One-level models keep the kernel calls few (~0.2 s each)."""
     pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it on machines without CUDA)")
     diffusers = dm()
     monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
     torch.manual_seed(0)
@@ -562,6 +565,34 @@ def test_attention_mask_falls_back_to_the_original_processor():
     assert torch.equal(masked, ref_masked)
 
 
+def test_processor_reproduces_attn_processor_2_0_options():
+    """spatial_norm, group_norm on a (B, C, H, W) input, norm_cross, residual_connection and rescale_output_factor."""
+    dm()
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, cross_attention_dim=6, heads=2, dim_head=8, norm_num_groups=4, spatial_norm_dim=3,
+                     cross_attention_norm="layer_norm", residual_connection=True, rescale_output_factor=2.0).eval()
+    for p in attn.parameters():  # away from the identity-like default init of the norms
+        p.data.normal_(0, 0.5)
+    x, ctx, zq = torch.randn(2, 32, 3, 5), torch.randn(2, 4, 6), torch.randn(2, 3, 3, 5)
+    with torch.no_grad():
+        ref = attn(x, ctx, temb=zq)
+        fastdiff.accelerate(attn)
+        out = attn(x, ctx, temb=zq)
+        fastdiff.restore(attn)
+    assert_rel_close(out, ref, TOL, "processor with every AttnProcessor2_0 option")
+
+
+def test_bin_and_sharded_checkpoints(tmp_path):
+    theirs = build_diffusers("AutoencoderKL", "two-levels")
+    theirs.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    for folder in ("bin", "sharded"):
+        assert_same_weights(fastdiff.from_diffusers(tmp_path / folder), theirs)
+
+
 def test_accelerate_a_plain_sequential():
     """GroupNorm → SiLU inside any nn.Sequential is fused; no diffusers involved."""
     torch.manual_seed(0)
@@ -581,6 +612,10 @@ def test_accelerate_a_plain_sequential():
     assert torch.equal(net(x), ref)
     with pytest.raises(TypeError, match="nn.Module or a diffusers pipeline"):
         fastdiff.accelerate(42)
+    pipe = tiny_pipeline()  # a fastdiff pipeline is fused already: nothing to replace
+    nothing = {"group_norm_silu": 0, "attention": 0, "scheduler": 0}
+    assert interop.accelerate_report(fastdiff.accelerate(pipe)) == nothing
+    fastdiff.restore(pipe)
 
 
 # --------------------------------------------------------------------------------------------- diffusers optional

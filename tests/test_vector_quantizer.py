@@ -94,7 +94,7 @@ def test_ema_updates_codebook_in_training_only():
         labels = torch.randint(0, 3, (256,))
         points = centres[labels] + 0.1 * torch.randn(256, 2)
         z_e = points.t().reshape(1, 2, 16, 16)  # (B, C, H, W)
-        z_q, indices, loss = vq(z_e)
+        z_q, _, loss = vq(z_e)
     torch.testing.assert_close(vq.embedding.weight, centres, atol=0.05, rtol=0)
     torch.testing.assert_close(loss, 0.5 * ((z_q - z_e) ** 2).mean())  # beta · commitment only
     assert set(vq.state_dict()) == {"embedding.weight", "cluster_size", "embed_avg"}

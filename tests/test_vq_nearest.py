@@ -8,6 +8,10 @@ tests fail (CI has a compiler).
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,15 +321,32 @@ def test_opcheck(dtype, device):
 
 
 def test_torch_compile_fullgraph(monkeypatch):
-    """torch.compile sees one op (its fake gives the shapes) and gives the eager result."""
+    """torch.compile(fullgraph=True) traces ops.vq_nearest to the one registered op (its fake gives the shapes)."""
     monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
-    assert native.load(), native.status()
+    assert native.load(), native.status()  # the first call (which may build) happens eagerly
 
     def quantise(z, codebook):
-        idx, dist = torch.ops.fastdiff.vq_nearest(z, codebook)
+        idx, dist = ops.vq_nearest(z, codebook, return_distances=True)
         return codebook[idx], dist.sum()
 
     z, codebook = torch.randn(100, 16), torch.randn(30, 16)
     compiled = torch.compile(quantise, fullgraph=True, backend="eager")
     got, expected = compiled(z, codebook), quantise(z, codebook)
     assert torch.equal(got[0], expected[0]) and torch.allclose(got[1], expected[1])
+
+
+@pytest.mark.parametrize("order", ["extension first", "fastdiff first"])
+def test_coexists_with_python_ops_in_any_import_order(order):
+    """The C++ TORCH_LIBRARY_FRAGMENT and fastdiff.ops' Python custom ops share the namespace whichever loads first."""
+    assert native.load(), native.status()
+    library = native.status().split(" ", 2)[1]  # "prebuilt PATH (...)" or "jit PATH (...)"
+    load = f"torch.ops.load_library({library!r})"
+    steps = [load, "import fastdiff.ops"] if order == "extension first" else ["import fastdiff.ops", load]
+    names = ("vq_nearest", "group_norm_silu", "attention", "ddim_step", "ddpm_step")
+    code = "; ".join(["import torch", *steps, f"assert all(hasattr(torch.ops.fastdiff, n) for n in {names!r})",
+                      "print(torch.ops.fastdiff.vq_nearest(torch.randn(5, 3), torch.randn(2, 3))[0].shape)"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(fastdiff.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.Size([5])" in result.stdout

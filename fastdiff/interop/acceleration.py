@@ -109,9 +109,9 @@ class FastdiffAttnProcessor:
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N, D)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, M, D)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, M, D)
-        if attn.norm_q is not None:
+        if getattr(attn, "norm_q", None) is not None:  # (older diffusers' Attention has no norm_q / norm_k)
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
+        if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
         out = ops.attention(query, key, value, scale=attn.scale if self._attn_scale else None)  # (B, heads, N, D)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (B, N, heads·D)
