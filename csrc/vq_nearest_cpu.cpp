@@ -25,15 +25,23 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define FASTDIFF_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #else
 #define FASTDIFF_X86 0
 #endif
@@ -165,23 +173,37 @@ constexpr int kAvx512MR = 12, kAvx512NR = 32;
 // 12 rows x 32 columns: 24 zmm accumulators + 2 panel vectors, the row values come as embedded broadcasts.
 __attribute__((target("avx512f"))) void micro_avx512(const float* zp, const float* ep, const float* esq, int64_t D,
                                                      float* best, int32_t* bidx, int32_t j0, const float* pf,
-                                                    int64_t pf_lines) {
+                                                     int64_t pf_lines) {
   constexpr int MR = kAvx512MR, NR = kAvx512NR;
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m512 b0 = _mm512_load_ps(ep + d * NR);
-    const __m512 b1 = _mm512_load_ps(ep + d * NR + 16);
-    if (2 * d < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * d * 16), _MM_HINT_T1);
-    if (2 * d + 1 < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf + (2 * d + 1) * 16), _MM_HINT_T1);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(zp[d * MR + r]);
-      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
-    }
+  // One step along D: two panel vectors, MR broadcast row values, 2 * MR FMAs.
+#define FASTDIFF_AVX512_STEP(d)                                     \
+  {                                                                 \
+    const __m512 b0 = _mm512_load_ps(ep + (d) * NR);                \
+    const __m512 b1 = _mm512_load_ps(ep + (d) * NR + 16);           \
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {         \
+      const __m512 a = _mm512_set1_ps(zp[(d) * MR + r]);            \
+      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);                    \
+      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);                    \
+    }                                                               \
   }
+  // The first steps also prefetch the slice of the next panel (two lines a step), the rest run bare, unrolled
+  // by two so the loop overhead does not take FMA port slots.
+  const int64_t pf_steps = std::min<int64_t>(D, (pf_lines + 1) / 2);
+  int64_t d = 0;
+  for (; d < pf_steps; ++d) {
+    _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * d * 16), _MM_HINT_T1);
+    if (2 * d + 1 < pf_lines) _mm_prefetch(reinterpret_cast<const char*>(pf + (2 * d + 1) * 16), _MM_HINT_T1);
+    FASTDIFF_AVX512_STEP(d)
+  }
+  for (; d + 1 < D; d += 2) {
+    FASTDIFF_AVX512_STEP(d)
+    FASTDIFF_AVX512_STEP(d + 1)
+  }
+  if (d < D) FASTDIFF_AVX512_STEP(d)
+#undef FASTDIFF_AVX512_STEP
   const __m512 e0 = _mm512_load_ps(esq), e1 = _mm512_load_ps(esq + 16);
   const __m512 minus2 = _mm512_set1_ps(-2.0f);
   const __m512i i0 = _mm512_add_epi32(_mm512_set1_epi32(j0),
@@ -216,13 +238,19 @@ __attribute__((target("avx512f"))) void finish_avx512(const float* best, const i
 #endif  // FASTDIFF_X86
 
 // ------------------------------------------------------------------------------------------------ ISA choice
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+
+#if FASTDIFF_X86
+bool amx_usable();
+#endif
 
 Isa supported_isa() {
   static const Isa isa = [] {
 #if FASTDIFF_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;  // libgcc also checks the OS saves zmm state
+    if (__builtin_cpu_supports("avx512f")) {  // libgcc also checks that the OS saves the zmm state
+      return amx_usable() ? Isa::kAmx : Isa::kAvx512;
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
     return Isa::kGeneric;
@@ -237,6 +265,8 @@ Isa active_isa() {
       isa = Isa::kGeneric;
     } else if (std::strcmp(cap, "avx2") == 0 && isa > Isa::kAvx2) {
       isa = Isa::kAvx2;
+    } else if (std::strcmp(cap, "avx512") == 0 && isa > Isa::kAvx512) {
+      isa = Isa::kAvx512;
     }
   }
   return isa;
@@ -352,20 +382,338 @@ void search_rows(MicroFn micro, FinishFn finish, const T* z, int64_t zs0, int64_
   });
 }
 
+#if FASTDIFF_X86
+// ------------------------------------------------------------------------------------------------ AMX-BF16 path
+// On CPUs with AMX (Sapphire Rapids and later) the tile unit multiplies bf16 matrices with fp32 accumulation
+// several times faster than AVX-512 FMAs, but bf16 inputs are not exact. So AMX only screens, and fp32 decides:
+//   sweep 1: approximate distances ||e||^2 - 2 z'.e' (z', e' rounded to bf16) give each row's approximate minimum m;
+//   sweep 2: the same distances again, keeping every code within m + band of it, where the band is twice a bound on
+//            |approximate - fp32| (bf16 rounding 2u per product, u = 2^-8, plus fp32 summation; Cauchy-Schwarz bounds
+//            the sum of |z_d e_d| by ||z|| max||e||), so the fp32 minimiser and everything tied with it are kept;
+//   re-rank: the candidates' distances in fp32, computed exactly as the AVX-512 kernel computes them (one FMA chain
+//            over d, then ||e||^2 - 2 acc), minimum taken with the lowest index on ties.
+// The result is therefore the AVX-512 kernel's result, bit for bit. A row with more candidates than kAmxCandidates
+// is searched exhaustively in fp32; inputs too large for the bound (or not finite) take the AVX-512 path.
+constexpr int64_t kAmxBlockRows = 256;      // rows per work item: 8 sub-blocks of 32 (two 16-row A tiles)
+constexpr int64_t kAmxChunkBytes = 256 << 10;  // bf16 codebook bytes per L2-resident chunk
+constexpr int kAmxCandidates = 16;          // candidates kept per row before it falls back to a full fp32 scan
+constexpr float kAmxMaxAbs = 1e15f;         // |values| up to this keep every product and sum finite in fp32
+
+bool amx_usable() {
+  static const bool ok = [] {
+#if defined(__linux__)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+    if (!amx_bf16 || !amx_tile || !__builtin_cpu_supports("avx512f")) return false;
+    // Linux hands out the tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); once per process.
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+inline uint16_t to_bf16(float v) {  // round to nearest even (finite inputs only)
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0..3: C (16 x 16 fp32); 4, 5: two 16-row slabs of z (16 x 32 bf16); 6, 7: two 16-code panels (VNNI pairs).
+const TileConfig& amx_tile_config() {
+  // In static memory: GCC does not see _tile_loadconfig read the struct and drops stores to a local one.
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    std::memset(&c, 0, sizeof(c));
+    c.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    return c;
+  }();
+  return cfg;
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_begin() { _tile_loadconfig(&amx_tile_config()); }
+
+__attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
+
+// c[32][32] = a[32 rows][Dp] (bf16, row stride Dp) . panels b0, b1 ([Dp/2][16][2] bf16 each)^T, fp32 accumulation.
+__attribute__((target("amx-tile,amx-bf16"))) void amx_tile_32x32(const uint16_t* a, const uint16_t* b0,
+                                                                const uint16_t* b1, int64_t Dp, float* c) {
+  const int64_t stride = Dp * 2;  // bytes per row of a
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < Dp; k += 32) {
+    _tile_loadd(4, a + k, stride);
+    _tile_loadd(5, a + 16 * Dp + k, stride);
+    _tile_loadd(6, b0 + k * 16, 64);
+    _tile_loadd(7, b1 + k * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// Sweep 1 epilogue: rowmin[r] (16 lanes) = min(rowmin[r], ||e||^2 - 2c) over the tile's 32 codes.
+__attribute__((target("avx512f"))) void amx_fold_min(const float* c, const float* esq, int64_t rows, float* rowmin) {
+  const __m512 e0 = _mm512_load_ps(esq), e1 = _mm512_load_ps(esq + 16), minus2 = _mm512_set1_ps(-2.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 d0 = _mm512_fmadd_ps(_mm512_load_ps(c + r * 32), minus2, e0);
+    const __m512 d1 = _mm512_fmadd_ps(_mm512_load_ps(c + r * 32 + 16), minus2, e1);
+    _mm512_store_ps(rowmin + r * 16, _mm512_min_ps(_mm512_load_ps(rowmin + r * 16), _mm512_min_ps(d0, d1)));
+  }
+}
+
+// Sweep 2 epilogue: append the tile's codes with distance <= thr[r] to row r's candidates (in increasing order).
+__attribute__((target("avx512f"))) void amx_collect(const float* c, const float* esq, int64_t rows, const float* thr,
+                                                    int32_t k0, int32_t* cand, int32_t* ncand) {
+  const __m512 e0 = _mm512_load_ps(esq), e1 = _mm512_load_ps(esq + 16), minus2 = _mm512_set1_ps(-2.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 t = _mm512_set1_ps(thr[r]);
+    const __m512 d0 = _mm512_fmadd_ps(_mm512_load_ps(c + r * 32), minus2, e0);
+    const __m512 d1 = _mm512_fmadd_ps(_mm512_load_ps(c + r * 32 + 16), minus2, e1);
+    uint32_t hits = static_cast<uint32_t>(_mm512_cmp_ps_mask(d0, t, _CMP_LE_OQ)) |
+                    (static_cast<uint32_t>(_mm512_cmp_ps_mask(d1, t, _CMP_LE_OQ)) << 16);
+    while (hits) {
+      const int j = __builtin_ctz(hits);
+      hits &= hits - 1;
+      if (ncand[r] < kAmxCandidates) cand[r * kAmxCandidates + ncand[r]] = k0 + j;
+      ++ncand[r];
+    }
+  }
+}
+
+// The AVX-512 kernel's fp32 distance to one code: one FMA chain over d, then ||e||^2 - 2 acc.
+template <typename T>
+__attribute__((target("fma"))) float exact_distance(const float* zrow, const T* e, int64_t es1, int64_t D, float e_sq) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc = std::fma(zrow[d], static_cast<float>(e[d * es1]), acc);
+  return std::fma(acc, -2.0f, e_sq);
+}
+
+template <typename T>
+float max_abs(const T* x, int64_t s0, int64_t s1, int64_t rows, int64_t D) {
+  return at::parallel_reduce(
+      0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), 0.0f,
+      [&](int64_t r0, int64_t r1, float m) {
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t d = 0; d < D; ++d) {
+            const float v = std::fabs(static_cast<float>(x[r * s0 + d * s1]));
+            m = (v > m || std::isnan(v)) ? v : m;  // NaN sticks
+          }
+        }
+        return m;
+      },
+      [](float a, float b) { return (std::isnan(a) || a > b) ? a : b; });
+}
+
+// The AVX-512 kernel for a few rows (indices `rows` into zf (.., D) fp32) over all `panels` fp32 panels.
+void exhaustive_avx512(const float* zf, int64_t D, const std::vector<int64_t>& rows, const float* panels_fp32,
+                       const float* esq, int64_t panels, const float* zsq, int64_t* out_idx, float* out_dist) {
+  constexpr int MR = kAvx512MR, NR = kAvx512NR;
+  Buffer<float> zp = alloc_aligned<float>(D * MR);
+  Buffer<float> best = alloc_aligned<float>(MR * 16);
+  Buffer<int32_t> bidx = alloc_aligned<int32_t>(MR * 16);
+  float group_sq[MR];
+  int64_t group_idx[MR];
+  float group_dist[MR];
+  for (size_t g = 0; g < rows.size(); g += MR) {
+    const int64_t n = std::min<int64_t>(MR, static_cast<int64_t>(rows.size() - g));
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t d = 0; d < D; ++d) zp[d * MR + r] = r < n ? zf[rows[g + r] * D + d] : 0.0f;
+      group_sq[r] = r < n ? zsq[rows[g + r]] : 0.0f;
+    }
+    std::fill_n(best.get(), MR * 16, kInf);
+    std::fill_n(bidx.get(), MR * 16, 0);
+    for (int64_t p = 0; p < panels; ++p) {
+      micro_avx512(zp.get(), panels_fp32 + p * D * NR, esq + p * NR, D, best.get(), bidx.get(),
+                   static_cast<int32_t>(p * NR), panels_fp32, 0);
+    }
+    finish_avx512(best.get(), bidx.get(), group_sq, n, group_idx, group_dist);
+    for (int64_t r = 0; r < n; ++r) {
+      out_idx[rows[g + r]] = group_idx[r];
+      out_dist[rows[g + r]] = group_dist[r];
+    }
+  }
+}
+
+// True when it ran; false when the inputs need the AVX-512 path.
+template <typename T>
+bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D, const T* e, int64_t es0,
+                     int64_t es1, int64_t K, int64_t* out_idx, float* out_dist) {
+  const float zmax = max_abs(z, zs0, zs1, N, D), emax_abs = max_abs(e, es0, es1, K, D);
+  if (!(zmax <= kAmxMaxAbs) || !(emax_abs <= kAmxMaxAbs)) return false;  // also catches NaN and inf
+  const int64_t Dp = (D + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+  // Codebook: bf16 VNNI panels of 16 codes [Kp/16][Dp/2][16][2] (zero padded), fp32 ||e||^2 (+inf padded).
+  Buffer<uint16_t> ebf = alloc_aligned<uint16_t>(Kp * Dp);
+  Buffer<float> esq = alloc_aligned<float>(Kp);
+  at::parallel_for(0, Kp / 16, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      uint16_t* panel = ebf.get() + p * Dp * 16;
+      for (int64_t n = 0; n < 16; ++n) {
+        const int64_t k = p * 16 + n;
+        float sq = 0.0f;
+        for (int64_t d = 0; d < Dp; ++d) {
+          const float v = (k < K && d < D) ? static_cast<float>(e[k * es0 + d * es1]) : 0.0f;
+          panel[(d / 2) * 32 + n * 2 + (d % 2)] = to_bf16(v);
+          if (d < D) sq += v * v;  // as pack_codebook: the same ||e||^2 as the AVX-512 path
+        }
+        esq[k] = k < K ? sq : kInf;
+      }
+    }
+  });
+  float emax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) emax = std::max(emax, std::sqrt(esq[k]));
+  const double u = std::ldexp(1.0, -8), gamma = Dp * std::ldexp(1.0, -24) / (1.0 - Dp * std::ldexp(1.0, -24));
+  const double rel = 2.0 * u + u * u + 2.0 * gamma;  // |approx dot - fp32 dot| <= rel * ||z|| * max||e|| (+ tiny)
+  const int64_t chunk = std::max<int64_t>(32, kAmxChunkBytes / (Dp * 2) / 32 * 32);  // codes per chunk
+  const int64_t blocks = (N + kAmxBlockRows - 1) / kAmxBlockRows;
+
+  std::once_flag fp32_once;  // fp32 panels for the AVX-512 kernel, packed only if some row needs them
+  Buffer<float> fp32_panels, fp32_esq;
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Buffer<uint16_t> abf = alloc_aligned<uint16_t>(kAmxBlockRows * Dp);
+    Buffer<float> zf = alloc_aligned<float>(kAmxBlockRows * D);
+    Buffer<float> rowmin = alloc_aligned<float>(kAmxBlockRows * 16);
+    Buffer<float> cbuf = alloc_aligned<float>(32 * 32);
+    Buffer<int32_t> cand = alloc_aligned<int32_t>(kAmxBlockRows * kAmxCandidates);
+    std::vector<float> zsq(kAmxBlockRows), thr(kAmxBlockRows);
+    std::vector<int32_t> ncand(kAmxBlockRows);
+    amx_begin();
+    for (int64_t b = next_block.fetch_add(1, std::memory_order_relaxed); b < blocks;
+         b = next_block.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t row0 = b * kAmxBlockRows;
+      const int64_t rows = std::min(kAmxBlockRows, N - row0);
+      const int64_t padded = (rows + 31) / 32 * 32;
+      // 1. rows -> fp32 [rows][D] (for the re-rank) and bf16 [padded][Dp] (zero padded); ||z||^2 as the AVX-512 path
+      for (int64_t r = 0; r < padded; ++r) {
+        uint16_t* dst = abf.get() + r * Dp;
+        float sq = 0.0f;
+        for (int64_t d = 0; d < Dp; ++d) {
+          const float v = (r < rows && d < D) ? static_cast<float>(z[(row0 + r) * zs0 + d * zs1]) : 0.0f;
+          dst[d] = to_bf16(v);
+          if (r < rows && d < D) {
+            zf[r * D + d] = v;
+            sq += v * v;
+          }
+        }
+        if (r < rows) zsq[r] = sq;
+      }
+      // 2. two sweeps over the codebook, chunk by chunk (a chunk stays in L2 while all sub-blocks use it)
+      for (int sweep = 0; sweep < 2; ++sweep) {
+        if (sweep == 0) {
+          std::fill_n(rowmin.get(), padded * 16, kInf);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            float m = kInf;
+            for (int l = 0; l < 16; ++l) m = std::min(m, rowmin[r * 16 + l]);
+            const double zn = std::sqrt(static_cast<double>(zsq[r]));
+            const double err = rel * zn * emax + D * std::ldexp(1.0, -125) * (zn + emax);
+            const double slack = std::ldexp(1.0, -20) * (std::fabs(m) + emax * emax + 2.0 * zn * emax) + 1e-30;
+            thr[r] = static_cast<float>(m + 4.0 * err + slack);  // twice the distance error 2 * err, and rounding
+          }
+          std::fill(ncand.begin(), ncand.end(), 0);
+        }
+        for (int64_t c0 = 0; c0 < Kp; c0 += chunk) {
+          const int64_t c1 = std::min(Kp, c0 + chunk);
+          for (int64_t s = 0; s < padded; s += 32) {
+            const int64_t srows = std::min<int64_t>(32, rows - s);
+            for (int64_t k0 = c0; k0 < c1; k0 += 32) {
+              const uint16_t* b0 = ebf.get() + k0 * Dp;
+              amx_tile_32x32(abf.get() + s * Dp, b0, b0 + 16 * Dp, Dp, cbuf.get());
+              if (sweep == 0) {
+                amx_fold_min(cbuf.get(), esq.get() + k0, srows, rowmin.get() + s * 16);
+              } else {
+                amx_collect(cbuf.get(), esq.get() + k0, srows, thr.data() + s, static_cast<int32_t>(k0),
+                            cand.get() + s * kAmxCandidates, ncand.data() + s);
+              }
+            }
+          }
+        }
+      }
+      // 3. re-rank in fp32 (candidates come in increasing index order: strict "<" keeps the lowest on ties);
+      //    rows with too many candidates get the AVX-512 kernel over the whole codebook instead.
+      std::vector<int64_t> overflow;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (ncand[r] > kAmxCandidates) {
+          overflow.push_back(r);
+          continue;
+        }
+        const float* zrow = zf.get() + r * D;
+        float best = kInf;
+        int32_t best_k = 0;
+        for (int32_t i = 0; i < ncand[r]; ++i) {
+          const int32_t k = cand[r * kAmxCandidates + i];
+          const float dist = exact_distance(zrow, e + k * es0, es1, D, esq[k]);
+          if (dist < best) {
+            best = dist;
+            best_k = k;
+          }
+        }
+        out_idx[row0 + r] = best_k;
+        out_dist[row0 + r] = std::max(best + zsq[r], 0.0f);
+      }
+      if (!overflow.empty()) {
+        std::call_once(fp32_once, [&] {
+          fp32_panels = alloc_aligned<float>(Kp * D);
+          fp32_esq = alloc_aligned<float>(Kp);
+          pack_codebook<T>(e, es0, es1, K, D, kAvx512NR, fp32_panels.get(), fp32_esq.get());
+        });
+        exhaustive_avx512(zf.get(), D, overflow, fp32_panels.get(), fp32_esq.get(), Kp / kAvx512NR, zsq.data(),
+                          out_idx + row0, out_dist + row0);
+      }
+    }
+    amx_end();
+  });
+  return true;
+}
+#endif  // FASTDIFF_X86
+
 template <typename T>
 void vq_nearest_cpu_impl(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices, at::Tensor& distances) {
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
-  const Isa isa = active_isa();
+  const T* zdata = z.const_data_ptr<T>();
+  const T* edata = codebook.const_data_ptr<T>();
+  int64_t* idx = indices.mutable_data_ptr<int64_t>();
+  float* dist = distances.mutable_data_ptr<float>();
+  const int64_t zs0 = z.stride(0), zs1 = z.stride(1);
+  Isa isa = active_isa();
+#if FASTDIFF_X86
+  if (isa == Isa::kAmx) {  // small problems, and inputs outside the screening bound, take the AVX-512 kernel
+    if (N >= 64 && K >= 64 &&
+        search_rows_amx<T>(zdata, zs0, zs1, N, D, edata, codebook.stride(0), codebook.stride(1), K, idx, dist)) {
+      return;
+    }
+    isa = Isa::kAvx512;
+  }
+#endif
   const int64_t NR = isa == Isa::kAvx512 ? 32 : 16;
   const int64_t panels = (K + NR - 1) / NR;
   Buffer<float> packed = alloc_aligned<float>(panels * NR * D);
   Buffer<float> esq = alloc_aligned<float>(panels * NR);
-  pack_codebook<T>(codebook.const_data_ptr<T>(), codebook.stride(0), codebook.stride(1), K, D, NR, packed.get(),
-                   esq.get());
-  const T* zdata = z.const_data_ptr<T>();
-  int64_t* idx = indices.mutable_data_ptr<int64_t>();
-  float* dist = distances.mutable_data_ptr<float>();
-  const int64_t zs0 = z.stride(0), zs1 = z.stride(1);
+  pack_codebook<T>(edata, codebook.stride(0), codebook.stride(1), K, D, NR, packed.get(), esq.get());
   switch (isa) {
 #if FASTDIFF_X86
     case Isa::kAvx512:
@@ -415,6 +763,8 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
 
 std::string vq_cpu_isa() {
   switch (active_isa()) {
+    case Isa::kAmx:
+      return "amx";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:

@@ -87,6 +87,7 @@ def pipeline_row(device: torch.device, repeats: int):
 
     pipe = fastdiff.load("digits-ddpm", device=device)
     theirs = to_diffusers(pipe)
+    theirs.set_progress_bar_config(disable=True)
     kw = dict(batch_size=16, num_inference_steps=25, output_type="np")
     ours_t = _time(lambda: pipe(generator=0, progress=False, **kw), device, max(1, repeats // 2))
     theirs_t = _time(lambda: theirs(generator=torch.Generator().manual_seed(0), **kw), device, max(1, repeats // 2))

@@ -1,8 +1,7 @@
 """The README's "Use with diffusers" snippets run as written, in order, in one namespace (as a reader would run them),
 on a tiny diffusers DDIMPipeline saved where the snippets expect it.
 
-The code comes from README.md's "## Use with diffusers" section when it is there, and from SNIPPETS (the text that
-section was written from) otherwise, so the README's code is what runs.
+The code is taken from README.md's "## Use with diffusers" section, so the README's code is what runs.
 """
 
 from __future__ import annotations
@@ -16,34 +15,6 @@ import torch
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Use with diffusers"
 FOLDER = "ddpm-cifar10"  # the folder name the snippets use
-
-SNIPPETS = [
-    '''import fastdiff
-import fastdiff.pipelines
-
-# a diffusers folder (save_pretrained output or a downloaded snapshot); reading it does not need diffusers
-unet = fastdiff.from_diffusers("ddpm-cifar10/unet")  # config.json + diffusion_pytorch_model.safetensors
-pipe = fastdiff.pipelines.from_diffusers("ddpm-cifar10")  # the whole pipeline: model_index.json
-images = pipe(batch_size=4, num_inference_steps=25, generator=0, output_type="np")
-''',
-    '''import diffusers
-import torch
-
-import fastdiff
-
-pipe = diffusers.DDIMPipeline.from_pretrained("ddpm-cifar10")
-fastdiff.accelerate(pipe)  # GroupNorm+SiLU fused, attention through fastdiff.ops, the DDIM step fused
-print(fastdiff.interop.accelerate_report(pipe))  # ddpm-cifar10-32: group_norm_silu=45, attention=6, scheduler=1
-images = pipe(batch_size=4, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
-fastdiff.restore(pipe)  # every replaced module, processor and the scheduler put back
-''',
-    '''import fastdiff.schedulers
-
-pipe.scheduler = fastdiff.schedulers.DDIMScheduler.from_config(pipe.scheduler.config)
-images = pipe(batch_size=4, num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
-''',
-]
-
 
 def readme_snippets() -> list[str] | None:
     """The ```python blocks of the README's "Use with diffusers" section, or None when it has no such section."""
@@ -76,8 +47,7 @@ def tiny_pipeline_folder(tmp_path, monkeypatch):
 
 def test_readme_diffusers_snippets_run(tiny_pipeline_folder, capsys):
     snippets = readme_snippets()
-    if snippets is None:
-        snippets = SNIPPETS
+    assert snippets is not None, f"README.md has no {SECTION!r} section"
     assert len(snippets) == 3, f"expected 3 python snippets in the README's {SECTION!r} section, got {len(snippets)}"
     namespace: dict = {}
     exec(compile(snippets[0], "README snippet 1", "exec"), namespace)  # noqa: S102  (the point of this test)
