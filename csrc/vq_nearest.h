@@ -24,8 +24,9 @@ void check_vq_inputs(const at::Tensor& z, const at::Tensor& codebook);
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at::Tensor& codebook);
 
-// The CPU micro-kernel this process uses: "avx512", "avx2" or "generic". FASTDIFF_CPU_ISA=avx2|generic
-// (read on every call) caps it, so tests can run every variant on one machine.
+// The CPU kernel this process uses: "amx" (bf16 tile screening + exact fp32 re-rank, for D >= 128; AVX-512
+// otherwise), "avx512", "avx2" or "generic". FASTDIFF_CPU_ISA=avx512|avx2|generic (read on every call) caps it,
+// so tests can run every variant on one machine.
 std::string vq_cpu_isa();
 
 #ifdef FASTDIFF_WITH_CUDA

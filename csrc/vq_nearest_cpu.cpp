@@ -12,9 +12,10 @@
 //   4. the lanes of each row are reduced to one (distance, index), equal distances keeping the lower index.
 // Only an MR x NR tile of distances ever exists, in registers.
 //
-// Micro-kernels: AVX-512 (12 x 32), AVX2+FMA (6 x 16) and a portable one (4 x 16, auto-vectorised). The first
-// two are compiled with per-function target attributes and picked at run time from CPUID, so the extension
-// needs no -march flag and runs correctly on any x86-64 (or other) CPU.
+// Micro-kernels: AVX-512 (12 x 32), AVX2+FMA (6 x 16) and a portable one (4 x 16, auto-vectorised). On CPUs with
+// AMX-BF16 and D >= 128 an AMX path (below) screens in bf16 and re-ranks in fp32, returning the AVX-512 result.
+// The ISA-specific code is compiled with per-function target attributes and picked at run time from CPUID, so the
+// extension needs no -march flag and runs correctly on any x86-64 (or other) CPU.
 #include "vq_nearest.h"
 
 #include <ATen/Dispatch.h>
@@ -398,6 +399,7 @@ constexpr int64_t kAmxBlockRows = 256;      // rows per work item: 8 sub-blocks 
 constexpr int64_t kAmxChunkBytes = 256 << 10;  // bf16 codebook bytes per L2-resident chunk
 constexpr int kAmxCandidates = 16;          // candidates kept per row before it falls back to a full fp32 scan
 constexpr float kAmxMaxAbs = 1e15f;         // |values| up to this keep every product and sum finite in fp32
+constexpr int64_t kAmxMinD = 128;           // below this, tile loads and epilogues outweigh AMX's arithmetic
 
 bool amx_usable() {
   static const bool ok = [] {
@@ -503,28 +505,33 @@ __attribute__((target("avx512f"))) void amx_collect(const float* c, const float*
   }
 }
 
-// The AVX-512 kernel's fp32 distance to one code: one FMA chain over d, then ||e||^2 - 2 acc.
-template <typename T>
-__attribute__((target("fma"))) float exact_distance(const float* zrow, const T* e, int64_t es1, int64_t D, float e_sq) {
-  float acc = 0.0f;
-  for (int64_t d = 0; d < D; ++d) acc = std::fma(zrow[d], static_cast<float>(e[d * es1]), acc);
-  return std::fma(acc, -2.0f, e_sq);
-}
+struct Candidate {
+  int64_t row;   // within the block
+  int32_t code;
+};
 
+// The AVX-512 kernel's fp32 distance for each (row, code) pair: one FMA chain over d per pair, then ||e||^2 - 2 acc.
+// Eight pairs advance together so the chains overlap.
 template <typename T>
-float max_abs(const T* x, int64_t s0, int64_t s1, int64_t rows, int64_t D) {
-  return at::parallel_reduce(
-      0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), 0.0f,
-      [&](int64_t r0, int64_t r1, float m) {
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t d = 0; d < D; ++d) {
-            const float v = std::fabs(static_cast<float>(x[r * s0 + d * s1]));
-            m = (v > m || std::isnan(v)) ? v : m;  // NaN sticks
-          }
-        }
-        return m;
-      },
-      [](float a, float b) { return (std::isnan(a) || a > b) ? a : b; });
+__attribute__((target("fma"))) void exact_distances(const float* zf, const T* e, int64_t es0, int64_t es1, int64_t D,
+                                                    const float* esq, const std::vector<Candidate>& pairs, float* out) {
+  constexpr size_t kLanes = 8;
+  for (size_t i0 = 0; i0 < pairs.size(); i0 += kLanes) {
+    const size_t n = std::min(kLanes, pairs.size() - i0);
+    const float* zr[kLanes];
+    const T* er[kLanes];
+    float acc[kLanes];
+    for (size_t j = 0; j < kLanes; ++j) {
+      const Candidate& c = pairs[i0 + std::min(j, n - 1)];  // idle lanes repeat the last pair
+      zr[j] = zf + c.row * D;
+      er[j] = e + c.code * es0;
+      acc[j] = 0.0f;
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      for (size_t j = 0; j < kLanes; ++j) acc[j] = std::fma(zr[j][d], static_cast<float>(er[j][d * es1]), acc[j]);
+    }
+    for (size_t j = 0; j < n; ++j) out[i0 + j] = std::fma(acc[j], -2.0f, esq[pairs[i0 + j].code]);
+  }
 }
 
 // The AVX-512 kernel for a few rows (indices `rows` into zf (.., D) fp32) over all `panels` fp32 panels.
@@ -561,13 +568,13 @@ void exhaustive_avx512(const float* zf, int64_t D, const std::vector<int64_t>& r
 template <typename T>
 bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D, const T* e, int64_t es0,
                      int64_t es1, int64_t K, int64_t* out_idx, float* out_dist) {
-  const float zmax = max_abs(z, zs0, zs1, N, D), emax_abs = max_abs(e, es0, es1, K, D);
-  if (!(zmax <= kAmxMaxAbs) || !(emax_abs <= kAmxMaxAbs)) return false;  // also catches NaN and inf
   const int64_t Dp = (D + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
   // Codebook: bf16 VNNI panels of 16 codes [Kp/16][Dp/2][16][2] (zero padded), fp32 ||e||^2 (+inf padded).
   Buffer<uint16_t> ebf = alloc_aligned<uint16_t>(Kp * Dp);
   Buffer<float> esq = alloc_aligned<float>(Kp);
+  std::atomic<bool> codebook_ok{true};
   at::parallel_for(0, Kp / 16, 1, [&](int64_t p0, int64_t p1) {
+    bool ok = true;
     for (int64_t p = p0; p < p1; ++p) {
       uint16_t* panel = ebf.get() + p * Dp * 16;
       for (int64_t n = 0; n < 16; ++n) {
@@ -575,13 +582,16 @@ bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D,
         float sq = 0.0f;
         for (int64_t d = 0; d < Dp; ++d) {
           const float v = (k < K && d < D) ? static_cast<float>(e[k * es0 + d * es1]) : 0.0f;
+          ok &= std::fabs(v) <= kAmxMaxAbs;  // false for NaN and inf too
           panel[(d / 2) * 32 + n * 2 + (d % 2)] = to_bf16(v);
           if (d < D) sq += v * v;  // as pack_codebook: the same ||e||^2 as the AVX-512 path
         }
         esq[k] = k < K ? sq : kInf;
       }
     }
+    if (!ok) codebook_ok = false;
   });
+  if (!codebook_ok) return false;
   float emax = 0.0f;
   for (int64_t k = 0; k < K; ++k) emax = std::max(emax, std::sqrt(esq[k]));
   const double u = std::ldexp(1.0, -8), gamma = Dp * std::ldexp(1.0, -24) / (1.0 - Dp * std::ldexp(1.0, -24));
@@ -601,6 +611,8 @@ bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D,
     Buffer<int32_t> cand = alloc_aligned<int32_t>(kAmxBlockRows * kAmxCandidates);
     std::vector<float> zsq(kAmxBlockRows), thr(kAmxBlockRows);
     std::vector<int32_t> ncand(kAmxBlockRows);
+    std::vector<Candidate> pairs;
+    std::vector<float> pair_dist;
     amx_begin();
     for (int64_t b = next_block.fetch_add(1, std::memory_order_relaxed); b < blocks;
          b = next_block.fetch_add(1, std::memory_order_relaxed)) {
@@ -608,11 +620,13 @@ bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D,
       const int64_t rows = std::min(kAmxBlockRows, N - row0);
       const int64_t padded = (rows + 31) / 32 * 32;
       // 1. rows -> fp32 [rows][D] (for the re-rank) and bf16 [padded][Dp] (zero padded); ||z||^2 as the AVX-512 path
+      bool block_ok = true;
       for (int64_t r = 0; r < padded; ++r) {
         uint16_t* dst = abf.get() + r * Dp;
         float sq = 0.0f;
         for (int64_t d = 0; d < Dp; ++d) {
           const float v = (r < rows && d < D) ? static_cast<float>(z[(row0 + r) * zs0 + d * zs1]) : 0.0f;
+          block_ok &= std::fabs(v) <= kAmxMaxAbs;
           dst[d] = to_bf16(v);
           if (r < rows && d < D) {
             zf[r * D + d] = v;
@@ -621,8 +635,12 @@ bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D,
         }
         if (r < rows) zsq[r] = sq;
       }
+      std::vector<int64_t> overflow;  // rows for the AVX-512 kernel: too many candidates, or values out of bounds
+      if (!block_ok) {
+        for (int64_t r = 0; r < rows; ++r) overflow.push_back(r);
+      }
       // 2. two sweeps over the codebook, chunk by chunk (a chunk stays in L2 while all sub-blocks use it)
-      for (int sweep = 0; sweep < 2; ++sweep) {
+      for (int sweep = 0; sweep < 2 && block_ok; ++sweep) {
         if (sweep == 0) {
           std::fill_n(rowmin.get(), padded * 16, kInf);
         } else {
@@ -653,27 +671,33 @@ bool search_rows_amx(const T* z, int64_t zs0, int64_t zs1, int64_t N, int64_t D,
           }
         }
       }
-      // 3. re-rank in fp32 (candidates come in increasing index order: strict "<" keeps the lowest on ties);
-      //    rows with too many candidates get the AVX-512 kernel over the whole codebook instead.
-      std::vector<int64_t> overflow;
-      for (int64_t r = 0; r < rows; ++r) {
-        if (ncand[r] > kAmxCandidates) {
-          overflow.push_back(r);
-          continue;
-        }
-        const float* zrow = zf.get() + r * D;
-        float best = kInf;
-        int32_t best_k = 0;
-        for (int32_t i = 0; i < ncand[r]; ++i) {
-          const int32_t k = cand[r * kAmxCandidates + i];
-          const float dist = exact_distance(zrow, e + k * es0, es1, D, esq[k]);
-          if (dist < best) {
-            best = dist;
-            best_k = k;
+      // 3. re-rank in fp32, eight independent FMA chains at a time (one chain is latency-bound); candidates come in
+      //    increasing index order, so strict "<" keeps the lowest index on ties.
+      if (block_ok) {
+        pairs.clear();
+        for (int64_t r = 0; r < rows; ++r) {
+          if (ncand[r] > kAmxCandidates) {
+            overflow.push_back(r);
+          } else {
+            for (int32_t i = 0; i < ncand[r]; ++i) pairs.push_back({r, cand[r * kAmxCandidates + i]});
           }
         }
-        out_idx[row0 + r] = best_k;
-        out_dist[row0 + r] = std::max(best + zsq[r], 0.0f);
+        pair_dist.resize(pairs.size());
+        exact_distances(zf.get(), e, es0, es1, D, esq.get(), pairs, pair_dist.data());
+        std::vector<float> best(rows, kInf);
+        std::vector<int32_t> best_k(rows, 0);
+        for (size_t i = 0; i < pairs.size(); ++i) {
+          const int64_t r = pairs[i].row;
+          if (pair_dist[i] < best[r]) {
+            best[r] = pair_dist[i];
+            best_k[r] = pairs[i].code;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          if (ncand[r] > kAmxCandidates) continue;
+          out_idx[row0 + r] = best_k[r];
+          out_dist[row0 + r] = std::max(best[r] + zsq[r], 0.0f);
+        }
       }
       if (!overflow.empty()) {
         std::call_once(fp32_once, [&] {
@@ -702,7 +726,7 @@ void vq_nearest_cpu_impl(const at::Tensor& z, const at::Tensor& codebook, at::Te
   Isa isa = active_isa();
 #if FASTDIFF_X86
   if (isa == Isa::kAmx) {  // small problems, and inputs outside the screening bound, take the AVX-512 kernel
-    if (N >= 64 && K >= 64 &&
+    if (N >= 64 && K >= 64 && D >= kAmxMinD &&
         search_rows_amx<T>(zdata, zs0, zs1, N, D, edata, codebook.stride(0), codebook.stride(1), K, idx, dist)) {
       return;
     }
