@@ -179,6 +179,11 @@ def cmd_eval(args) -> int:
     report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                  progress=not args.quiet)
     print(evaluation.format_report(args.model, report))
+    if args.card:
+        import fastdiff
+        from fastdiff import training
+
+        print(f"wrote {training.write_model_card(fastdiff.hub.model_path(args.model), report)}")
     return 0
 
 
@@ -242,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
+    e.add_argument("--card", action="store_true", help="write the scores into the model folder's MODEL_CARD.md")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="quick side-by-side speed table (reference vs fused, diffusers if installed)")

@@ -99,6 +99,65 @@ def _clip(x0, clip_range):
     return tl.minimum(x0, clip_range, propagate_nan=tl.PropagateNan.ALL)
 
 
+@triton.jit
+def _load_alphas(
+    ALPHA_T,  # (B,) fp32 ᾱ_t
+    ALPHA_PREV,  # (B,) fp32 ᾱ_prev
+    sample_idx,
+):
+    """This program's ᾱ_t and ᾱ_prev (two scalar loads), and sqrt(ᾱ_t), sqrt(1 − ᾱ_t) and their reciprocals."""
+    alpha_t = tl.load(ALPHA_T + sample_idx)
+    alpha_prev = tl.load(ALPHA_PREV + sample_idx)
+    sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _alpha_roots(alpha_t)
+    return alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta
+
+
+@triton.jit
+def _predict_x0(
+    X,  # (N,) sample x_t
+    M,  # (N,) model output, or (2N,) = [uncond; cond] with HAS_GUIDANCE
+    offs,
+    mask,
+    n_elements,  # N
+    sqrt_alpha,
+    sqrt_beta,
+    inv_sqrt_alpha,
+    inv_sqrt_beta,
+    guidance_scale,
+    clip_range,
+    PREDICTION_TYPE: tl.constexpr,
+    HAS_GUIDANCE: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    """x_t in fp32, the predicted x0 from the (guided) model output, clipped with CLIP, and ε (from the unclipped x0)."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    out = _guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
+    x0, eps = _x0_and_eps(x, out, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta, PREDICTION_TYPE)
+    if CLIP:
+        x0 = _clip(x0, clip_range)
+    return x, x0, eps
+
+
+@triton.jit
+def _store_step(
+    PREV,  # (N,) out: x_{t-1}
+    X0,  # (N,) out: predicted x0
+    Z,  # (N,) noise z (read with HAS_NOISE only)
+    offs,
+    mask,
+    prev,  # x_{t-1} before the noise, fp32
+    x0,
+    std_dev,  # σ_t
+    HAS_NOISE: tl.constexpr,
+):
+    """x_{t-1} (+ σ_t·z with HAS_NOISE) and x0, stored in the outputs' dtype."""
+    if HAS_NOISE:
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        prev = prev + std_dev * z
+    tl.store(PREV + offs, prev.to(PREV.dtype.element_ty), mask=mask)
+    tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _ddim_step_kernel(
@@ -132,29 +191,21 @@ def _ddim_step_kernel(
     """DDIM (Song et al. 2021, eq. 12): x_{t-1} = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε + σ_t·z."""
     offs, mask, sample_idx = _step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
     if PER_SAMPLE_ALPHA:
-        alpha_t = tl.load(ALPHA_T + sample_idx)
-        alpha_prev = tl.load(ALPHA_PREV + sample_idx)
-        sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _alpha_roots(alpha_t)
+        alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _load_alphas(
+            ALPHA_T, ALPHA_PREV, sample_idx)
         variance = tl.div_rn(1.0 - alpha_prev, 1.0 - alpha_t) * (1.0 - tl.div_rn(alpha_t, alpha_prev))
         std_dev = eta * tl.sqrt_rn(variance)
         x0_coeff = tl.sqrt_rn(alpha_prev)
         eps_coeff = tl.sqrt_rn(1.0 - alpha_prev - std_dev * std_dev)
-    # 1. guided model output, predicted x0 and ε
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    out = _guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
-    x0, eps = _x0_and_eps(x, out, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta, PREDICTION_TYPE)
-    # 2. clip x0 (and re-derive ε from the clipped x0 if asked)
-    if CLIP:
-        x0 = _clip(x0, clip_range)
-        if USE_CLIPPED_MODEL_OUTPUT:
-            eps = (x - sqrt_alpha * x0) * inv_sqrt_beta
+    # 1. guided model output, predicted x0 (clipped with CLIP) and ε
+    x, x0, eps = _predict_x0(X, M, offs, mask, n_elements, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta,
+                             guidance_scale, clip_range, PREDICTION_TYPE, HAS_GUIDANCE, CLIP)
+    # 2. re-derive ε from the clipped x0 if asked
+    if CLIP and USE_CLIPPED_MODEL_OUTPUT:
+        eps = (x - sqrt_alpha * x0) * inv_sqrt_beta
     # 3. x_{t-1} = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε (+ σ_t·z)
     prev = x0_coeff * x0 + eps_coeff * eps
-    if HAS_NOISE:
-        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        prev = prev + std_dev * z
-    tl.store(PREV + offs, prev.to(PREV.dtype.element_ty), mask=mask)
-    tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
+    _store_step(PREV, X0, Z, offs, mask, prev, x0, std_dev, HAS_NOISE)
 
 
 @triton.jit
@@ -188,9 +239,8 @@ def _ddpm_step_kernel(
     """DDPM ancestral step (Ho et al. 2020, eq. 6–7): x_{t-1} = μ̃_t(x_t, x0) + σ_t·z."""
     offs, mask, sample_idx = _step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
     if PER_SAMPLE_ALPHA:
-        alpha_t = tl.load(ALPHA_T + sample_idx)
-        alpha_prev = tl.load(ALPHA_PREV + sample_idx)
-        sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _alpha_roots(alpha_t)
+        alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = _load_alphas(
+            ALPHA_T, ALPHA_PREV, sample_idx)
         beta_prod_t = 1.0 - alpha_t
         beta_prod_t_prev = 1.0 - alpha_prev
         current_alpha_t = tl.div_rn(alpha_t, alpha_prev)
@@ -202,20 +252,12 @@ def _ddpm_step_kernel(
         else:
             variance = current_beta_t
         std_dev = tl.sqrt_rn(variance)
-    # 1. guided model output and predicted x0
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    out = _guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
-    x0, _ = _x0_and_eps(x, out, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta, PREDICTION_TYPE)
-    # 2. clip x0
-    if CLIP:
-        x0 = _clip(x0, clip_range)
-    # 3. posterior mean μ̃ = sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)·x_t (+ σ_t·z)
+    # 1. guided model output and predicted x0, clipped with CLIP
+    x, x0, _ = _predict_x0(X, M, offs, mask, n_elements, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta,
+                           guidance_scale, clip_range, PREDICTION_TYPE, HAS_GUIDANCE, CLIP)
+    # 2. posterior mean μ̃ = sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)·x_t (+ σ_t·z)
     prev = x0_coeff * x0 + xt_coeff * x
-    if HAS_NOISE:
-        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        prev = prev + std_dev * z
-    tl.store(PREV + offs, prev.to(PREV.dtype.element_ty), mask=mask)
-    tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
+    _store_step(PREV, X0, Z, offs, mask, prev, x0, std_dev, HAS_NOISE)
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -238,9 +280,14 @@ def _block_size(n_elements: int, device: torch.device) -> tuple[int, int]:
     return 4096, 8
 
 
-def _launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev, prev, x0, scalars, **constexprs):
-    """Pick the layout (flat, or per-sample when an alpha is a tensor), the block size, and launch once."""
+def _launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev, scalars, **constexprs):
+    """Allocate (prev_sample, pred_original_sample), pick the layout (flat, or per-sample when an alpha is a tensor)
+    and the block size, and launch once; returns the two outputs."""
+    prev = torch.empty_like(sample)
+    x0 = torch.empty_like(sample)
     n_elements = sample.numel()
+    if n_elements == 0:
+        return prev, x0
     batch = sample.shape[0]
     per_sample_numel = n_elements // batch
     block, num_warps = _block_size(n_elements, sample.device)
@@ -265,6 +312,15 @@ def _launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev
         n_elements, per_sample_numel, *scalars,
         PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK_SIZE=block, num_warps=num_warps, **constexprs,
     )
+    return prev, x0
+
+
+def _float_alphas(alpha_prod_t, alpha_prod_t_prev) -> tuple[float, float] | None:
+    """(ᾱ_t, ᾱ_prev) as floats when both are numbers (coefficients on the host); None when either is a (B,) tensor
+    (coefficients on chip)."""
+    if isinstance(alpha_prod_t, torch.Tensor) or isinstance(alpha_prod_t_prev, torch.Tensor):
+        return None
+    return float(alpha_prod_t), float(alpha_prod_t_prev)
 
 
 def ddim_step(
@@ -281,25 +337,20 @@ def ddim_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_ddim_step_kernel`. Inputs as validated by ``fastdiff.ops.ddim_step`` (contiguous; alphas
     Python floats or contiguous fp32 (B,) tensors) → (prev_sample, pred_original_sample), sample's shape and dtype."""
-    prev = torch.empty_like(sample)
-    x0 = torch.empty_like(sample)
-    if sample.numel() == 0:
-        return prev, x0
     scalars = [0.0] * 7  # computed on chip from the (B,) tensors
-    if not isinstance(alpha_prod_t, torch.Tensor) and not isinstance(alpha_prod_t_prev, torch.Tensor):
-        a_t, a_prev = float(alpha_prod_t), float(alpha_prod_t_prev)
+    if (alphas := _float_alphas(alpha_prod_t, alpha_prod_t_prev)) is not None:
+        a_t, a_prev = alphas
         variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
         std_dev = eta * _sqrt(variance)
         scalars = [*_alpha_roots_host(a_t), _sqrt(a_prev), _sqrt(1.0 - a_prev - std_dev**2), std_dev]
     has_noise = noise is not None and eta > 0
-    _launch(
+    return _launch(
         _ddim_step_kernel, sample, model_output, noise if has_noise else None, alpha_prod_t, alpha_prod_t_prev,
-        prev, x0, [*scalars, float(eta), float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
+        [*scalars, float(eta), float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
         PREDICTION_TYPE=PREDICTION_TYPES[prediction_type], HAS_GUIDANCE=guidance_scale is not None,
         HAS_NOISE=has_noise, CLIP=clip_sample_range is not None,
         USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
     )
-    return prev, x0
 
 
 def ddpm_step(
@@ -315,13 +366,9 @@ def ddpm_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_ddpm_step_kernel`. Inputs as validated by ``fastdiff.ops.ddpm_step`` → (prev_sample,
     pred_original_sample), sample's shape and dtype."""
-    prev = torch.empty_like(sample)
-    x0 = torch.empty_like(sample)
-    if sample.numel() == 0:
-        return prev, x0
     scalars = [0.0] * 7  # computed on chip from the (B,) tensors
-    if not isinstance(alpha_prod_t, torch.Tensor) and not isinstance(alpha_prod_t_prev, torch.Tensor):
-        a_t, a_prev = float(alpha_prod_t), float(alpha_prod_t_prev)
+    if (alphas := _float_alphas(alpha_prod_t, alpha_prod_t_prev)) is not None:
+        a_t, a_prev = alphas
         beta_prod_t, beta_prod_t_prev = 1.0 - a_t, 1.0 - a_prev
         current_alpha_t = a_t / a_prev
         current_beta_t = 1.0 - current_alpha_t
@@ -335,10 +382,9 @@ def ddpm_step(
             _sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t,
             _sqrt(variance),
         ]
-    _launch(
-        _ddpm_step_kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev, prev, x0,
+    return _launch(
+        _ddpm_step_kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
         [*scalars, float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
         PREDICTION_TYPE=PREDICTION_TYPES[prediction_type], VARIANCE_TYPE=VARIANCE_TYPES[variance_type],
         HAS_GUIDANCE=guidance_scale is not None, HAS_NOISE=noise is not None, CLIP=clip_sample_range is not None,
     )
-    return prev, x0

@@ -1,5 +1,6 @@
 """What every scheduler shares: the config dataclass, the noise schedules (β, timesteps, σ), from_config and
-save_config, the step output, input checks, and noise drawn exactly as diffusers draws it.
+save_config, the step output, input checks, the steps several samplers share, and noise drawn exactly as diffusers
+draws it.
 
 Field names, defaults and meanings follow diffusers, so a diffusers ``scheduler_config.json`` (or a diffusers
 scheduler's ``.config``) loads as it is, and what ``save_config`` writes loads back into diffusers.
@@ -457,6 +458,40 @@ class Scheduler:
         return t
 
 
+class VariancePreservingScheduler(Scheduler):
+    """Samplers of x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε (DDPM, DDIM): x_T ~ N(0, I), the model sees x_t unscaled, and step()
+    reads ᾱ_t as a Python float. Before set_timesteps, ``timesteps`` is the whole training chain, int64 descending."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._alphas_cumprod_list = self.alphas_cumprod.tolist()
+        T = self.config.num_train_timesteps
+        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
+
+    def _spaced_timesteps(self, num_inference_steps) -> np.ndarray:
+        """n timesteps by config.timestep_spacing (and steps_offset), int64 descending.
+
+        Raises ValueError naming num_inference_steps (not an integer in [1, T]) or steps_offset (a timestep ≥ T).
+        """
+        T = self.config.num_train_timesteps
+        n = check_num_inference_steps(num_inference_steps, T)
+        timesteps = spaced_timesteps(self.config.timestep_spacing, T, n, self.config.steps_offset)
+        if timesteps.max() >= T:
+            raise ValueError(f"steps_offset={self.config.steps_offset} puts timestep {int(timesteps.max())} outside "
+                             f"[0, {T}) for num_inference_steps={n}")
+        return timesteps.astype(np.int64)
+
+    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+        """DDPM and DDIM feed x_t to the model unscaled."""
+        return sample
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε for integer timesteps of shape () or (B,)."""
+        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
+
+
 class SigmaScheduler(Scheduler):
     """Schedulers that step in σ (variance-exploding) space, DPM-Solver and Euler: a step counter, σ tables, add_noise.
 
@@ -563,6 +598,28 @@ class VarianceExplodingScheduler(SigmaScheduler):
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         sigma = broadcast_to(sigmas[self._sigma_indices(torch.as_tensor(timesteps))], original_samples)
         return original_samples + noise * sigma
+
+    def _begin_step(self, model_output: Tensor, timestep, sample: Tensor,
+                    guidance_scale: float | None) -> tuple[Tensor, Tensor, float, float]:
+        """The start of step(): (guided model output, x in fp32, σ_i, σ_{i+1}) for this call's place in the schedule."""
+        model_output = guide(model_output, sample, guidance_scale)
+        i = self._current_step(timestep)
+        return model_output, sample.to(torch.float32), self._sigma_list[i], self._sigma_list[i + 1]
+
+    def _end_step(self, prev_sample: Tensor, x0_pred: Tensor, dtype: torch.dtype, return_dict: bool):
+        """The end of step(): x_{i+1} in ``dtype`` (the model output's), the counter advanced, the output returned."""
+        prev_sample = prev_sample.to(dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, x0_pred
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+
+def euler_step(sample: Tensor, x0_pred: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One Euler step of the probability-flow ODE from σ to σ_next (Karras et al. 2022, Algorithm 2, lines 7–8):
+    d = (x − x̂0)/σ, x + (σ_next − σ)·d."""
+    derivative = (sample - x0_pred) / sigma
+    return sample + derivative * (sigma_next - sigma)
 
 
 def sigma_schedule_from_timesteps(timesteps: np.ndarray, sigmas_train: np.ndarray) -> np.ndarray:

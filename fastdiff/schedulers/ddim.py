@@ -12,18 +12,15 @@ from torch import Tensor
 from fastdiff import ops
 from fastdiff.schedulers.base import (
     Generator,
-    Scheduler,
     SchedulerConfig,
     SchedulerOutput,
-    add_noise_vp,
+    VariancePreservingScheduler,
     alpha_arg,
     as_float,
     check_bool,
-    check_num_inference_steps,
     check_real,
     check_step_inputs,
     randn_tensor,
-    spaced_timesteps,
 )
 
 
@@ -43,7 +40,7 @@ class DDIMConfig(SchedulerConfig):
         check_bool("set_alpha_to_one", self.set_alpha_to_one)
 
 
-class DDIMScheduler(Scheduler):
+class DDIMScheduler(VariancePreservingScheduler):
     """Denoising diffusion implicit models (Song et al. 2021, eq. 12), diffusers-compatible.
 
     Keyword arguments: the fields of :class:`DDIMConfig` (diffusers' names and defaults). Errors: ValueError naming
@@ -51,33 +48,20 @@ class DDIMScheduler(Scheduler):
     """
 
     config_class = DDIMConfig
-    init_noise_sigma = 1.0
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._alphas_cumprod_list = self.alphas_cumprod.tolist()
         # ᾱ "before" timestep 0, used by the last step
         self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else self._alphas_cumprod_list[0]
-        T = self.config.num_train_timesteps
-        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose the n timesteps to sample with (config.timestep_spacing) → ``self.timesteps``, int64 descending.
 
         Raises ValueError naming num_inference_steps when it is not an integer in [1, num_train_timesteps].
         """
-        T = self.config.num_train_timesteps
-        n = check_num_inference_steps(num_inference_steps, T)
-        timesteps = spaced_timesteps(self.config.timestep_spacing, T, n, self.config.steps_offset)
-        if timesteps.max() >= T:
-            raise ValueError(f"steps_offset={self.config.steps_offset} puts timestep {int(timesteps.max())} outside "
-                             f"[0, {T}) for num_inference_steps={n}")
-        self.num_inference_steps = n
-        self.timesteps = torch.from_numpy(timesteps.astype("int64")).to(device)
-
-    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
-        """DDIM feeds x_t to the model unscaled."""
-        return sample
+        timesteps = self._spaced_timesteps(num_inference_steps)
+        self.num_inference_steps = len(timesteps)
+        self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def step(
         self,
@@ -140,7 +124,3 @@ class DDIMScheduler(Scheduler):
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε for integer timesteps of shape () or (B,)."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)

@@ -14,20 +14,17 @@ from torch import Tensor
 from fastdiff import ops
 from fastdiff.schedulers.base import (
     Generator,
-    Scheduler,
     SchedulerConfig,
     SchedulerOutput,
-    add_noise_vp,
+    VariancePreservingScheduler,
     alpha_arg,
     as_float,
     broadcast_to,
     check_bool,
     check_choice,
-    check_num_inference_steps,
     check_real,
     check_step_inputs,
     randn_tensor,
-    spaced_timesteps,
 )
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -49,7 +46,7 @@ class DDPMConfig(SchedulerConfig):
         check_real("clip_sample_range", self.clip_sample_range, positive=True)
 
 
-class DDPMScheduler(Scheduler):
+class DDPMScheduler(VariancePreservingScheduler):
     """Denoising diffusion probabilistic models (Ho et al. 2020, Algorithm 2), diffusers-compatible.
 
     Keyword arguments: the fields of :class:`DDPMConfig` (diffusers' names and defaults). Errors: ValueError naming
@@ -57,14 +54,10 @@ class DDPMScheduler(Scheduler):
     """
 
     config_class = DDPMConfig
-    init_noise_sigma = 1.0
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._alphas_cumprod_list = self.alphas_cumprod.tolist()
         self.custom_timesteps = False
-        T = self.config.num_train_timesteps
-        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
         self._timestep_list: list[int] = self.timesteps.tolist()
 
     @property
@@ -89,11 +82,7 @@ class DDPMScheduler(Scheduler):
         else:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps must be given (or custom timesteps)")
-            n = check_num_inference_steps(num_inference_steps, T)
-            schedule = spaced_timesteps(self.config.timestep_spacing, T, n, self.config.steps_offset).astype(np.int64)
-            if schedule.max() >= T:
-                raise ValueError(f"steps_offset={self.config.steps_offset} puts timestep {schedule.max()} outside "
-                                 f"[0, {T}) for num_inference_steps={n}")
+            schedule = self._spaced_timesteps(num_inference_steps)
             self.custom_timesteps = False
         self.num_inference_steps = len(schedule)
         self.timesteps = torch.from_numpy(schedule).to(device)
@@ -109,10 +98,6 @@ class DDPMScheduler(Scheduler):
         except ValueError:
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._timestep_list}") from None
         return self._timestep_list[i + 1] if i + 1 < len(self._timestep_list) else -1
-
-    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
-        """DDPM feeds x_t to the model unscaled."""
-        return sample
 
     def step(
         self,
@@ -160,10 +145,6 @@ class DDPMScheduler(Scheduler):
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε for integer timesteps of shape () or (B,)."""
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps) -> Tensor:
         """The v-prediction target v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0 (Salimans & Ho 2022, §4)."""

@@ -8,20 +8,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from fastdiff.schedulers.base import (
     FINAL_SIGMAS_TYPES,
     Generator,
     SchedulerConfig,
-    SchedulerOutput,
     VarianceExplodingScheduler,
     check_bool,
     check_choice,
     check_num_inference_steps,
     check_real,
-    guide,
+    euler_step,
     karras_sigmas,
     randn_tensor,
     sigma_schedule_from_timesteps,
@@ -141,10 +139,7 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
         Returns:
             SchedulerOutput(prev_sample, pred_original_sample), or that tuple with return_dict=False.
         """
-        model_output = guide(model_output, sample, guidance_scale)
-        i = self._current_step(timestep)
-        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
-        sample = sample.to(torch.float32)
+        model_output, sample, sigma, sigma_next = self._begin_step(model_output, timestep, sample, guidance_scale)
         # 1. churn: γ = min(S_churn/n, √2 − 1) for σ in [S_tmin, S_tmax]; σ̂ = (γ + 1)σ; x̂ = x + √(σ̂² − σ²)·S_noise·z
         gamma = min(s_churn / (len(self._sigma_list) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
@@ -156,10 +151,5 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
         sigma_x0 = sigma_hat if self.config.prediction_type == "epsilon" else sigma
         x0_pred = x0_from_sigma(model_output, sample, sigma_x0, self.config.prediction_type)
         # 3. d = (x̂ − x̂0)/σ̂; x_{i+1} = x̂ + (σ_{i+1} − σ̂)·d
-        derivative = (sample - x0_pred) / sigma_hat
-        prev_sample = sample + derivative * (sigma_next - sigma_hat)
-        prev_sample = prev_sample.to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        prev_sample = euler_step(sample, x0_pred, sigma_hat, sigma_next)
+        return self._end_step(prev_sample, x0_pred, model_output.dtype, return_dict)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from fastdiff.schedulers.base import (
     Generator,
     SchedulerConfig,
-    SchedulerOutput,
     VarianceExplodingScheduler,
     check_num_inference_steps,
-    guide,
+    euler_step,
     randn_tensor,
     sigma_schedule_from_timesteps,
 )
@@ -69,23 +67,15 @@ class EulerAncestralDiscreteScheduler(VarianceExplodingScheduler):
         Returns:
             SchedulerOutput(prev_sample, pred_original_sample), or that tuple with return_dict=False.
         """
-        model_output = guide(model_output, sample, guidance_scale)
-        i = self._current_step(timestep)
-        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
-        sample = sample.to(torch.float32)
+        model_output, sample, sigma, sigma_next = self._begin_step(model_output, timestep, sample, guidance_scale)
         # 1. x̂0 = D(x; σ)
         x0_pred = x0_from_sigma(model_output, sample, sigma, self.config.prediction_type)
         # 2. split σ_{i+1}² = σ_down² + σ_up², σ_up² = σ_{i+1}²(σ_i² − σ_{i+1}²)/σ_i²
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         # 3. Euler to σ_down: d = (x − x̂0)/σ, x ← x + (σ_down − σ)·d
-        derivative = (sample - x0_pred) / sigma
-        prev_sample = sample + derivative * (sigma_down - sigma)
+        prev_sample = euler_step(sample, x0_pred, sigma, sigma_down)
         # 4. + σ_up·z
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                              dtype=model_output.dtype)
-        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0_pred
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        return self._end_step(prev_sample + noise * sigma_up, x0_pred, model_output.dtype, return_dict)
