@@ -142,18 +142,20 @@ def run_ddpm(out: Path, steps: int, seed: int, progress: bool) -> dict:
     x, y = load_digits("train")
     unet = _digit_unet(1, IMAGE_SIZE)
     unet, scheduler, seconds = _train_diffusion(unet, x, y, steps, seed, progress, "digits-ddpm")
-    pipe = DiffusionPipeline(unet, _ddim_like(scheduler, clip_sample=True), sample_size=IMAGE_SIZE)
-    _settings(pipe, "class-conditional pixel-space DDPM (16×16 digits), CFG", steps=25, guidance=3.0)
+    pipe = DiffusionPipeline(unet, _ddim_like(scheduler), sample_size=IMAGE_SIZE)
+    _settings(pipe, "class-conditional pixel-space DDPM (16×16 digits), CFG", steps=25, guidance=2.0)
     pipe.save_pretrained(out)
     return {"train_seconds": round(seconds), "train_steps": steps, "parameters": _count(unet)}
 
 
-def _ddim_like(scheduler, clip_sample: bool):
-    """The shipped sampler: DDIM with the training noise schedule (x0 clipping only in pixel space)."""
+def _ddim_like(scheduler):
+    """The shipped sampler: DDIM with the training noise schedule, without x0 clipping (with guidance, clipping x0
+    but not ε makes the two disagree: measured on digits-ddpm at 25 steps, guidance 2, 94.5% correct digits with
+    clipping vs 100% without)."""
     from fastdiff.schedulers import DDIMScheduler
 
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-    return DDIMScheduler(**{k: v for k, v in dict(scheduler.config).items() if k in keep}, clip_sample=clip_sample)
+    return DDIMScheduler(**{k: v for k, v in dict(scheduler.config).items() if k in keep}, clip_sample=False)
 
 
 def _encode_all(encode, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -197,7 +199,7 @@ def run_ldm(out: Path, steps: int, seed: int, progress: bool) -> dict:
     unet = _digit_unet(latents.shape[1], latents.shape[-1])
     unet, scheduler, unet_seconds = _train_diffusion(unet, latents * scale, y, steps, seed, progress,
                                                      "digits-ldm/unet")
-    pipe = LatentDiffusionPipeline(unet, vae, _ddim_like(scheduler, clip_sample=False), sample_size=latents.shape[-1])
+    pipe = LatentDiffusionPipeline(unet, vae, _ddim_like(scheduler), sample_size=latents.shape[-1])
     _settings(pipe, "class-conditional latent diffusion: AutoencoderKL (2×8×8 latents) + UNet, CFG", steps=25,
               guidance=3.0)
     pipe.save_pretrained(out)
@@ -241,7 +243,7 @@ def run_vqvae(out: Path, steps: int, seed: int, progress: bool) -> dict:
     unet = _digit_unet(latents.shape[1], latents.shape[-1])
     unet, scheduler, unet_seconds = _train_diffusion(unet, latents * scale, y, steps, seed, progress,
                                                      "digits-vqvae/prior")
-    pipe = VQPipeline(vq, unet, _ddim_like(scheduler, clip_sample=False), sample_size=latents.shape[-1])
+    pipe = VQPipeline(vq, unet, _ddim_like(scheduler), sample_size=latents.shape[-1])
     _settings(pipe, "VQ-VAE (64 codes, 8×8 grid); codes sampled by a class-conditional latent DDPM prior on z_e",
               steps=25, guidance=3.0)
     pipe.save_pretrained(out)
@@ -323,7 +325,7 @@ RECIPES: dict[str, Recipe] = {
     "digits-ddpm": Recipe("class-conditional pixel-space DDPM", 3000, run_ddpm),
     "digits-ldm": Recipe("AutoencoderKL + class-conditional latent UNet", 3000, run_ldm),
     "digits-vqvae": Recipe("VQ-VAE + latent DDPM prior on z_e", 3000, run_vqvae),
-    "digits-dcgan": Recipe("DCGAN", 4000, run_dcgan),
+    "digits-dcgan": Recipe("DCGAN", 12000, run_dcgan),
     "digits-classifier": Recipe("digit classifier for fastdiff eval", 1500, run_classifier),
 }
 

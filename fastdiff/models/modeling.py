@@ -151,6 +151,9 @@ class ModelMixin(nn.Module):
         tmp_config, tmp_weights = folder / (CONFIG_NAME + ".tmp"), folder / (WEIGHTS_NAME + ".tmp")
         tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp_weights), metadata={"format": "pt", "fastdiff_class": type(self).__name__})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_weights, 0o666 & ~umask)  # safetensors creates 0600: make it as readable as any other file
         os.replace(tmp_weights, folder / WEIGHTS_NAME)
         os.replace(tmp_config, folder / CONFIG_NAME)
         logger.info("fastdiff: saved %s (%d tensors) to %s", type(self).__name__, len(tensors), folder)
