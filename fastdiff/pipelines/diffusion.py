@@ -184,11 +184,18 @@ class DiffusionPipeline(Pipeline):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.float32)
-            if self._cuda_graphs is not None:
-                out = self._cuda_graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
+            if self._cuda_graphs is not None and hasattr(self.scheduler, "fused_step"):
+                # DDIM/DDPM: the UNet call and the fused update replay as one graph
+                plan = self.scheduler.fused_step(t, latents, **{k: v for k, v in step_kwargs.items()
+                                                                 if k != "guidance_scale"})
+                latents = self._cuda_graphs.run_step(self.unet, plan, step_kwargs.get("guidance_scale"), model_in,
+                                                     t_batch, model_labels, model_context, latents)
             else:
-                out = self.unet(model_in, t_batch, class_labels=model_labels, context=model_context)
-            latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
+                if self._cuda_graphs is not None:
+                    out = self._cuda_graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
+                else:
+                    out = self.unet(model_in, t_batch, class_labels=model_labels, context=model_context)
+                latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
             # 4. stop on NaN/Inf, naming the step (on CUDA the check stays on the device until the end)
             finite = torch.isfinite(latents).all()
             if first_bad is None:

@@ -379,6 +379,29 @@ def load_config_mapping(config) -> Mapping:
 
 # --------------------------------------------------------------------------------------------- output
 @dataclass
+class FusedStep:
+    """One DDIM/DDPM update as the fused op takes it: which op, ᾱ_t and ᾱ_prev (floats), the noise z (or None) and
+    the op's fixed options. ``step()`` runs it at once; a CUDA graph captures the op with ᾱ as (B,) device tensors
+    and replays it with this plan's values filled in."""
+
+    op: str  # "ddim_step" or "ddpm_step" (fastdiff.ops)
+    alpha_prod_t: float
+    alpha_prod_t_prev: float
+    noise: Tensor | None
+    options: dict[str, Any]
+
+    def run(self, sample: Tensor, model_output: Tensor, guidance_scale: float | None = None,
+            alpha_prod_t=None, alpha_prod_t_prev=None) -> tuple[Tensor, Tensor]:
+        """(prev_sample, pred_original_sample); the alphas default to this plan's floats (a tensor may replace them)."""
+        from fastdiff import ops
+
+        a_t = alpha_arg(self.alpha_prod_t, sample) if alpha_prod_t is None else alpha_prod_t
+        a_prev = self.alpha_prod_t_prev if alpha_prod_t_prev is None else alpha_prod_t_prev
+        return getattr(ops, self.op)(sample, model_output, a_t, a_prev, noise=self.noise,
+                                     guidance_scale=guidance_scale, **self.options)
+
+
+@dataclass
 class SchedulerOutput:
     """What step() returns: x_{t−1} (the next model input) and the model's estimate of x0 at this step."""
 

@@ -9,13 +9,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fastdiff import ops
 from fastdiff.schedulers.base import (
     Generator,
     SchedulerConfig,
+    FusedStep,
     SchedulerOutput,
     VariancePreservingScheduler,
-    alpha_arg,
     as_float,
     check_bool,
     check_real,
@@ -63,6 +62,30 @@ class DDIMScheduler(VariancePreservingScheduler):
         self.num_inference_steps = len(timesteps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
+    def fused_step(self, timestep, sample: Tensor, eta: float = 0.0, use_clipped_model_output: bool = False,
+                   generator: Generator = None, variance_noise: Tensor | None = None) -> FusedStep:
+        """Steps 1–3 of :meth:`step` (ᾱ_t, ᾱ_prev, z), as the plan of one fused ``ops.ddim_step`` call."""
+        self._require_timesteps()
+        # 1. the previous timestep: t − ⌊T/n⌋ for every spacing (diffusers' rule, kept for parity)
+        t = self._check_timestep_range(int(as_float(timestep)))
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        # 2. ᾱ_t and ᾱ_prev
+        alpha_prod_t = self._alphas_cumprod_list[t]
+        alpha_prod_t_prev = self._alphas_cumprod_list[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        # 3. z ~ N(0, I) when η > 0
+        eta = check_real("eta", eta)
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("pass either generator or variance_noise, not both")
+            noise = variance_noise
+            if noise is None:
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        options = {"eta": eta, "prediction_type": self.config.prediction_type,
+                   "clip_sample_range": self.config.clip_sample_range if self.config.clip_sample else None,
+                   "use_clipped_model_output": use_clipped_model_output}
+        return FusedStep("ddim_step", alpha_prod_t, alpha_prod_t_prev, noise, options)
+
     def step(
         self,
         model_output: Tensor,
@@ -93,34 +116,11 @@ class DDIMScheduler(VariancePreservingScheduler):
         """
         self._require_timesteps()
         check_step_inputs(model_output, sample, guidance_scale)
-        # 1. the previous timestep: t − ⌊T/n⌋ for every spacing (diffusers' rule, kept for parity)
-        t = self._check_timestep_range(int(as_float(timestep)))
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        # 2. ᾱ_t and ᾱ_prev
-        alpha_prod_t = self._alphas_cumprod_list[t]
-        alpha_prod_t_prev = self._alphas_cumprod_list[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         if model_output.dtype != sample.dtype:  # the fused ops take one dtype
             model_output = model_output.to(sample.dtype)
-        # 3. z ~ N(0, I) when η > 0
-        eta = check_real("eta", eta)
-        noise = None
-        if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("pass either generator or variance_noise, not both")
-            noise = variance_noise
-            if noise is None:
-                noise = randn_tensor(sample.shape, generator=generator, device=sample.device,
-                                     dtype=model_output.dtype)
+        plan = self.fused_step(timestep, sample, eta, use_clipped_model_output, generator, variance_noise)
         # 4. x̂0 and ε̂ from the model output (x̂0 clipped), σ_t = η·√(eq. 16), then eq. 12 — one fused op
-        prev_sample, x0_pred = ops.ddim_step(
-            sample, model_output, alpha_arg(alpha_prod_t, sample), alpha_prod_t_prev,
-            eta=eta,
-            noise=noise,
-            prediction_type=self.config.prediction_type,
-            clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
-            guidance_scale=guidance_scale,
-            use_clipped_model_output=use_clipped_model_output,
-        )
+        prev_sample, x0_pred = plan.run(sample, model_output, guidance_scale)
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)

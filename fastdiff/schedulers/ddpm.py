@@ -11,13 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff import ops
 from fastdiff.schedulers.base import (
     Generator,
     SchedulerConfig,
+    FusedStep,
     SchedulerOutput,
     VariancePreservingScheduler,
-    alpha_arg,
     as_float,
     broadcast_to,
     check_bool,
@@ -99,6 +98,22 @@ class DDPMScheduler(VariancePreservingScheduler):
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._timestep_list}") from None
         return self._timestep_list[i + 1] if i + 1 < len(self._timestep_list) else -1
 
+    def fused_step(self, timestep, sample: Tensor, generator: Generator = None) -> FusedStep:
+        """Steps 1–2 of :meth:`step` (ᾱ_t, ᾱ_prev, z), as the plan of one fused ``ops.ddpm_step`` call."""
+        self._require_timesteps()
+        # 1. t, the previous timestep, and ᾱ at both
+        t = self._check_timestep_range(int(as_float(timestep)))
+        prev_t = self.previous_timestep(t)
+        alpha_prod_t = self._alphas_cumprod_list[t]
+        alpha_prod_t_prev = self._alphas_cumprod_list[prev_t] if prev_t >= 0 else 1.0
+        # 2. z ~ N(0, I) for every t > 0 (diffusers' rule, kept so that seeds carry over)
+        noise = None
+        if t > 0:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        options = {"variance_type": self.config.variance_type, "prediction_type": self.config.prediction_type,
+                   "clip_sample_range": self.config.clip_sample_range if self.config.clip_sample else None}
+        return FusedStep("ddpm_step", alpha_prod_t, alpha_prod_t_prev, noise, options)
+
     def step(
         self,
         model_output: Tensor,
@@ -122,26 +137,11 @@ class DDPMScheduler(VariancePreservingScheduler):
         """
         self._require_timesteps()
         check_step_inputs(model_output, sample, guidance_scale)
-        # 1. t, the previous timestep, and ᾱ at both
-        t = self._check_timestep_range(int(as_float(timestep)))
-        prev_t = self.previous_timestep(t)
-        alpha_prod_t = self._alphas_cumprod_list[t]
-        alpha_prod_t_prev = self._alphas_cumprod_list[prev_t] if prev_t >= 0 else 1.0
         if model_output.dtype != sample.dtype:  # the fused ops take one dtype
             model_output = model_output.to(sample.dtype)
-        # 2. z ~ N(0, I) for every t > 0 (diffusers' rule, kept so that seeds carry over)
-        noise = None
-        if t > 0:
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=model_output.dtype)
+        plan = self.fused_step(timestep, sample, generator)
         # 3. x̂0 from the model output, clipped; posterior mean μ̃_t(x_t, x̂0) (eq. 7); + σ_t·z — one fused op
-        prev_sample, x0_pred = ops.ddpm_step(
-            sample, model_output, alpha_arg(alpha_prod_t, sample), alpha_prod_t_prev,
-            noise=noise,
-            variance_type=self.config.variance_type,
-            prediction_type=self.config.prediction_type,
-            clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
-            guidance_scale=guidance_scale,
-        )
+        prev_sample, x0_pred = plan.run(sample, model_output, guidance_scale)
         if not return_dict:
             return prev_sample, x0_pred
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
