@@ -142,6 +142,7 @@ class DiffusionPipeline(Pipeline):
         """
         batch_size, num_inference_steps, labels = self._check_call(
             batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type)
+        self._prefer_channels_last()
         device, dtype = self.device, self.dtype
         generator = make_generator(generator, device)
         cfg = guidance_scale is not None and float(guidance_scale) != 1.0
