@@ -479,19 +479,9 @@ def from_diffusers(path_or_model: PathLike | nn.Module, *, subfolder: str | None
 
 
 def _build(model_class, fd_config, state: dict, where: str, dtype, device):
-    from fastdiff.models.modeling import _validate_state
+    from fastdiff.models.modeling import load_validated
 
-    model = model_class(fd_config)
-    _validate_state(Path(where), state, model.state_dict())
-    if dtype is None:
-        floating = {t.dtype for t in state.values() if t.is_floating_point()}
-        dtype = floating.pop() if len(floating) == 1 else None
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model.load_state_dict(state, strict=True)
-    if device is not None:
-        model.to(device=device)
-    return model.eval()
+    return load_validated(model_class(fd_config), state, where, dtype, device)
 
 
 # --------------------------------------------------------------------------------------------- fastdiff → diffusers

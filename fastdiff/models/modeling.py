@@ -192,19 +192,23 @@ class ModelMixin(nn.Module):
         weights_path = folder / WEIGHTS_NAME
         stored = _read_weights(weights_path)
 
-        model = cls(config)
-        expected = model.state_dict()
-        _validate_state(weights_path, stored, expected)
-        if dtype is None:
-            floating = {t.dtype for t in stored.values() if t.is_floating_point()}
-            dtype = floating.pop() if len(floating) == 1 else None
-        if dtype is not None:
-            model.to(dtype=dtype)
-        model.load_state_dict(stored, strict=True)
-        if device is not None:
-            model.to(device=device)
-        model.eval()
-        return model
+        return load_validated(cls(config), stored, weights_path, dtype, device)
+
+
+def load_validated(model: nn.Module, state: dict, where: PathLike, dtype=None, device=None) -> nn.Module:
+    """Load ``state`` into a freshly built ``model`` only after every tensor is validated against it (names, shapes,
+    dtype kinds; errors name ``where``). The model takes the stored floating dtype unless ``dtype`` is given, then
+    moves to ``device``; returned in eval mode."""
+    _validate_state(Path(where), state, model.state_dict())
+    if dtype is None:
+        floating = {t.dtype for t in state.values() if t.is_floating_point()}
+        dtype = floating.pop() if len(floating) == 1 else None
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.load_state_dict(state, strict=True)
+    if device is not None:
+        model.to(device=device)
+    return model.eval()
 
 
 def _validate_state(path: Path, stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
