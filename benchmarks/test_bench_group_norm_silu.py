@@ -6,15 +6,13 @@ providers). The ``copy`` anchor (x.clone(): one read, one write, counted as such
 kernel's GB/s is measured against (target on an H200: fastdiff ≥ 80% of copy, ≥ 2× torch). On CUDA: fp16, the compiled Triton kernel, ``CALLS_PER_ROUND`` calls then one synchronize per timed round
 (so the launch-to-sync latency does not swamp microsecond kernels; time per call is in extra_info). On CPU: fp32,
 ``fastdiff`` is the default dispatch there, the reference PyTorch path (the Triton interpreter is excluded: it is a
-correctness tool, not a CPU path), and ``compile`` is skipped unless FASTDIFF_BENCH_COMPILE=1 (inductor takes
-~45 s per shape on the 2-core CI machine).
+correctness tool, not a CPU path), and ``compile`` is one dynamic-shape compile reused for every shape (see
+benchmarks/conftest.py).
 
     pytest benchmarks/test_bench_group_norm_silu.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -44,28 +42,25 @@ def _fastdiff(x, num_groups, weight, bias, eps):
     return ops.group_norm_silu(x, num_groups, weight, bias, eps, backend="triton" if CUDA else "torch")
 
 
-def _provider_fn(provider: str):
+def _provider_fn(provider: str, compiled):
     if provider == "fastdiff":
         return _fastdiff
     if provider == "torch":
         return _eager
     if provider == "copy":
         return lambda x, *args: x.clone()
-    if not CUDA and os.environ.get("FASTDIFF_BENCH_COMPILE") != "1":
-        pytest.skip("torch.compile on CPU takes ~45 s per shape here; set FASTDIFF_BENCH_COMPILE=1 to include it")
-    torch._dynamo.reset()  # one compile per shape, never past dynamo's recompile limit (it would fall back to eager)
-    return torch.compile(_eager, dynamic=False)
+    return compiled("group_norm_silu", _eager)[0]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bench_group_norm_silu(benchmark, shape, provider):
+def test_bench_group_norm_silu(benchmark, compiled, shape, provider):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device=DEVICE, dtype=DTYPE)
     c = shape[1]
     weight = (1 + 0.1 * torch.randn(c, generator=g)).to(device=DEVICE, dtype=DTYPE)
     bias = (0.1 * torch.randn(c, generator=g)).to(device=DEVICE, dtype=DTYPE)
-    fn = _provider_fn(provider)
+    fn = _provider_fn(provider, compiled)
     try:
         expected = _eager(x.float(), NUM_GROUPS, weight.float(), bias.float(), 1e-5)
         got = fn(x, NUM_GROUPS, weight, bias, 1e-5)  # warm-up: compiles Triton / inductor code
@@ -86,6 +81,8 @@ def test_bench_group_norm_silu(benchmark, shape, provider):
 
     benchmark.group = f"group_norm_silu N={shape[0]} C={c} {shape[2]}x{shape[3]} G={NUM_GROUPS} {DTYPE}"
     benchmark.extra_info.update(provider=provider, device=DEVICE, dtype=str(DTYPE), calls_per_round=CALLS_PER_ROUND)
+    if provider == "compile":
+        benchmark.extra_info["compile"] = compiled("group_norm_silu", _eager)[1]
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     if benchmark.stats is not None:  # None under --benchmark-disable
         per_call = benchmark.stats.stats.median / CALLS_PER_ROUND

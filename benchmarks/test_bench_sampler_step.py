@@ -5,8 +5,8 @@ Providers, side by side in one group per (op, shape):
   interpreter is never benchmarked);
 - ``torch``: the update written plainly in eager PyTorch; with CFG, the eager guidance combine followed by the eager
   step (what a diffusers pipeline does);
-- ``compile``: ``torch.compile`` of the eager version (skipped if compiling fails; on CPU only with
-  ``FASTDIFF_BENCH_COMPILE=1``, since a cold inductor start alone takes minutes there);
+- ``compile``: ``torch.compile`` of the eager version (skipped if compiling fails; on the CPU one dynamic-shape
+  compile per op, reused for every shape: see benchmarks/conftest.py);
 - ``copy``: a device-to-device copy moving the same number of bytes: the bandwidth anchor.
 
 ``benchmark.extra_info`` holds the bytes one step must move (each input read once, each output written once) and the
@@ -16,8 +16,6 @@ achieved GB/s. fp16 on CUDA, fp32 on CPU. CUDA is synchronised inside the timed 
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -104,7 +102,7 @@ def step_bytes(op: str, numel: int, itemsize: int) -> int:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bench_sampler_step(benchmark, shape, op, provider):
+def test_bench_sampler_step(benchmark, compiled, shape, op, provider):
     benchmark.group = f"{op} {'x'.join(map(str, shape))} {str(DTYPE).removeprefix('torch.')}"
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(shape, generator=g, device=DEVICE, dtype=DTYPE)
@@ -118,9 +116,8 @@ def test_bench_sampler_step(benchmark, shape, op, provider):
     elif provider == "torch":
         fn = eager(op)
     elif provider == "compile":
-        if not CUDA and os.environ.get("FASTDIFF_BENCH_COMPILE") != "1":
-            pytest.skip("torch.compile on CPU only with FASTDIFF_BENCH_COMPILE=1 (a cold inductor start takes minutes)")
-        fn = torch.compile(eager(op), dynamic=False)
+        fn, mode = compiled(op, eager(op))
+        benchmark.extra_info["compile"] = mode
         try:
             fn(x, m, z)
         except Exception as exc:  # noqa: BLE001  (no compiler toolchain, an inductor bug: skip, not fail)

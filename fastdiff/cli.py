@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--format", choices=["png", "npz"], default="png")
     g.add_argument("--device", default=None)
+    g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="files independent of --batch, bit for bit (default: on for the CPU, off for CUDA)")
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -9,13 +9,14 @@
 (a numpy ``SeedSequence(S, spawn_key=(i,))``, a stable algorithm), and the pipelines draw each row's noise — the
 initial x_T and the noise of stochastic samplers (DDPM, Euler ancestral, DDIM with η > 0) at every step — from that
 row's generator; class-conditional models get class i mod num_classes. So image i is the same sample whatever the
-number of ranks or the batch size. Bit for bit: BLAS/oneDNN/cuDNN pick their algorithms by tensor shape (and on CPUs
-by thread count), so every pipeline call here has the same number of rows, min(batch, num), a rank's last call padded
-with throw-away rows. Then, with the same ``--batch``, device type and threads per process, the files are
-byte-identical for any number of ranks (tested: 1 process vs 2 under torchrun); another ``--batch`` (or
-OMP_NUM_THREADS: torchrun sets 1 per worker) can change the float32 output in the last bits, which moves a PNG pixel by
-one level once in a while. A resumed run should therefore keep its ``--batch``: it is not a refused setting, but the
-manifest records the first run's and another one is warned about.
+number of ranks or the batch size. Bit for bit: BLAS/oneDNN pick their kernels by tensor shape, so the same row
+computed in batches of different sizes can differ in the last float32 bits. On the CPU the pipeline therefore runs
+under :func:`fastdiff.batch_invariant` (linear layers as one GEMM per row, convolutions in fixed chunks of rows), and
+the files are byte-identical for any ``--batch`` and any number of ranks (tested: batch 1, 3, 8 and 20; 1 process vs
+2 under torchrun; 1 vs 2 threads). On CUDA the mode is off by default (``--batch-invariant`` turns it on; cuBLAS/cuDNN
+invariance is not verified there): files are then identical across ranks at the same ``--batch``, which every call
+keeps fixed (min(batch, num) rows, a rank's last call padded with throw-away rows). The manifest records the batch and
+the mode; a resumed run with another one is allowed and warned about.
 
 **Files.** One per image: ``outdir/000123.png`` (8-bit grayscale, RGB or RGBA) or ``outdir/000123.npz`` (``image``:
 the unquantised float32 (H, W, C) output in [0, 1]; ``index``; ``class_label`` for class-conditional models). One file
@@ -58,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastdiff import batch_invariance
 
 logger = logging.getLogger("fastdiff")
 
@@ -218,7 +221,11 @@ def _prepare_outdir(outdir: Path, manifest: dict, model_path: Path) -> list[int]
         if diffs:
             raise ValueError(f"--outdir {str(outdir)!r} holds images made with other settings ({'; '.join(diffs)}); "
                              f"use another folder or the same settings")
-        if old.get("batch") != manifest["batch"]:
+        if bool(old.get("batch_invariant")) != manifest["batch_invariant"]:
+            logger.warning("fastdiff: %s was started with batch_invariant=%s, continuing with %s: the rest may differ "
+                           "from an uninterrupted run in the last bits", outdir, bool(old.get("batch_invariant")),
+                           manifest["batch_invariant"])
+        elif not manifest["batch_invariant"] and old.get("batch") != manifest["batch"]:
             logger.warning("fastdiff: %s was started with --batch %s, continuing with %s: the rest may differ from an "
                            "uninterrupted run in the last bits", outdir, old.get("batch"), manifest["batch"])
         if old.get("fastdiff_version") != manifest["fastdiff_version"]:
@@ -339,19 +346,21 @@ def _resolve_job(pipe, model: str, settings: dict, steps: int | None, guidance: 
 
 def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batch: int = 256,
              sampler: str | None = None, steps: int | None = None, seed: int = 0, guidance: float | None = None,
-             fmt: str = "png", device: str | torch.device | None = None, progress: bool = True) -> dict:
+             fmt: str = "png", device: str | torch.device | None = None, progress: bool = True,
+             batch_invariant: bool | None = None) -> dict:
     """Make images 0 … num − 1 of a model into ``outdir``, one file each, sharded over the torch.distributed ranks.
 
     Args:
         model: a shipped model name (``fastdiff.list_models()``) or a pipeline folder.
-        num: how many images (≥ 1); batch: images per pipeline call on each rank (≥ 1; the images are the same samples
-            whatever the batch; bit-identical files need the same batch, see the module docstring).
+        num: how many images (≥ 1); batch: images per pipeline call on each rank (≥ 1; the files do not depend on it
+            when ``batch_invariant`` is on, see the module docstring).
         sampler: "ddpm", "ddim", "dpm++", "euler" or "euler-a" instead of the model's own; steps: sampler steps
             (default: the model's default_steps, else 25).
         seed: S ≥ 0; image i is drawn with :func:`image_generator` (S, i).
         guidance: classifier-free guidance scale (class-conditional models; default: the model's).
         fmt: "png" or "npz"; device: "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or None (cuda if present).
         progress: a progress bar on rank 0.
+        batch_invariant: run the pipeline under :func:`fastdiff.batch_invariant` (None: on for the CPU, off for CUDA).
     Returns:
         this rank's summary: ``{"rank", "world", "outdir", "count", "new", "skipped", "seconds", "images_per_s",
         "per_rank": [images/s of each rank]}``.
@@ -383,6 +392,10 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
     outdir = Path(outdir)
     _check_outdir(outdir)
     dev = _resolve_device(device)
+    if batch_invariant is None:
+        batch_invariant = dev.type == "cpu"
+    elif not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool or None, got {batch_invariant!r}")
 
     dist = _init_distributed(dev)
     try:
@@ -407,6 +420,7 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
             "count": num,
             "format": fmt,
             "batch": batch,  # not compared: recorded for the bit-exactness note above
+            "batch_invariant": batch_invariant,  # not compared either
             "file_names": f"{'N' * max(6, len(str(num - 1)))}.{fmt}",
             "seeding": SEEDING,
         }
@@ -449,7 +463,8 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
                     kwargs["class_labels"] = [i % num_classes for i in rows]
                 if guidance is not None:
                     kwargs["guidance_scale"] = guidance
-                images = pipe(**kwargs)[:len(chunk)]  # (B, H, W, C) float32 in [0, 1]
+                with batch_invariance.batch_invariant(batch_invariant):
+                    images = pipe(**kwargs)[:len(chunk)]  # (B, H, W, C) float32 in [0, 1]
                 for index, image in zip(chunk, images):
                     if fmt == "png":
                         data = _encode_png(image)
@@ -497,7 +512,8 @@ def main_from_args(args) -> int:
     """``fastdiff generate``: run :func:`generate` with the parsed arguments; rank 0 prints the summary."""
     summary = generate(args.model, args.num, args.outdir, batch=args.batch, sampler=args.sampler, steps=args.steps,
                        seed=args.seed, guidance=args.guidance, fmt=args.format, device=args.device,
-                       progress=not getattr(args, "quiet", False))
+                       progress=not getattr(args, "quiet", False),
+                       batch_invariant=getattr(args, "batch_invariant", None))
     if summary["rank"] == 0:
         print(format_summary(summary), flush=True)
     return 0

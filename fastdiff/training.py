@@ -251,7 +251,25 @@ def run_vqvae(out: Path, steps: int, seed: int, progress: bool) -> dict:
             "codes_used": codes_used, "parameters": _count(unet) + _count(vq)}
 
 
+def translate(x: torch.Tensor, max_shift: int, generator: torch.Generator, fill: float = -1.0) -> torch.Tensor:
+    """Shift each image of x (B, C, H, W) by its own random (dy, dx) ∈ [−max_shift, max_shift]², filling with ``fill``
+    (the background). Differentiable in x: the discriminator augmentation of ``digits-dcgan``."""
+    b, c, h, w = x.shape
+    m = max_shift
+    padded = F.pad(x, (m, m, m, m), value=fill)
+    sy = torch.randint(0, 2 * m + 1, (b,), generator=generator)
+    sx = torch.randint(0, 2 * m + 1, (b,), generator=generator)
+    rows = (sy[:, None] + torch.arange(h)).view(b, 1, h, 1).expand(b, c, h, w + 2 * m)
+    out = torch.gather(padded, 2, rows)
+    cols = (sx[:, None] + torch.arange(w)).view(b, 1, 1, w).expand(b, c, h, w)
+    return torch.gather(out, 3, cols)
+
+
 def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    """DCGAN with non-saturating BCE losses. 1,438 training images are few for a GAN: the discriminator memorises them
+    (without augmentation: D loss → 0.02 and a Fréchet ratio of 8.6 at 12,000 steps). Both real and generated images
+    are shifted by up to ±2 px before the discriminator sees them (the same differentiable augmentation for both, so
+    the generator is not pushed to make shifted digits): ratio 2.15 at 12,000 steps in the experiment that chose it."""
     from fastdiff.models import DCGANDiscriminator, DCGANGenerator, losses
     from fastdiff.pipelines import GANPipeline
 
@@ -270,11 +288,11 @@ def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
         real = x[next(batches)]
         z = torch.randn(len(real), 64, generator=gen)
         fake = g(z)
-        loss_d = losses.gan_discriminator_loss(d(real), d(fake.detach()))
+        loss_d = losses.gan_discriminator_loss(d(translate(real, 2, gen)), d(translate(fake.detach(), 2, gen)))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        loss_g = losses.gan_generator_loss(d(fake))
+        loss_g = losses.gan_generator_loss(d(translate(fake, 2, gen)))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -283,7 +301,7 @@ def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
 
     seconds = _loop("digits-dcgan", steps, step, progress)
     pipe = GANPipeline(ema.model)
-    _settings(pipe, "DCGAN (16×16 digits, non-saturating BCE losses)")
+    _settings(pipe, "DCGAN (16×16 digits, non-saturating BCE losses, ±2 px translation augmentation for D)")
     pipe.save_pretrained(out)
     return {"train_seconds": round(seconds), "train_steps": steps, "parameters": _count(g)}
 
@@ -325,7 +343,7 @@ RECIPES: dict[str, Recipe] = {
     "digits-ddpm": Recipe("class-conditional pixel-space DDPM", 3000, run_ddpm),
     "digits-ldm": Recipe("AutoencoderKL + class-conditional latent UNet", 3000, run_ldm),
     "digits-vqvae": Recipe("VQ-VAE + latent DDPM prior on z_e", 3000, run_vqvae),
-    "digits-dcgan": Recipe("DCGAN", 12000, run_dcgan),
+    "digits-dcgan": Recipe("DCGAN with ±2 px translation augmentation for the discriminator", 12000, run_dcgan),
     "digits-classifier": Recipe("digit classifier for fastdiff eval", 1500, run_classifier),
 }
 

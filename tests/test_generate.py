@@ -2,8 +2,7 @@
 the batch size, deterministic and stochastic samplers, resuming a killed run, the manifest, and bad arguments (exit
 code 2, one line on stderr, before any sampling).
 
-Every run here computes with one thread per process: oneDNN can round a convolution differently with another thread
-count (seen: a 1×1 conv, 1 thread vs 2), and torchrun gives each worker one thread.
+Runs here compute with one thread per process (as torchrun's workers do) unless a test says otherwise.
 """
 
 from __future__ import annotations
@@ -115,28 +114,48 @@ def test_other_chunks_of_the_same_batch_size_make_the_same_files(model_dir, refe
 
 
 @pytest.mark.parametrize("sampler, fmt", [(None, "png"), ("ddpm", "npz"), ("euler-a", "npz")])  # ddpm, euler-a:
-def test_other_batch_sizes_make_the_same_images(model_dir, reference, tmp_path, sampler, fmt):  # noise every step
-    """The same samples; bits may differ where a kernel rounds differently for another shape (oneDNN does)."""
-    from io import BytesIO
-
-    from PIL import Image
-
+def test_other_batch_sizes_make_the_same_files(model_dir, reference, tmp_path, sampler, fmt):  # noise every step
+    """On the CPU generate runs batch-invariantly: another --batch writes the very same bytes."""
     ref = reference(sampler, fmt)
-    for batch in (1, 4):
+    for batch in (1, 4, NUM):
         out = tmp_path / f"b{batch}"
         summary = generate(model_dir, NUM, out, batch=batch, sampler=sampler, fmt=fmt, progress=False)
         assert summary["new"] == NUM and summary["skipped"] == 0
         got = files(out)
-        assert sorted(got) == sorted(ref)
-        manifest, ref_manifest = json.loads(got[MANIFEST]), json.loads(ref[MANIFEST])
+        manifest, ref_manifest = json.loads(got.pop(MANIFEST)), json.loads(ref[MANIFEST])
         assert manifest.pop("batch") == batch and ref_manifest.pop("batch") == BATCH and manifest == ref_manifest
-        for name in sorted(set(ref) - {MANIFEST}):
-            if fmt == "npz":
-                a, b = np.load(BytesIO(got[name]))["image"], np.load(BytesIO(ref[name]))["image"]
-                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=f"batch {batch}, {name}")
-            else:
-                a, b = np.asarray(Image.open(BytesIO(got[name]))), np.asarray(Image.open(BytesIO(ref[name])))
-                assert np.abs(a.astype(int) - b).max() <= 1, f"batch {batch}, {name}"
+        assert manifest["batch_invariant"] is True
+        assert_same_files(got, {k: v for k, v in ref.items() if k != MANIFEST})
+
+
+def test_batch_invariance_off_makes_the_same_images_up_to_rounding(model_dir, reference, tmp_path):
+    """--no-batch-invariant (the CUDA default): the same samples, the last bits may move with the batch."""
+    from io import BytesIO
+
+    ref = reference("ddpm", "npz")
+    out = tmp_path / "off"
+    generate(model_dir, NUM, out, batch=1, sampler="ddpm", fmt="npz", progress=False, batch_invariant=False)
+    got = files(out)
+    assert json.loads(got[MANIFEST])["batch_invariant"] is False
+    for name in sorted(set(ref) - {MANIFEST}):
+        a, b = np.load(BytesIO(got[name]))["image"], np.load(BytesIO(ref[name]))["image"]
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5, err_msg=name)
+    with pytest.raises(TypeError, match="batch_invariant"):
+        generate(model_dir, NUM, tmp_path / "bad", batch_invariant="yes", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_thread_count_does_not_change_the_files(model_dir, reference, tmp_path):
+    """torchrun gives each worker one thread, a plain process uses all cores: the files are the same."""
+    torch.set_num_threads(2)
+    try:
+        generate(model_dir, NUM, tmp_path / "t2", batch=NUM, sampler="ddpm", fmt="npz", progress=False)
+    finally:
+        torch.set_num_threads(1)
+    got = files(tmp_path / "t2")
+    ref = reference("ddpm", "npz")
+    assert json.loads(got.pop(MANIFEST))["batch"] == NUM
+    assert_same_files(got, {k: v for k, v in ref.items() if k != MANIFEST})
 
 
 def test_files_and_manifest(model_dir, reference):
@@ -304,3 +323,20 @@ def test_gan_models_generate_without_steps(tmp_path):
         generate(tmp_path / "gan", 3, tmp_path / "out2", steps=4, progress=False)
     with pytest.raises(ValueError, match="--sampler"):
         generate(tmp_path / "gan", 3, tmp_path / "out2", sampler="ddim", progress=False)
+
+
+def test_resuming_with_another_mode_or_batch_warns(model_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    generate(model_dir, NUM, out, batch=BATCH, progress=False)
+    with caplog.at_level("WARNING", logger="fastdiff"):
+        generate(model_dir, NUM, out, batch=BATCH + 1, progress=False)  # batch-invariant both times: silent
+    assert not [r for r in caplog.records if "started with" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="fastdiff"):
+        generate(model_dir, NUM, out, batch=BATCH, progress=False, batch_invariant=False)
+    assert any("started with batch_invariant=True, continuing with False" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    out2 = tmp_path / "out2"
+    generate(model_dir, NUM, out2, batch=BATCH, progress=False, batch_invariant=False)
+    with caplog.at_level("WARNING", logger="fastdiff"):
+        generate(model_dir, NUM, out2, batch=BATCH + 1, progress=False, batch_invariant=False)
+    assert any(f"started with --batch {BATCH}, continuing with {BATCH + 1}" in r.getMessage() for r in caplog.records)
