@@ -69,7 +69,7 @@ def _provider_fn(provider, q, k, v, scale, compiled):
     if provider == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)
     if provider == "compile":
-        fn = compiled("attention", _eager)[0]
+        fn = compiled("attention", _eager)
         return lambda: fn(q, k, v, scale)
     raise AssertionError(provider)
 
@@ -84,7 +84,7 @@ def _shape_id(shape):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-def test_bench_attention(benchmark, compiled, shape, provider):
+def test_bench_attention(benchmark, compiled, warm_up, synchronized, shape, provider):
     kind, b, h, n, m, d = shape
     q = torch.randn(b, h, n, d, device=DEVICE, dtype=DTYPE)
     k = torch.randn(b, h, m, d, device=DEVICE, dtype=DTYPE)
@@ -96,23 +96,12 @@ def test_bench_attention(benchmark, compiled, shape, provider):
 
     # warm up (compiles, autotunes) and check the answer before timing anything
     fastdiff.reset_counts()
-    try:
-        out = fn()
-    except Exception as exc:  # torch.compile may be unusable here (no compiler, unsupported device)
-        if provider == "compile":
-            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
-        raise
+    out = warm_up(provider, fn)
     if provider == "fastdiff":
         assert fastdiff.counts() == {("attention", "triton" if CUDA else "torch"): 1}
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
     err = _rel_err(out, ref)
     assert err < CHECK_TOL, f"{provider} is wrong: relative error {err:.2e}"
-
-    def timed():
-        result = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return result
 
     benchmark.group = f"attention {_shape_id(shape)} {str(DTYPE).removeprefix('torch.')} {DEVICE.type}"
     flops = 4 * b * h * n * m * d
@@ -121,8 +110,8 @@ def test_bench_attention(benchmark, compiled, shape, provider):
         rel_err=err,
     )
     if provider == "compile":
-        benchmark.extra_info["compile"] = compiled("attention", _eager)[1]
-    benchmark(timed)
+        benchmark.extra_info["compile"] = compiled.mode
+    benchmark(synchronized(fn))
 
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable

@@ -3,7 +3,8 @@
 One pytest-benchmark group per shape, a ``provider`` axis, and GB/s in ``extra_info`` (bytes moved: x read twice,
 y written once; the fused kernel may read x only once, so its GB/s is an effective rate comparable across
 providers). The ``copy`` anchor (x.clone(): one read, one write, counted as such) is the hardware limit the
-kernel's GB/s is measured against (target on an H200: fastdiff ≥ 80% of copy, ≥ 2× torch). On CUDA: fp16, the compiled Triton kernel, ``CALLS_PER_ROUND`` calls then one synchronize per timed round
+kernel's GB/s is measured against (target on an H200: fastdiff ≥ 80% of copy, ≥ 2× torch). On CUDA: fp16, the
+compiled Triton kernel, ``CALLS_PER_ROUND`` calls then one synchronize per timed round
 (so the launch-to-sync latency does not swamp microsecond kernels; time per call is in extra_info). On CPU: fp32,
 ``fastdiff`` is the default dispatch there, the reference PyTorch path (the Triton interpreter is excluded: it is a
 correctness tool, not a CPU path), and ``compile`` is one dynamic-shape compile reused for every shape (see
@@ -49,40 +50,34 @@ def _provider_fn(provider: str, compiled):
         return _eager
     if provider == "copy":
         return lambda x, *args: x.clone()
-    return compiled("group_norm_silu", _eager)[0]
+    return compiled("group_norm_silu", _eager)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bench_group_norm_silu(benchmark, compiled, shape, provider):
+def test_bench_group_norm_silu(benchmark, compiled, warm_up, synchronized, shape, provider):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device=DEVICE, dtype=DTYPE)
     c = shape[1]
     weight = (1 + 0.1 * torch.randn(c, generator=g)).to(device=DEVICE, dtype=DTYPE)
     bias = (0.1 * torch.randn(c, generator=g)).to(device=DEVICE, dtype=DTYPE)
     fn = _provider_fn(provider, compiled)
-    try:
-        expected = _eager(x.float(), NUM_GROUPS, weight.float(), bias.float(), 1e-5)
-        got = fn(x, NUM_GROUPS, weight, bias, 1e-5)  # warm-up: compiles Triton / inductor code
-    except Exception as exc:  # torch.compile can fail on a machine without a working toolchain
-        if provider == "compile":
-            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
-        raise
+    expected = _eager(x.float(), NUM_GROUPS, weight.float(), bias.float(), 1e-5)
+    got = warm_up(provider, fn, x, NUM_GROUPS, weight, bias, 1e-5)
     if provider != "copy":
         err = ((got.float() - expected).norm() / expected.norm()).item()
         assert err < 5e-3, f"{provider} disagrees with eager fp32: relative error {err:.2e}"
 
+    @synchronized
     def run():
         for _ in range(CALLS_PER_ROUND):
             y = fn(x, NUM_GROUPS, weight, bias, 1e-5)
-        if CUDA:
-            torch.cuda.synchronize()
         return y
 
     benchmark.group = f"group_norm_silu N={shape[0]} C={c} {shape[2]}x{shape[3]} G={NUM_GROUPS} {DTYPE}"
     benchmark.extra_info.update(provider=provider, device=DEVICE, dtype=str(DTYPE), calls_per_round=CALLS_PER_ROUND)
     if provider == "compile":
-        benchmark.extra_info["compile"] = compiled("group_norm_silu", _eager)[1]
+        benchmark.extra_info["compile"] = compiled.mode
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     if benchmark.stats is not None:  # None under --benchmark-disable
         per_call = benchmark.stats.stats.median / CALLS_PER_ROUND

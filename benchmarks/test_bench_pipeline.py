@@ -74,7 +74,7 @@ def _pair(case):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_bench_pipeline(benchmark, case, provider):
+def test_bench_pipeline(benchmark, warm_up, synchronized, case, provider):
     ours, theirs = _pair(case)
     if provider == "fastdiff":
         if CUDA:
@@ -92,18 +92,8 @@ def test_bench_pipeline(benchmark, case, provider):
             return pipe(batch_size=BATCH, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                         output_type="np")
 
-    def timed():
-        out = run()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    try:
-        timed()  # warm-up: first-call costs (compilation, autotuning, graph capture) are not timed
-    except Exception as exc:
-        if provider == "compile":
-            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
-        raise
+    timed = synchronized(run)
+    warm_up(provider, timed)  # first-call costs (compilation, autotuning, graph capture) are not timed
     benchmark.group = f"pipeline {case} DDIM {STEPS} steps batch {BATCH} {DEVICE.type}"
     benchmark.extra_info.update(provider=provider, steps=STEPS, batch=BATCH, device=DEVICE.type)
     benchmark.pedantic(timed, rounds=1 if not CUDA else 3, iterations=1, warmup_rounds=0)

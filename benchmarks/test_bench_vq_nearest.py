@@ -4,7 +4,7 @@ Providers:
     fastdiff  ``fastdiff.ops.vq_nearest(backend="native")``: the C++ kernel on CPU, the CUDA kernel on GPU
               (forced, and checked to have run)
     torch     ``torch.cdist(z, e).argmin(1)`` (materialises the N × K distances)
-    compile   ``torch.compile`` of the same expression (skipped if it fails to compile here)
+    compile   ``torch.compile`` of the same expression (benchmarks/conftest.py; skipped if it fails to compile here)
     faiss     ``faiss.IndexFlatL2(D)`` with the codebook added, ``index.search(z, 1)`` (CPU only; skipped when
               faiss-cpu is not installed: ``pip install fastdiff[faiss]``)
 
@@ -37,26 +37,13 @@ def _cdist_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.cdist(z, codebook).argmin(1)
 
 
-_compiled = None
-
-
-def _compiled_cdist_argmin():
-    global _compiled
-    if _compiled is None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per size
-        _compiled = torch.compile(_cdist_argmin)
-    return _compiled
-
-
-def _provider_fn(provider: str, z: torch.Tensor, codebook: torch.Tensor):
+def _provider_fn(provider: str, z: torch.Tensor, codebook: torch.Tensor, compiled):
     if provider == "fastdiff":
         return lambda: ops.vq_nearest(z, codebook, backend="native")
     if provider == "torch":
         return lambda: _cdist_argmin(z, codebook)
     if provider == "compile":
-        fn = _compiled_cdist_argmin()
+        fn = compiled("vq_nearest", _cdist_argmin)
         return lambda: fn(z, codebook)
     if provider == "faiss":
         if CUDA:
@@ -76,20 +63,15 @@ def _indices(out) -> torch.Tensor:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "N{}-K{}-D{}".format(*s))
-def test_bench_vq_nearest(benchmark, size, dtype, provider):
+def test_bench_vq_nearest(benchmark, compiled, warm_up, synchronized, size, dtype, provider):
     n, k, d = size
     z = torch.randn(n, d, device=DEVICE).to(dtype)
     codebook = torch.randn(k, d, device=DEVICE).to(dtype)
-    fn = _provider_fn(provider, z, codebook)
+    fn = _provider_fn(provider, z, codebook, compiled)
 
     # warm up (build, compile) and check the answer before timing anything
     fastdiff.reset_counts()
-    try:
-        out = fn()
-    except Exception as exc:  # torch.compile may be unusable here (no compiler, unsupported device)
-        if provider == "compile":
-            pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
-        raise
+    out = warm_up(provider, fn)
     if provider == "fastdiff":
         assert fastdiff.counts() == {("vq_nearest", "native"): 1}, fastdiff.counts()
     else:
@@ -97,17 +79,13 @@ def test_bench_vq_nearest(benchmark, size, dtype, provider):
         disagree = (_indices(out) != ours).float().mean().item()
         assert disagree <= MAX_DISAGREEMENT, f"{provider} disagrees with fastdiff on {disagree:.2%} of rows"
 
-    def timed():
-        result = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return result
-
     benchmark.group = f"vq_nearest N={n} K={k} D={d} {str(dtype).removeprefix('torch.')} {DEVICE.type}"
     flops = 2 * n * k * d
     benchmark.extra_info.update(provider=provider, N=n, K=k, D=d, dtype=str(dtype), device=DEVICE.type, flops=flops,
                                 threads=torch.get_num_threads())
-    benchmark(timed)
+    if provider == "compile":
+        benchmark.extra_info["compile"] = compiled.mode
+    benchmark(synchronized(fn))
 
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None under --benchmark-disable

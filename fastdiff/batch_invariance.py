@@ -16,8 +16,10 @@ it writes do not depend on ``--batch`` or on the number of ranks (tested: byte-i
 8 and 20, with 1 or 2 processes). On CUDA it is off by default: the same construction applies, but cuBLAS and cuDNN
 heuristics have not been checked for invariance there, and chunked convolutions cost throughput on a GPU.
 
-Cost on CPU (the digits models): see ``tests/test_batch_invariance.py`` for the invariance checks; the overhead is the
-Python dispatch of a ``TorchFunctionMode`` and the padded last chunk.
+Cost: the Python dispatch of a ``TorchFunctionMode``, one convolution call per chunk and the padded last chunk.
+Measured on the 2-core CPU (96 digits-ddpm images, 5 DDIM steps, guidance 2, one run each, other work running):
+1.5 s plain, 2.2 s in this mode; with chunks of 32 the cost shrank to a few percent but a batch of 1 costs 32 rows.
+The checks are in ``tests/test_batch_invariance.py`` and ``tests/test_generate.py``.
 """
 
 from __future__ import annotations

@@ -82,6 +82,17 @@ def _adam(params, lr: float, betas=(0.9, 0.999)):
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
 
 
+def _update(opt, loss: torch.Tensor, sched=None, clip_params=None) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backpropagate, (clip them to norm 1), step, (schedule)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
 def _warmup_cosine(opt, steps: int, warmup: int = 100):
     def factor(k):
         if k < warmup:
@@ -114,11 +125,7 @@ def _train_diffusion(unet, latents: torch.Tensor, labels: torch.Tensor, steps: i
         t = torch.randint(0, 1000, (len(y),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         loss = losses.ddpm_loss(unet, x0, t, noise, alphas_cumprod, class_labels=y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(opt, loss, sched, clip_params=unet.parameters())
         ema.update(unet)
         return {"loss": loss.item()}
 
@@ -185,10 +192,7 @@ def run_ldm(out: Path, steps: int, seed: int, progress: bool) -> dict:
         rec = F.mse_loss(recon, xb)
         kl = posterior.kl().mean() / xb[0].numel()
         loss = rec + 1e-3 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, loss, sched)
         return {"recon": rec.item(), "kl": kl.item()}
 
     vae_seconds = _loop("digits-ldm/vae", vae_steps, vae_step, progress)
@@ -227,10 +231,7 @@ def run_vqvae(out: Path, steps: int, seed: int, progress: bool) -> dict:
         recon, _, vq_loss = vq(xb)
         rec = F.mse_loss(recon, xb)
         loss = rec + vq_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(opt, loss, sched)
         return {"recon": rec.item(), "vq": vq_loss.item()}
 
     vq_seconds = _loop("digits-vqvae/vqvae", vq_steps, vq_step, progress)
@@ -289,13 +290,9 @@ def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
         z = torch.randn(len(real), 64, generator=gen)
         fake = g(z)
         loss_d = losses.gan_discriminator_loss(d(translate(real, 2, gen)), d(translate(fake.detach(), 2, gen)))
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+        _update(opt_d, loss_d)
         loss_g = losses.gan_generator_loss(d(translate(fake, 2, gen)))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        _update(opt_g, loss_g)
         ema.update(g)
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
 
@@ -325,9 +322,7 @@ def run_classifier(out: Path, steps: int, seed: int, progress: bool) -> dict:
         dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
         xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
         loss = F.cross_entropy(model(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
         return {"loss": loss.item()}
 
     seconds = _loop("digits-classifier", steps, step, progress)

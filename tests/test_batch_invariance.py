@@ -86,7 +86,7 @@ def test_linear_and_convolutions_match_plain_torch():
     assert empty.shape == (0, 8, 9, 9)
 
 
-def test_gradients_flow_and_the_mode_is_scoped():
+def test_gradients_flow_and_the_mode_is_scoped(monkeypatch):
     torch.manual_seed(2)
     lin = torch.nn.Linear(6, 3)
     x = torch.randn(4, 6, requires_grad=True)
@@ -104,16 +104,12 @@ def test_gradients_flow_and_the_mode_is_scoped():
         seen.append(1)
         return F.linear(*args, **kwargs)
 
-    original = batch_invariance._linear
-    batch_invariance._linear = spy
-    try:
-        with fastdiff.batch_invariant(enabled=False):
-            lin(x)
-        assert not seen  # enabled=False is a no-op
-        with fastdiff.batch_invariant():
-            lin(x)
-        assert len(seen) == 1
-        lin(x)  # outside the block: plain torch again
-        assert len(seen) == 1
-    finally:
-        batch_invariance._linear = original
+    monkeypatch.setattr(batch_invariance, "_linear", spy)
+    with fastdiff.batch_invariant(enabled=False):
+        lin(x)
+    assert not seen  # enabled=False is a no-op
+    with fastdiff.batch_invariant():
+        lin(x)
+    assert len(seen) == 1
+    lin(x)  # outside the block: plain torch again
+    assert len(seen) == 1
