@@ -55,7 +55,7 @@ def _extension_setup() -> dict:
     debug = _flag("DEBUG")
     openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []  # as fastdiff.native.openmp_flags
     cxx = (["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]) + openmp  # no -march: the ISA is picked at run time
-    sources = _sources("ops.cpp", "vq_nearest_cpu.cpp")
+    sources = _sources("ops.cpp", "vq_nearest_cpu.cpp", "rows_matmul_cpu.cpp")
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("FASTDIFF_SKIP_CUDA")
     if with_cuda:
         sources += _sources("vq_nearest_cuda.cpp", "cuda/*.cu")

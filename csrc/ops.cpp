@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "rows_matmul.h"
 #include "vq_nearest.h"
 
 namespace fastdiff {
@@ -27,10 +28,14 @@ std::string native_info() {
 
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   m.def("vq_nearest(Tensor z, Tensor codebook) -> (Tensor indices, Tensor distances)");
+  m.def("rows_matmul(Tensor x, Tensor weight) -> Tensor");
   m.def("_native_info() -> str", &fastdiff::native_info);
 }
 
-TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("vq_nearest", &fastdiff::vq_nearest_cpu); }
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("vq_nearest", &fastdiff::vq_nearest_cpu);
+  m.impl("rows_matmul", &fastdiff::rows_matmul_cpu);
+}
 
 // `import fastdiff._C` (the setup.py build) needs a module init; the just-in-time build is loaded as a plain
 // shared library, where the static registrations above are all that matters.

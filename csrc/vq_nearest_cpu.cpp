@@ -18,6 +18,8 @@
 // extension needs no -march flag and runs correctly on any x86-64 (or other) CPU.
 #include "vq_nearest.h"
 
+#include "cpu_isa.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -784,6 +786,8 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
   });
   return {indices, distances};
 }
+
+CpuIsa active_cpu_isa() { return static_cast<CpuIsa>(static_cast<int>(active_isa())); }
 
 std::string vq_cpu_isa() {
   switch (active_isa()) {

@@ -228,6 +228,15 @@ def _prepare_outdir(outdir: Path, manifest: dict, model_path: Path) -> list[int]
         elif not manifest["batch_invariant"] and old.get("batch") != manifest["batch"]:
             logger.warning("fastdiff: %s was started with --batch %s, continuing with %s: the rest may differ from an "
                            "uninterrupted run in the last bits", outdir, old.get("batch"), manifest["batch"])
+        old_path, new_path = old.get("cpu_code_path"), manifest["cpu_code_path"]
+        if "cpu_code_path" in old and old_path != new_path:  # (folders from before fastdiff recorded it: silent)
+            if isinstance(old_path, dict) and isinstance(new_path, dict):
+                what = "; ".join(f"{k} {old_path.get(k)} there, {new_path.get(k)} now"
+                                 for k in sorted(set(old_path) | set(new_path)) if old_path.get(k) != new_path.get(k))
+            else:
+                what = f"{old_path} there, {new_path} now"
+            logger.warning("fastdiff: %s was started on another CPU code path (%s): the rest may differ from an "
+                           "uninterrupted run in the last bits", outdir, what)
         if old.get("fastdiff_version") != manifest["fastdiff_version"]:
             logger.warning("fastdiff: %s was started with fastdiff %s, continuing with %s", outdir,
                            old.get("fastdiff_version"), manifest["fastdiff_version"])
@@ -421,6 +430,8 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
             "format": fmt,
             "batch": batch,  # not compared: recorded for the bit-exactness note above
             "batch_invariant": batch_invariant,  # not compared either
+            # the CPU code path (ISA of ATen, oneDNN and fastdiff's extension, torch version): not compared, warned
+            "cpu_code_path": batch_invariance.cpu_code_path() if dev.type == "cpu" else None,
             "file_names": f"{'N' * max(6, len(str(num - 1)))}.{fmt}",
             "seeding": SEEDING,
         }

@@ -35,7 +35,7 @@ logger = logging.getLogger("fastdiff")
 
 OP = "fastdiff::vq_nearest"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # installed as package data; a symlink to ../csrc in a checkout
-CPU_SOURCES = ("ops.cpp", "vq_nearest_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "vq_nearest_cpu.cpp", "rows_matmul_cpu.cpp")
 CUDA_BINDING = "vq_nearest_cuda.cpp"
 
 _lock = threading.Lock()
@@ -44,6 +44,7 @@ _origin = ""                    # where the loaded extension came from
 _error = ""                     # why it could not be loaded
 _fake_registered = False
 _kernels: dict[str, bool] = {}  # device type -> the loaded extension has a kernel for it (plain dict: traceable)
+_rows_matmul = False            # the loaded extension has fastdiff::rows_matmul for CPU tensors
 
 
 # --------------------------------------------------------------------------------------------- flags (as in setup.py)
@@ -147,7 +148,7 @@ def _register_fake() -> None:
 
 
 def _try_load() -> bool:
-    global _origin, _error
+    global _origin, _error, _rows_matmul
     if os.environ.get("FASTDIFF_NATIVE", "1") == "0":
         _error = "disabled by FASTDIFF_NATIVE=0"
         return False
@@ -170,6 +171,8 @@ def _try_load() -> bool:
     _register_fake()
     for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
         _kernels[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
+    _rows_matmul = hasattr(torch.ops.fastdiff, "rows_matmul") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastdiff::rows_matmul", "CPU")
     return True
 
 
@@ -187,6 +190,11 @@ def load() -> bool:
                 if not _loaded:
                     logger.debug("fastdiff: native extension unavailable: %s", _error)
     return bool(_loaded)
+
+
+def has_rows_matmul() -> bool:
+    """True when ``torch.ops.fastdiff.rows_matmul`` (the batch-invariant CPU GEMM) can run here (loads first)."""
+    return load() and _rows_matmul
 
 
 def _has_kernel(device: torch.device) -> bool:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff
-from fastdiff import batch_invariance
-from fastdiff.models import AutoencoderKL, DCGANGenerator, UNet
+from fastdiff import batch_invariance, native
+from fastdiff.models import AutoencoderKL, DCGANGenerator, StyleGenerator, UNet
 
 TOTAL = 21
 SIZES = (1, 2, 3, 5, 16, 17)  # sub-batches compared against the full batch of TOTAL rows
@@ -39,12 +39,21 @@ def _dcgan():
     return model, (lambda s: model(z[s]))
 
 
+def _style():
+    model = StyleGenerator(resolution=8, latent_dim=8, w_dim=8, mapping_layers=2, base_channels=8, max_channels=8,
+                           channels=1)
+    z = torch.randn(TOTAL, 8)
+    noise = model.make_noise(TOTAL)
+    return model, (lambda s: model(z[s], noise=[n[s] for n in noise]))
+
+
 def _sample(out):
     return getattr(out, "sample", out)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("factory", [_unet_cond, _decoder, _dcgan], ids=["unet_cond", "vae_decoder", "dcgan"])
+@pytest.mark.parametrize("factory", [_unet_cond, _decoder, _dcgan, _style],
+                         ids=["unet_cond", "vae_decoder", "dcgan", "style"])
 def test_rows_do_not_depend_on_the_batch(factory, threads):
     torch.manual_seed(0)
     model, call = factory()
@@ -64,6 +73,56 @@ def test_rows_do_not_depend_on_the_batch(factory, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(full, plain, rtol=1e-5, atol=1e-5)  # the same function
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_of_one_gets_the_gemm_of_any_other_batch(threads):
+    """The planted case of the first failure: (7 tokens × 12) @ (12 × 32) per row. Outside the mode a batch of 1 is one
+    BLAS GEMM (threaded when torch has 2 threads) and a larger batch a batched GEMM (one single-threaded GEMM per
+    row); MKL's threaded small GEMM sums in another order on some CPUs. Inside the mode fastdiff's own GEMM computes
+    each element as one FMA chain, whatever the rows around it."""
+    if not native.has_rows_matmul():
+        pytest.skip(f"native extension: {native.status()}")
+    torch.manual_seed(3)
+    x, w, b = torch.randn(TOTAL, 7, 12), torch.randn(32, 12), torch.randn(32)
+    y, z = torch.randn(TOTAL, 7, 32), torch.randn(TOTAL, 32, 5)
+    ops = {
+        "linear": lambda s: F.linear(x[s], w, b),
+        "matmul": lambda s: x[s] @ w.t(),
+        "mm": lambda s: torch.mm(x[s][:, 0], w.t()),
+        "bmm": lambda s: torch.bmm(y[s], z[s]),
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fastdiff.batch_invariant():
+            for name, op in ops.items():
+                full = op(slice(0, TOTAL))
+                for n in (1, 2, 3, batch_invariance.CHUNK + 1):
+                    for start in (0, TOTAL - n):
+                        assert torch.equal(op(slice(start, start + n)), full[start:start + n]), (name, start, n)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", ["native", "fallback"])
+def test_matmuls_match_plain_torch(path, monkeypatch):
+    if path == "fallback":  # BLAS in fixed-shape chunks: without the extension, other dtypes, or autograd
+        monkeypatch.setattr(native, "has_rows_matmul", lambda: False)
+    elif not native.has_rows_matmul():
+        pytest.skip(f"native extension: {native.status()}")
+    torch.manual_seed(4)
+    a, w, v = torch.randn(5, 3, 9), torch.randn(9, 4), torch.randn(9)
+    p, q = torch.randn(19, 6, 7), torch.randn(19, 7, 2)
+    with fastdiff.batch_invariant():
+        got = [a @ w, torch.matmul(a, w), a.matmul(w), torch.mm(a[0], w), a[0].mm(w), torch.bmm(p, q), p.bmm(q),
+               a @ v, torch.matmul(w.t(), a[0].t())]
+        empty = torch.mm(a[0][:0], w)
+    want = [a @ w, a @ w, a @ w, a[0] @ w, a[0] @ w, p @ q, p @ q, a @ v, w.t() @ a[0].t()]
+    for g, e in zip(got, want):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert empty.shape == (0, 4)
 
 
 def test_linear_and_convolutions_match_plain_torch():

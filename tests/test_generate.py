@@ -340,3 +340,33 @@ def test_resuming_with_another_mode_or_batch_warns(model_dir, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastdiff"):
         generate(model_dir, NUM, out2, batch=BATCH + 1, progress=False, batch_invariant=False)
     assert any(f"started with --batch {BATCH}, continuing with {BATCH + 1}" in r.getMessage() for r in caplog.records)
+
+
+
+def test_manifest_records_the_cpu_code_path_and_a_resume_on_another_warns(model_dir, reference, tmp_path, caplog):
+    from fastdiff.batch_invariance import cpu_code_path
+
+    out = tmp_path / "out"
+    generate(model_dir, NUM, out, batch=BATCH, progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["cpu_code_path"] == cpu_code_path()
+    assert set(manifest["cpu_code_path"]) == {"aten", "onednn", "native", "torch", "machine"}
+    assert manifest["cpu_code_path"]["aten"] == torch.backends.cpu.get_cpu_capability()
+    # as if the folder had been started on an AVX2 machine: resuming there warns, naming what differs
+    manifest["cpu_code_path"]["onednn"] = "AVX2"
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / "000004.png").unlink()
+    with caplog.at_level("WARNING", logger="fastdiff"):
+        generate(model_dir, NUM, out, batch=BATCH, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "another CPU code path" in r.getMessage()]
+    assert len(warned) == 1 and "onednn AVX2 there" in warned[0], warned
+    got = files(out)
+    got.pop(MANIFEST)
+    assert_same_files(got, {k: v for k, v in reference(None, "png").items() if k != MANIFEST})
+    caplog.clear()
+    (out / "000005.png").unlink()
+    del manifest["cpu_code_path"]  # a folder from before fastdiff recorded the path: resumed silently
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="fastdiff"):
+        generate(model_dir, NUM, out, batch=BATCH, progress=False)
+    assert not [r for r in caplog.records if "another CPU code path" in r.getMessage()]
