@@ -28,3 +28,17 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List the CPU code paths tests/test_isa_matrix.py covered and skipped (when it ran)."""
+    import sys
+
+    matrix = sys.modules.get("test_isa_matrix") or sys.modules.get("tests.test_isa_matrix")
+    if matrix is None or not (matrix.COVERED or matrix.SKIPPED):
+        return
+    terminalreporter.section("CPU code paths (tests/test_isa_matrix.py)")
+    for row, what in matrix.COVERED.items():
+        terminalreporter.write_line(f"covered {row}: {what}")
+    for row, why in matrix.SKIPPED.items():
+        terminalreporter.write_line(f"skipped {row}: {why}")
