@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fastdiff import native
+from fastdiff import dispatch, native
 
 __all__ = ["CHUNK", "batch_invariant", "cpu_code_path"]
 
@@ -78,7 +78,12 @@ def _native_ok(*tensors: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return native.has_rows_matmul()
+    if native.has_rows_matmul():
+        return True
+    dispatch.warn_once("batch-invariant-gemm", "fastdiff: batch_invariant() without the native extension "
+                       f"({native.status()}): matrix products fall back to BLAS in fixed-shape chunks, batch-invariant "
+                       "only where BLAS ignores memory alignment")
+    return False
 
 
 def _rows_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

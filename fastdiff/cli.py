@@ -165,6 +165,7 @@ def cmd_info(args) -> int:
           f"native extension: {info['native_extension']}")
     for op, path in info["ops"].items():
         print(f"  {op:16s} -> {path}")
+    print(f"batch_invariant() GEMM: {info['batch_invariant_gemm']}")
     return 0
 
 

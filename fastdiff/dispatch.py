@@ -145,4 +145,5 @@ def info() -> dict:
         "triton_interpret": interpret_enabled(),
         "backend_env": os.environ.get("FASTDIFF_BACKEND", "auto"),
         "native_extension": native.status(),
+        "batch_invariant_gemm": "native rows_matmul" if native.has_rows_matmul() else "BLAS in fixed-shape chunks",
     }
