@@ -127,3 +127,16 @@ def make_inputs(name: str, model: torch.nn.Module, seed: int = 0, batch: int = 2
 def build(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return CASES[name].build()
+
+
+def save_tiny_pixel_pipeline(path, scheduler) -> None:
+    """A tiny class-conditional pixel-diffusion pipeline folder at ``path`` (8×8 grayscale, self-attention at the
+    second level, 4 steps, guidance 2), made from seed 0: the model of the ``fastdiff generate`` tests."""
+    from fastdiff.pipelines import DiffusionPipeline
+
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
+                attention_levels=(1,), norm_num_groups=4, attention_head_dim=8, num_classes=10).eval()
+    pipe = DiffusionPipeline(unet, scheduler, sample_size=8)
+    pipe.settings.update(default_steps=4, default_guidance_scale=2.0)
+    pipe.save_pretrained(path)

@@ -23,6 +23,7 @@ from fastdiff.generate import MANIFEST, generate, image_generator, image_seed
 from fastdiff.models import StyleGenerator, UNet
 from fastdiff.pipelines import DiffusionPipeline, GANPipeline
 from fastdiff.schedulers import DDIMScheduler
+from model_factories import save_tiny_pixel_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM = 10
@@ -34,13 +35,8 @@ TIMEOUT = 180  # seconds for one subprocess (a 2-process torchrun run takes ~15 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny class-conditional pixel-diffusion pipeline folder (DDIM, 8×8 grayscale, 4 steps, guidance 2)."""
-    torch.manual_seed(0)
-    unet = UNet(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
-                attention_levels=(1,), norm_num_groups=4, attention_head_dim=8, num_classes=10).eval()
-    pipe = DiffusionPipeline(unet, DDIMScheduler(), sample_size=8)
-    pipe.settings.update(default_steps=4, default_guidance_scale=2.0)
     path = tmp_path_factory.mktemp("model")
-    pipe.save_pretrained(path)
+    save_tiny_pixel_pipeline(path, DDIMScheduler())
     return path
 
 

@@ -93,17 +93,11 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny class-conditional pixel-diffusion pipeline (self-attention, DDPM: noise drawn at every step)."""
-    from fastdiff.models import UNet
-    from fastdiff.pipelines import DiffusionPipeline
     from fastdiff.schedulers import DDPMScheduler
+    from model_factories import save_tiny_pixel_pipeline
 
-    torch.manual_seed(0)
-    unet = UNet(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
-                attention_levels=(1,), norm_num_groups=4, attention_head_dim=8, num_classes=10).eval()
-    pipe = DiffusionPipeline(unet, DDPMScheduler(), sample_size=8)
-    pipe.settings.update(default_steps=4, default_guidance_scale=2.0)
     path = tmp_path_factory.mktemp("isa-model")
-    pipe.save_pretrained(path)
+    save_tiny_pixel_pipeline(path, DDPMScheduler())
     return path
 
 
