@@ -11,8 +11,8 @@ output are not 64-byte aligned. Inside :func:`batch_invariant`:
 - ``linear``, ``matmul`` / ``@`` / ``mm`` with a 2-D right operand, and ``bmm`` run on fastdiff's own CPU GEMM
   (``torch.ops.fastdiff.rows_matmul``, in the native extension): every output element is one chain of fused
   multiply-adds in increasing k, so no batch size, row position, alignment, thread count or micro-kernel (AVX-512,
-  AVX2, portable — ``FASTDIFF_CPU_ISA``) changes a row's bits. It runs at about MKL's speed on these shapes
-  (88–200 GFLOP/s on the 2-core EPYC; 0.73–1.37× the time of ``F.linear`` on five UNet-sized shapes). Without the extension (or for other
+  AVX2, portable — ``FASTDIFF_CPU_ISA``) changes a row's bits. It runs at about MKL's speed: 0.76–1.03× the time of
+  ``F.linear`` on the five shapes of ``benchmarks/test_bench_rows_matmul.py`` (2-core AMD EPYC, 2026-12-04). Without the extension (or for other
   dtypes, devices, or when autograd needs gradients) the mode falls back to BLAS with a shape that does not depend
   on the batch (chunks of :data:`CHUNK` rows), which is invariant only where BLAS's result does not depend on
   alignment;
