@@ -30,9 +30,20 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" if (ROOT / "csrc").is_dir() else ROOT / "fastdiff" / "csrc"  # absolute: ninja runs elsewhere
 
 
-def _sources(*patterns: str) -> list[str]:
+def _native_build_config():
+    """fastdiff/native.py, loaded by path: the one place that lists the extension's sources and flags (it imports
+    nothing from fastdiff, so this works before fastdiff is installed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastdiff_native_build", ROOT / "fastdiff" / "native.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _relative(paths) -> list[str]:
     """Sources relative to setup.py, as setuptools requires (it runs from this directory)."""
-    return [p.relative_to(ROOT).as_posix() for pattern in patterns for p in sorted(CSRC.glob(pattern))]
+    return [p.relative_to(ROOT).as_posix() for p in paths]
 
 
 def _flag(name: str) -> bool:
@@ -52,19 +63,18 @@ def _extension_setup() -> dict:
                     "extension (it builds just in time on first use). Use `pip install --no-build-isolation .`", exc)
         return {}
 
-    debug = _flag("DEBUG")
-    openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []  # as fastdiff.native.openmp_flags
-    cxx = (["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]) + openmp  # no -march: the ISA is picked at run time
-    sources = _sources("ops.cpp", "vq_nearest_cpu.cpp", "rows_matmul_cpu.cpp")
+    build = _native_build_config()
+    openmp = build.openmp_flags()
+    sources = _relative(build.cpu_sources(CSRC))
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("FASTDIFF_SKIP_CUDA")
+    cxx = build.cxx_flags(with_cuda)
     if with_cuda:
-        sources += _sources("vq_nearest_cuda.cpp", "cuda/*.cu")
-        nvcc = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"]) + ["-DFASTDIFF_WITH_CUDA"]
+        sources += _relative(build.cuda_sources(CSRC))
         extension = CUDAExtension(
             "fastdiff._C",
             sources,
             include_dirs=[str(CSRC)],
-            extra_compile_args={"cxx": cxx + ["-DFASTDIFF_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": build.nvcc_flags()},
             extra_link_args=openmp,
         )
     else:

@@ -8,9 +8,10 @@
 | ``FASTDIFF_BACKEND=torch`` or ``backend="torch"`` | ``torch`` anywhere                     |
 | autograd needs gradients                         | ``torch`` (the public op calls the reference directly) |
 | Triton unavailable                               | ``torch``, one log line, never an error |
+| ``vq_nearest`` (a native op, no Triton kernel)    | ``native`` where the extension has a kernel for the device, else ``torch`` (one log line) |
 
-``backend="triton"`` forces the Triton kernels (compiled on CUDA, interpreted on CPU) and raises if they
-cannot run. The native VQ search (``fastdiff._C``) has its own availability check in :mod:`fastdiff.native`.
+``backend="triton"`` forces the Triton kernels (compiled on CUDA, interpreted on CPU) and ``backend="native"`` the
+extension (:mod:`fastdiff.native` loads it and says which kernels it has); both raise if they cannot run.
 
 Everything here is cheap (an environment lookup and a cached import check), so it runs on every call.
 """
@@ -29,6 +30,7 @@ logger = logging.getLogger("fastdiff")
 
 BACKENDS = ("auto", "torch", "triton", "native")
 TRITON_OPS = ("group_norm_silu", "attention", "ddim_step", "ddpm_step")
+NATIVE_OPS = ("vq_nearest",)  # ops whose fast path is the native extension (fastdiff._C)
 
 _lock = threading.Lock()
 _triton_checked: bool | None = None
@@ -81,13 +83,29 @@ def warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def select(op: str, device: torch.device, backend: str = "auto") -> str:
-    """Return the path ``op`` takes for tensors on ``device``: "triton", "interpreter" or "torch".
+def _select_native(op: str, device: torch.device, backend: str) -> str:
+    from fastdiff import native
 
-    Raises RuntimeError when ``backend="triton"`` is forced but the kernels cannot run here.
+    if backend == "torch":
+        return "torch"
+    if native.has_kernel(op, device.type):
+        return "native"
+    why = native.error() or f"the extension has no {device.type} kernel ({native.status()})"
+    if backend == "native":
+        raise RuntimeError(f"fastdiff: backend='native' requested for {op} but it cannot run here: {why}")
+    warn_once(f"native-{op}-{device.type}", f"fastdiff: native {op} unavailable ({why}); using the PyTorch reference")
+    return "torch"
+
+
+def select(op: str, device: torch.device, backend: str = "auto") -> str:
+    """Return the path ``op`` takes for tensors on ``device``: "triton", "interpreter", "native" or "torch".
+
+    Raises RuntimeError when ``backend="triton"`` / ``"native"`` is forced but that path cannot run here.
     """
     if backend == "auto":
         backend = env_backend()
+    if op in NATIVE_OPS:
+        return _select_native(op, device, backend)
     if backend in ("torch", "native"):
         return "torch"
     on_cuda = device.type == "cuda"
@@ -130,10 +148,9 @@ def info() -> dict:
     """Which path each op takes here, plus versions and devices (also ``fastdiff info``)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    paths = {op: select(op, device) for op in TRITON_OPS}
+    paths = {op: select(op, device) for op in TRITON_OPS + NATIVE_OPS}
     from fastdiff import native
 
-    paths["vq_nearest"] = native.vq_path(device)
     triton_version = None
     if triton_available():
         triton_version = getattr(importlib.import_module("triton"), "__version__", "unknown")

@@ -1,14 +1,17 @@
-"""The native extension fastdiff._C (VQ nearest-codebook search): loading, just-in-time build, and dispatch.
+"""The native extension fastdiff._C: its build configuration, loading, just-in-time build and status — a loader only.
 
 The extension registers ``torch.ops.fastdiff.vq_nearest(z, codebook) -> (indices, distances)`` (C++ and, where
-torch has CUDA, CUDA kernels); this module registers its fake (meta) implementation. Where the extension comes
+torch has CUDA, CUDA kernels) and ``torch.ops.fastdiff.rows_matmul(x, weight)`` (CPU); this module registers the
+fake (meta) implementation of vq_nearest and says which kernels the loaded extension has (:func:`has_kernel`). Which
+path an op takes is decided in :mod:`fastdiff.dispatch`, like every other op's; this module imports nothing else
+from fastdiff, so setup.py reads the build configuration (sources, flags) from this file. Where the extension comes
 from, in order (first use in a process decides, once):
 
 1. ``fastdiff._C``, built by ``pip install --no-build-isolation .`` (setup.py);
 2. a just-in-time build of the shipped sources (``fastdiff/csrc``) with ``torch.utils.cpp_extension.load`` into
    ``$FASTDIFF_CACHE`` (default ``~/.cache/fastdiff``), once per version of the sources, torch and Python. A file
    lock makes concurrent processes wait for one build. ``FASTDIFF_NO_JIT=1`` turns this step off;
-3. nothing: ``vq_nearest`` runs the PyTorch reference after one logged warning (``backend="native"`` raises).
+3. nothing: the ops run the PyTorch reference after one logged warning (``backend="native"`` raises).
 
 ``FASTDIFF_NATIVE=0`` skips the extension altogether. ``DEBUG=1`` builds the JIT copy with ``-O0 -g``.
 """
@@ -29,34 +32,50 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastdiff import dispatch, reference
-
 logger = logging.getLogger("fastdiff")
 
 OP = "fastdiff::vq_nearest"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"  # installed as package data; a symlink to ../csrc in a checkout
-CPU_SOURCES = ("ops.cpp", "vq_nearest_cpu.cpp", "rows_matmul_cpu.cpp")
-CUDA_BINDING = "vq_nearest_cuda.cpp"
 
 _lock = threading.Lock()
 _loaded: Optional[bool] = None  # None: not tried yet
 _origin = ""                    # where the loaded extension came from
 _error = ""                     # why it could not be loaded
 _fake_registered = False
-_kernels: dict[str, bool] = {}  # device type -> the loaded extension has a kernel for it (plain dict: traceable)
-_rows_matmul = False            # the loaded extension has fastdiff::rows_matmul for CPU tensors
+_kernels: dict[tuple[str, str], bool] = {}  # (op, device type) -> the loaded extension has it (plain dict: traceable)
+OPS = ("vq_nearest", "rows_matmul")  # the operators fastdiff._C may register (torch.ops.fastdiff.<op>)
 
 
-# --------------------------------------------------------------------------------------------- flags (as in setup.py)
+# --------------------------------------------------------------------------------------------- build configuration
+# The one place that lists the sources and flags: setup.py loads this file by path (it imports nothing from fastdiff).
+def cpu_sources(source_dir: Path = SOURCE_DIR) -> list[Path]:
+    """The C++ sources of the CPU build: ``*.cpp`` and ``cpu/*.cpp``, except the CUDA bindings (``*_cuda.cpp``)."""
+    found = [*sorted(source_dir.glob("*.cpp")), *sorted(source_dir.glob("cpu/*.cpp"))]
+    return [p for p in found if not p.name.endswith("_cuda.cpp")]
+
+
+def cuda_sources(source_dir: Path = SOURCE_DIR) -> list[Path]:
+    """What a CUDA build adds: the bindings (``*_cuda.cpp``) and the kernels (``cuda/*.cu``)."""
+    return [*sorted(source_dir.glob("*_cuda.cpp")), *sorted(source_dir.glob("cuda/*.cu"))]
+
+
 def openmp_flags() -> list[str]:
     """``-fopenmp`` where torch's ATen runs parallel_for on OpenMP (its header-inlined loop needs it)."""
     return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 
 
-def cxx_flags() -> list[str]:
-    """C++ flags of the JIT build: no -march (the micro-kernel ISA is chosen at run time from CPUID)."""
-    debug = os.environ.get("DEBUG", "0") == "1"
-    return (["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]) + openmp_flags()
+def debug_build() -> bool:
+    return os.environ.get("DEBUG", "0") == "1"
+
+
+def cxx_flags(with_cuda: bool = False) -> list[str]:
+    """C++ flags: no -march (the micro-kernel ISA is chosen at run time from CPUID)."""
+    flags = (["-O0", "-g"] if debug_build() else ["-O3", "-DNDEBUG"]) + openmp_flags()
+    return flags + (["-DFASTDIFF_WITH_CUDA"] if with_cuda else [])
+
+
+def nvcc_flags() -> list[str]:
+    return (["-O0", "-g", "-lineinfo"] if debug_build() else ["-O3"]) + ["-DFASTDIFF_WITH_CUDA"]
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -91,14 +110,14 @@ def _jit_build() -> str:
     """Build (or reuse) the extension from SOURCE_DIR, load it, and return the shared library's path."""
     from torch.utils import cpp_extension
 
-    if not (SOURCE_DIR / CPU_SOURCES[0]).is_file():
+    sources = cpu_sources()
+    if not (SOURCE_DIR / "ops.cpp").is_file():
         raise RuntimeError(f"the C++ sources are not installed (looked in {SOURCE_DIR})")
     with_cuda = _cuda_build_possible()
-    sources = [SOURCE_DIR / name for name in CPU_SOURCES]
     if with_cuda:
-        sources += [SOURCE_DIR / CUDA_BINDING, *sorted((SOURCE_DIR / "cuda").glob("*.cu"))]
-    cflags = cxx_flags() + (["-DFASTDIFF_WITH_CUDA"] if with_cuda else [])
-    cuda_flags = ["-O3", "-DFASTDIFF_WITH_CUDA"] if with_cuda else None
+        sources += cuda_sources()
+    cflags = cxx_flags(with_cuda)
+    cuda_flags = nvcc_flags() if with_cuda else None
 
     digest = hashlib.sha256()
     for path in sorted(p for p in SOURCE_DIR.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
@@ -148,7 +167,7 @@ def _register_fake() -> None:
 
 
 def _try_load() -> bool:
-    global _origin, _error, _rows_matmul
+    global _origin, _error
     if os.environ.get("FASTDIFF_NATIVE", "1") == "0":
         _error = "disabled by FASTDIFF_NATIVE=0"
         return False
@@ -169,10 +188,10 @@ def _try_load() -> bool:
         _error = f"{_origin} loaded but registered no fastdiff::vq_nearest"
         return False
     _register_fake()
-    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-        _kernels[device_type] = torch._C._dispatch_has_kernel_for_dispatch_key(OP, key)
-    _rows_matmul = hasattr(torch.ops.fastdiff, "rows_matmul") and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastdiff::rows_matmul", "CPU")
+    for op in OPS:
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            _kernels[op, device_type] = hasattr(torch.ops.fastdiff, op) and \
+                torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", key)
     return True
 
 
@@ -192,62 +211,27 @@ def load() -> bool:
     return bool(_loaded)
 
 
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when the extension (loaded first if need be) has a kernel for ``torch.ops.fastdiff.<op>`` on
+    ``device_type`` ("cpu" or "cuda"). After the first call it only reads a dict (torch.compile traces through)."""
+    return load() and _kernels.get((op, device_type), False)
+
+
 def has_rows_matmul() -> bool:
     """True when ``torch.ops.fastdiff.rows_matmul`` (the batch-invariant CPU GEMM) can run here (loads first)."""
-    return load() and _rows_matmul
+    return has_kernel("rows_matmul", "cpu")
 
 
-def _has_kernel(device: torch.device) -> bool:
-    return _kernels.get(device.type, False)
+def error() -> str:
+    """Why the extension could not be loaded ("" when it was, or was not tried yet)."""
+    return _error
 
 
 # --------------------------------------------------------------------------------------------- reporting
 def status() -> str:
     """One line on the extension: where it came from and what it runs (for ``fastdiff.info()``)."""
     if _loaded is None:
-        return "not loaded yet (loads on the first vq_nearest call)"
+        return "not loaded yet (loads on the first native op call)"
     if not _loaded:
         return f"unavailable: {_error}"
     return f"{_origin} ({torch.ops.fastdiff._native_info()})"
-
-
-def vq_path(device: torch.device) -> str:
-    """The path vq_nearest takes for tensors on ``device`` under FASTDIFF_BACKEND: "native" or "torch"."""
-    if dispatch.env_backend() == "torch":
-        return "torch"
-    return "native" if load() and _has_kernel(device) else "torch"
-
-
-# --------------------------------------------------------------------------------------------- dispatch
-def _select(device: torch.device, backend: str) -> str:
-    if backend == "auto":
-        backend = dispatch.env_backend()
-    if backend == "torch":
-        return "torch"
-    if load() and _has_kernel(device):
-        return "native"
-    why = _error if not _loaded else f"the extension has no {device.type} kernel ({status()})"
-    if backend == "native":
-        raise RuntimeError(f"fastdiff: backend='native' requested for vq_nearest but it cannot run here: {why}")
-    dispatch.warn_once(f"vq-native-{device.type}", f"fastdiff: native vq_nearest unavailable ({why}); "
-                                                     "using the PyTorch reference")
-    return "torch"
-
-
-def vq_nearest(
-    z: Tensor, codebook: Tensor, *, return_distances: bool = False, backend: str = "auto"
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Dispatch for :func:`fastdiff.ops.vq_nearest` (which validates first; see there for the contract).
-
-    ``backend``: "auto" (FASTDIFF_BACKEND, then the extension where it has a kernel for the device), "torch"
-    (the reference) or "native" (the extension; RuntimeError when it cannot run here). When autograd needs
-    gradients of the distances the reference runs, whatever the backend.
-    """
-    needs_grad = return_distances and torch.is_grad_enabled() and (z.requires_grad or codebook.requires_grad)
-    path = "torch" if needs_grad else _select(z.device, backend)
-    dispatch.record("vq_nearest", path)
-    if path == "native":
-        indices, distances = torch.ops.fastdiff.vq_nearest(z.detach(), codebook.detach())  # no autograd kernel
-    else:
-        indices, distances = reference.vq_nearest(z, codebook)
-    return (indices, distances) if return_distances else indices

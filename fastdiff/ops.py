@@ -431,6 +431,12 @@ def vq_nearest(
     backend = dispatch.check_backend(backend)
     if backend == "triton":
         raise ValueError("backend='triton': vq_nearest has no Triton kernel; use None/'auto', 'torch' or 'native'")
-    from fastdiff import native
-
-    return native.vq_nearest(z, codebook, return_distances=return_distances, backend=backend)
+    # autograd through the distances needs the reference (the native kernel has no backward), whatever the backend
+    needs_grad = return_distances and _needs_grad(z, codebook)
+    path = "torch" if needs_grad else dispatch.select("vq_nearest", z.device, backend)
+    dispatch.record("vq_nearest", path)
+    if path == "native":
+        indices, distances = torch.ops.fastdiff.vq_nearest(z.detach(), codebook.detach())
+    else:
+        indices, distances = reference.vq_nearest(z, codebook)
+    return (indices, distances) if return_distances else indices

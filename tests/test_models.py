@@ -9,7 +9,7 @@ from model_factories import CASES, build, case_params, make_inputs, needs_vq, ru
 from utils import assert_rel_close
 
 import fastdiff
-from fastdiff import native
+from fastdiff import dispatch
 from fastdiff.models import (
     VAE,
     VQVAE,
@@ -77,7 +77,7 @@ def test_fused_matches_reference(name, monkeypatch):
         for op in ("group_norm_silu", "attention"):
             assert counts.get((op, "interpreter"), 0) > 0, f"{name}: {op} did not run the Triton interpreter: {counts}"
             assert counts.get((op, "torch"), 0) == 0, f"{name}: {op} fell back to the reference: {counts}"
-    if CASES[name].vq and native.vq_path(torch.device("cpu")) != "torch":
+    if CASES[name].vq and dispatch.select("vq_nearest", torch.device("cpu")) != "torch":
         assert any(op == "vq_nearest" and path != "torch" for op, path in counts), f"vq_nearest path: {counts}"
 
 

@@ -88,9 +88,9 @@ def test_native_extension_is_built(monkeypatch):
     assert "cpu=" in native.status(), native.status()
     monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
     assert fastdiff.info()["ops"]["vq_nearest"] == "native"
-    assert native.vq_path(torch.device("cpu")) == "native"
+    assert dispatch.select("vq_nearest", torch.device("cpu")) == "native"
     monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
-    assert native.vq_path(torch.device("cpu")) == "torch"
+    assert dispatch.select("vq_nearest", torch.device("cpu")) == "torch"
 
 
 # --------------------------------------------------------------------------------------------- correctness
@@ -332,7 +332,7 @@ def test_unavailable_extension_falls_back_once(monkeypatch, caplog):
     assert torch.equal(first, second)
     warnings = [r for r in caplog.records if "vq_nearest" in r.getMessage()]
     assert len(warnings) == 1 and "no compiler (simulated)" in warnings[0].getMessage()
-    assert native.vq_path(torch.device("cpu")) == "torch"
+    assert dispatch.select("vq_nearest", torch.device("cpu")) == "torch"
     assert native.status().startswith("unavailable")
     with pytest.raises(RuntimeError, match="backend='native'"):
         ops.vq_nearest(z, codebook, backend="native")
