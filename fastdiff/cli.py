@@ -14,16 +14,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-SAMPLERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-}
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 class UsageError(Exception):
     """A bad argument: reported as one line on stderr, exit code 2."""
 
@@ -53,41 +43,6 @@ def check_writable_file(path: str) -> Path:
     return out
 
 
-def resolve_device(device: Optional[str]):
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    return dev
-
-
-def load_pipeline_for_cli(model: str, sampler: Optional[str], device, dtype: Optional[str]):
-    """A shipped model (or pipeline folder) with its scheduler swapped for ``sampler``; UsageError if unknown."""
-    import torch
-
-    import fastdiff
-    from fastdiff import schedulers
-
-    try:
-        path = fastdiff.hub.model_path(model)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    pipe = fastdiff.load(path, device=device, dtype=getattr(torch, DTYPES[dtype]) if dtype else None)
-    if sampler is not None:
-        if getattr(pipe, "scheduler", None) is None:
-            raise UsageError(f"--sampler: model {model!r} has no diffusion sampler (it is a GAN)")
-        pipe.scheduler = getattr(schedulers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
-    return pipe
-
-
 # --------------------------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
     import torch
@@ -100,43 +55,26 @@ def cmd_sample(args) -> int:
     if args.seed < 0:
         raise UsageError(f"--seed must be ≥ 0, got {args.seed}")
     out = check_writable_file(args.out)
-    device = resolve_device(args.device)
+    device = fastdiff.hub.resolve_device(args.device)
     if args.backend:
         os.environ["FASTDIFF_BACKEND"] = args.backend
-    try:
-        settings = fastdiff.hub.model_settings(fastdiff.hub.model_path(args.model))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    pipe = load_pipeline_for_cli(args.model, args.sampler, device, args.dtype)
-
-    kwargs = {"batch_size": args.num, "generator": torch.Generator("cpu").manual_seed(args.seed),
-              "output_type": "pil", "progress": not args.quiet}
-    unet = getattr(pipe, "unet", None)
-    num_classes = getattr(getattr(unet, "config", None), "num_classes", None)
+    pipe = fastdiff.load(args.model, sampler=args.sampler, device=device, dtype=args.dtype)
+    defaults = fastdiff.hub.sampling_defaults(pipe, steps=args.steps, guidance=args.guidance, model=args.model)
+    labels = defaults.class_labels(range(args.num))
     if args.class_label is not None:
-        if num_classes is None:
+        if labels is None:
             raise UsageError(f"--class: model {args.model!r} is unconditional")
-        if not 0 <= args.class_label < num_classes:
-            raise UsageError(f"--class must be in [0, {num_classes}), got {args.class_label}")
-        kwargs["class_labels"] = [args.class_label] * args.num
-    elif num_classes is not None:
-        kwargs["class_labels"] = [i % num_classes for i in range(args.num)]
-    guidance = args.guidance if args.guidance is not None else settings.get("default_guidance_scale")
-    if guidance is not None:
-        if args.guidance is not None and num_classes is None and getattr(unet, "config", None) is not None \
-                and getattr(unet.config, "context_dim", None) is None:
-            raise UsageError(f"--guidance: model {args.model!r} is unconditional")
-        if num_classes is not None:
-            kwargs["guidance_scale"] = guidance
-    if unet is not None:
-        steps = args.steps or settings.get("default_steps", 25)
-        num_train = pipe.scheduler.config.num_train_timesteps
-        if steps > num_train:
-            raise UsageError(f"--steps must be ≤ {num_train} (the model's training steps), got {steps}")
-        kwargs["num_inference_steps"] = steps
-    elif args.steps is not None:
-        raise UsageError(f"--steps: model {args.model!r} samples in one step (a GAN)")
+        if not 0 <= args.class_label < defaults.num_classes:
+            raise UsageError(f"--class must be in [0, {defaults.num_classes}), got {args.class_label}")
+        labels = [args.class_label] * args.num
+    kwargs = {"batch_size": args.num, "generator": torch.Generator("cpu").manual_seed(args.seed),
+              "output_type": "pil", "progress": not args.quiet, **defaults.call_kwargs()}
+    if labels is not None:
+        kwargs["class_labels"] = labels
+    else:  # guidance is for class-conditional models here (a text model's context comes from Python callers)
+        kwargs.pop("guidance_scale", None)
     images = pipe(**kwargs)
+    settings = pipe.settings
     save_grid(images, out, nrow=int(settings.get("grid_columns", 0)) or None, scale=int(settings.get("grid_scale", 1)))
     print(f"wrote {out} ({len(images)} images, model {args.model}, seed {args.seed})")
     return 0
@@ -173,15 +111,15 @@ def cmd_info(args) -> int:
 def cmd_eval(args) -> int:
     from fastdiff import evaluation
 
+    import fastdiff
+
     _positive("--num", args.num)
     _positive("--steps", args.steps)
-    device = resolve_device(args.device)
-    pipe = load_pipeline_for_cli(args.model, args.sampler, device, None)
+    pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device))
     report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, model=args.model)
     print(evaluation.format_report(args.model, report))
     if args.card:
-        import fastdiff
         from fastdiff import training
 
         print(f"wrote {training.write_model_card(fastdiff.hub.model_path(args.model), report)}")
@@ -190,6 +128,7 @@ def cmd_eval(args) -> int:
 
 def cmd_bench(args) -> int:
     from fastdiff import bench
+    from fastdiff.hub import resolve_device
 
     device = resolve_device(args.device)
     print(bench.quick_table(device, repeats=args.repeats))
@@ -215,6 +154,8 @@ def cmd_generate(args) -> int:
 
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from fastdiff.hub import DTYPES, SAMPLERS
+
     p = _Parser(prog="fastdiff", description="Fast samplers for image-generation models.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)

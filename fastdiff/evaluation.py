@@ -48,26 +48,24 @@ def _features_and_predictions(classifier, images: torch.Tensor, batch: int = 512
 
 
 def evaluate(pipe, num: int = 500, steps: int = 25, guidance: Optional[float] = None, seed: int = 0,
-             batch_size: int = 250, progress: bool = True) -> dict:
+             batch_size: int = 250, progress: bool = True, model: Optional[str] = None) -> dict:
     """Sample ``num`` images from ``pipe`` and score them. Class-conditional models get labels i mod 10."""
     from fastdiff.data import load_digits
+    from fastdiff.hub import sampling_defaults
 
     classifier = load_classifier()
     unet = getattr(pipe, "unet", None)
-    num_classes = getattr(getattr(unet, "config", None), "num_classes", None)
-    if guidance is None:
-        guidance = pipe.settings.get("default_guidance_scale") if num_classes is not None else None
-    labels = torch.arange(num) % num_classes if num_classes is not None else None
+    defaults = sampling_defaults(pipe, steps=steps if unet is not None else None, guidance=guidance, model=model)
+    labels = defaults.class_labels(range(num))
+    labels = None if labels is None else torch.tensor(labels)
     generator = torch.Generator("cpu").manual_seed(seed)
     images = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
-        kwargs = {"batch_size": n, "generator": generator, "output_type": "pt", "progress": progress}
-        if unet is not None:
-            kwargs["num_inference_steps"] = steps
+        kwargs = {"batch_size": n, "generator": generator, "output_type": "pt", "progress": progress,
+                  **defaults.call_kwargs()}
         if labels is not None:
             kwargs["class_labels"] = labels[start:start + n]
-            kwargs["guidance_scale"] = guidance
         images.append(pipe(**kwargs) * 2 - 1)  # back to [−1, 1], the classifier's input range
     images = torch.cat(images)
     feats, preds = _features_and_predictions(classifier, images)

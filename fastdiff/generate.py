@@ -63,7 +63,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import batch_invariance
+from fastdiff import batch_invariance, hub
+from fastdiff._version import __version__
 
 logger = logging.getLogger("fastdiff")
 
@@ -292,12 +293,7 @@ class _Dist:
 def _resolve_device(device) -> torch.device:
     """The device this rank samples on: ``device`` (default cuda if present, else cpu); under torchrun a bare
     "cuda" means cuda:LOCAL_RANK."""
-    from fastdiff.cli import UsageError, resolve_device
-
-    try:
-        dev = resolve_device(None if device is None else str(device))
-    except UsageError as exc:
-        raise ValueError(str(exc)) from None
+    dev = hub.resolve_device(None if device is None else str(device))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
@@ -328,32 +324,19 @@ def _init_distributed(device: torch.device) -> _Dist:
 
 
 # --------------------------------------------------------------------------------------------- the job
-def _resolve_job(pipe, model: str, settings: dict, steps: int | None, guidance: float | None):
-    """(num_classes, steps, guidance) for this pipeline; ValueError for what it cannot generate."""
+def _resolve_job(pipe, model: str, steps: int | None, guidance: float | None) -> hub.SamplingDefaults:
+    """The model's sampling defaults (:func:`fastdiff.hub.sampling_defaults`); ValueError for what generate cannot
+    make: a VQ-VAE without a prior UNet, a model that needs a text context."""
     from fastdiff.pipelines import GANPipeline
 
     unet = getattr(pipe, "unet", None)
-    if isinstance(pipe, GANPipeline):
-        if steps is not None:
-            raise ValueError(f"--steps: model {model!r} samples in one step (a GAN)")
-        if guidance is not None:
-            raise ValueError(f"--guidance: model {model!r} is unconditional (a GAN)")
-        return None, None, None
-    if unet is None or getattr(pipe, "scheduler", None) is None:
-        raise ValueError(f"--model {model!r} has no sampler (a VQ-VAE without a prior UNet): nothing to generate")
-    if getattr(unet.config, "context_dim", None) is not None:
-        raise ValueError(f"--model {model!r} needs a context (text) to sample; generate makes unconditional and "
-                         f"class-conditional images")
-    num_classes = getattr(unet.config, "num_classes", None)
-    if guidance is not None and num_classes is None:
-        raise ValueError(f"--guidance: model {model!r} is unconditional")
-    if guidance is None and num_classes is not None:
-        guidance = settings.get("default_guidance_scale")
-    steps = steps if steps is not None else int(settings.get("default_steps", 25))
-    num_train = pipe.scheduler.config.num_train_timesteps
-    if steps > num_train:
-        raise ValueError(f"--steps must be ≤ {num_train} (the model's training steps), got {steps}")
-    return num_classes, steps, None if guidance is None else float(guidance)
+    if not isinstance(pipe, GANPipeline):
+        if unet is None or getattr(pipe, "scheduler", None) is None:
+            raise ValueError(f"--model {model!r} has no sampler (a VQ-VAE without a prior UNet): nothing to generate")
+        if getattr(unet.config, "context_dim", None) is not None:
+            raise ValueError(f"--model {model!r} needs a context (text) to sample; generate makes unconditional and "
+                             f"class-conditional images")
+    return hub.sampling_defaults(pipe, steps=steps, guidance=guidance, model=model)
 
 
 def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batch: int = 256,
@@ -380,9 +363,6 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         ValueError (TypeError for a non-number) naming the argument, before any image is made: bad numbers, unknown model or sampler, a file or an
         unwritable path as ``outdir``, an ``outdir`` made with other settings (see ``outdir/manifest.json``).
     """
-    import fastdiff
-    from fastdiff.cli import SAMPLERS, UsageError, load_pipeline_for_cli
-
     # 1. arguments (every rank, before anything starts)
     num = _check_int("--num", num, 1)
     batch = _check_int("--batch", batch, 1)
@@ -397,10 +377,9 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         raise ValueError(f"--guidance must be finite, got {guidance!r}")
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-    path = fastdiff.hub.model_path(model)  # ValueError for an unknown name
-    settings = fastdiff.hub.model_settings(path)
+    if sampler is not None and sampler not in hub.SAMPLERS:
+        raise ValueError(f"--sampler must be one of {sorted(hub.SAMPLERS)}, got {sampler!r}")
+    path = hub.model_path(model)  # ValueError for an unknown name
     outdir = Path(outdir)
     _check_outdir(outdir)
     dev = _resolve_device(device)
@@ -412,14 +391,12 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
     dist = _init_distributed(dev)
     try:
         # 2. the pipeline and what it will be asked for (same on every rank)
-        try:
-            pipe = load_pipeline_for_cli(str(path), sampler, dev, None)
-        except UsageError as exc:
-            raise ValueError(str(exc)) from None
-        num_classes, steps, guidance = _resolve_job(pipe, str(model), settings, steps, guidance)
+        pipe = hub.load(path, sampler=sampler, device=dev)
+        job = _resolve_job(pipe, str(model), steps, guidance)
+        num_classes, steps, guidance = job.num_classes, job.steps, job.guidance
         scheduler = getattr(pipe, "scheduler", None)
         manifest = {
-            "fastdiff_version": fastdiff.__version__,
+            "fastdiff_version": __version__,
             "model": str(model),
             "model_digest": None,  # filled in by rank 0
             "pipeline": type(pipe).__name__,
@@ -470,13 +447,9 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
                 t0 = time.perf_counter()
                 rows = chunk + chunk[-1:] * (rows_per_call - len(chunk))  # a fixed shape: padded, extra rows dropped
                 kwargs = {"batch_size": len(rows), "generator": [image_generator(seed, i) for i in rows],
-                          "output_type": "np", "progress": False}
-                if steps is not None:
-                    kwargs["num_inference_steps"] = steps
+                          "output_type": "np", "progress": False, **job.call_kwargs()}
                 if num_classes is not None:
-                    kwargs["class_labels"] = [i % num_classes for i in rows]
-                if guidance is not None:
-                    kwargs["guidance_scale"] = guidance
+                    kwargs["class_labels"] = job.class_labels(rows)
                 with batch_invariance.batch_invariant(batch_invariant):
                     images = pipe(**kwargs)[:len(chunk)]  # (B, H, W, C) float32 in [0, 1]
                 for index, image in zip(chunk, images):

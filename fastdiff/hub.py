@@ -1,13 +1,20 @@
-"""The models that ship inside the package, by name: ``fastdiff.list_models()`` and ``fastdiff.load(name)``.
+"""The models that ship inside the package, by name, and how to sample them: ``fastdiff.list_models()``,
+``fastdiff.load(name, sampler=..., device=..., dtype=...)`` and the per-model sampling defaults.
 
 Each shipped model is a pipeline folder under ``fastdiff/assets/<name>/`` (``model_index.json``, one subfolder per
 component, ``MODEL_CARD.md``). Nothing is downloaded: a name that is not shipped is an error.
+
+This module is the one home of what the command (``fastdiff sample / eval / generate``) and the library share:
+the sampler names (:data:`SAMPLERS`), the sampler swap, device and dtype resolution, and the sampling defaults of a
+model (:func:`sampling_defaults`: class labels cycling 0 … num_classes − 1, the model's default steps and guidance,
+GANs take no steps). Errors are ``ValueError`` / ``TypeError`` naming the argument as the command spells it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -15,6 +22,16 @@ import torch
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "digits-ddpm"
+DEFAULT_STEPS = 25  # sampler steps when neither the caller nor the model's settings say
+# sampler name → scheduler class in fastdiff.schedulers
+SAMPLERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def list_models() -> list[str]:
@@ -42,13 +59,108 @@ def model_settings(name_or_path: Union[str, os.PathLike]) -> dict:
     return dict(index.get("settings", {}))
 
 
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``device`` as a torch.device: None → cuda if available, else cpu. ValueError for anything but an available
+    cpu/cuda device."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """None (the weights' own dtype), a torch floating dtype, or a name of :data:`DTYPES` ("fp32", "fp16", "bf16")."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise TypeError(f"--dtype must be a name or a torch.dtype, got {type(dtype).__name__}")
+    raise ValueError(f"--dtype must be one of {sorted(DTYPES)} (or float32/float16/bfloat16), got {dtype!r}")
+
+
 def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[str, torch.device, None] = None,
-         dtype: Optional[torch.dtype] = None):
+         dtype: Union[str, torch.dtype, None] = None, sampler: Optional[str] = None):
     """The ready pipeline of a shipped model (see :func:`list_models`) or of a saved pipeline folder.
 
-    Example: ``fastdiff.load("digits-ddpm")(batch_size=16, class_labels=[3] * 16, num_inference_steps=25,
-    guidance_scale=3.0, output_type="np")``. Raises ValueError for an unknown name.
+    ``sampler``: one of :data:`SAMPLERS` to replace the model's own scheduler (its configuration carried over);
+    ``device``: "cpu", "cuda" or None (as the weights load: cpu); ``dtype``: a torch dtype or "fp32"/"fp16"/"bf16".
+
+    Example: ``fastdiff.load("digits-ddpm", sampler="dpm++")(batch_size=16, class_labels=[3] * 16,
+    num_inference_steps=15, guidance_scale=3.0, output_type="np")``. Raises ValueError for an unknown name or
+    sampler, or a sampler for a model without one (a GAN); TypeError for arguments of the wrong type.
     """
+    from fastdiff import schedulers
     from fastdiff.pipelines import load_pipeline
 
-    return load_pipeline(model_path(name_or_path), device=device, dtype=dtype)
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
+        raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    dev = None if device is None else resolve_device(device)
+    path = model_path(name_or_path)
+    pipe = load_pipeline(path, device=dev, dtype=resolve_dtype(dtype))
+    if sampler is not None:
+        if getattr(pipe, "scheduler", None) is None:
+            raise ValueError(f"--sampler: model {str(name_or_path)!r} has no diffusion sampler (it is a GAN)")
+        pipe.scheduler = getattr(schedulers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+    return pipe
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a pipeline is called with when the caller does not say: ``num_classes`` (None: not class-conditional;
+    else image i gets class i mod num_classes), ``steps`` (None for a GAN) and ``guidance`` (None: no guidance)."""
+
+    num_classes: Optional[int]
+    steps: Optional[int]
+    guidance: Optional[float]
+
+    def class_labels(self, indices) -> Optional[list[int]]:
+        """The class of each image index (labels cycling 0 … num_classes − 1), or None when unconditional."""
+        return None if self.num_classes is None else [int(i) % self.num_classes for i in indices]
+
+    def call_kwargs(self) -> dict:
+        """The step and guidance keyword arguments of the pipeline call (none for a GAN or without guidance)."""
+        kwargs = {}
+        if self.steps is not None:
+            kwargs["num_inference_steps"] = self.steps
+        if self.guidance is not None:
+            kwargs["guidance_scale"] = self.guidance
+        return kwargs
+
+
+def sampling_defaults(pipe, steps: Optional[int] = None, guidance: Optional[float] = None,
+                      model: Optional[str] = None) -> SamplingDefaults:
+    """The steps, guidance and classes a call of ``pipe`` uses: the caller's ``steps`` / ``guidance`` where given,
+    else the model's saved ``default_steps`` (else :data:`DEFAULT_STEPS`) and ``default_guidance_scale``.
+
+    Raises ValueError naming the argument: steps for a GAN (one step) or more steps than the model was trained with,
+    guidance for a model with neither classes nor a text context.
+    """
+    what = f"model {model!r}" if model else "this model"
+    settings = getattr(pipe, "settings", {}) or {}
+    unet = getattr(pipe, "unet", None)
+    config = getattr(unet, "config", None)
+    num_classes = getattr(config, "num_classes", None)
+    conditional = num_classes is not None or getattr(config, "context_dim", None) is not None
+    if unet is None or getattr(pipe, "scheduler", None) is None:  # a GAN (or a VQ-VAE without a prior): one step
+        if steps is not None:
+            raise ValueError(f"--steps: {what} samples in one step (a GAN)")
+        if guidance is not None:
+            raise ValueError(f"--guidance: {what} is unconditional (a GAN)")
+        return SamplingDefaults(None, None, None)
+    if guidance is not None and not conditional:
+        raise ValueError(f"--guidance: {what} is unconditional")
+    if guidance is None and num_classes is not None:
+        guidance = settings.get("default_guidance_scale")
+    steps = steps if steps is not None else int(settings.get("default_steps", DEFAULT_STEPS))
+    num_train = pipe.scheduler.config.num_train_timesteps
+    if steps > num_train:
+        raise ValueError(f"--steps must be ≤ {num_train} (the model's training steps), got {steps}")
+    return SamplingDefaults(num_classes, steps, None if guidance is None else float(guidance))

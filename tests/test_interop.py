@@ -363,7 +363,7 @@ def test_ddim_pipeline_folder(tmp_path):
     theirs = diffusers.DDIMPipeline(unet=build_diffusers("UNet2DModel", "attn-level0-one-head-sincos-no-mid-attn"),
                                     scheduler=diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
     theirs.save_pretrained(tmp_path)
-    pipe = fastdiff.pipelines.from_diffusers(tmp_path)
+    pipe = fastdiff.pipeline_from_diffusers(tmp_path)
     assert type(pipe) is fastdiff.pipelines.DiffusionPipeline and isinstance(pipe.scheduler, fs.DDIMScheduler)
     assert pipe.settings["sample_size"] == 8 and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     theirs.set_progress_bar_config(disable=True)
@@ -390,8 +390,8 @@ def test_latent_pipeline_folder(tmp_path):
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "safety_checker": [None, None]}))
     with pytest.raises(ValueError, match=r"\['text_encoder', 'tokenizer'\].*ignore="):
-        fastdiff.pipelines.from_diffusers(tmp_path)
-    pipe = fastdiff.pipelines.from_diffusers(tmp_path, ignore=("text_encoder", "tokenizer"))
+        fastdiff.pipeline_from_diffusers(tmp_path)
+    pipe = fastdiff.pipeline_from_diffusers(tmp_path, ignore=("text_encoder", "tokenizer"))
     assert type(pipe) is fastdiff.pipelines.LatentDiffusionPipeline and pipe.settings["sample_size"] == 8
     context = torch.randn(2, 5, 12)
     out = pipe(batch_size=2, num_inference_steps=3, generator=0, context=context, output_type="pt", progress=False)
@@ -414,7 +414,7 @@ def test_ldm_pipeline_folder_with_a_vqvae(tmp_path):
     theirs = diffusers.LDMPipeline(vqvae=build_diffusers("VQModel", "embed-dim-no-attn"), unet=unet,
                                    scheduler=diffusers.DDIMScheduler())
     theirs.save_pretrained(tmp_path)
-    pipe = fastdiff.pipelines.from_diffusers(tmp_path)
+    pipe = fastdiff.pipeline_from_diffusers(tmp_path)
     assert type(pipe) is fastdiff.pipelines.VQPipeline
     theirs.set_progress_bar_config(disable=True)
     ref = theirs(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
@@ -425,13 +425,13 @@ def test_ldm_pipeline_folder_with_a_vqvae(tmp_path):
 
 def test_pipeline_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        fastdiff.pipelines.from_diffusers(tmp_path)
+        fastdiff.pipeline_from_diffusers(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": ["diffusers", "UNet2DModel"],
                                                            "scheduler": ["diffusers", "PNDMScheduler"]}))
     write_diffusers_unet(tmp_path / "unet")
     with pytest.raises(ValueError, match="'PNDMScheduler' has no fastdiff equivalent.*DDIMScheduler"):
-        fastdiff.pipelines.from_diffusers(tmp_path)
-    pipe = fastdiff.pipelines.from_diffusers(tmp_path, scheduler=fs.DDPMScheduler())
+        fastdiff.pipeline_from_diffusers(tmp_path)
+    pipe = fastdiff.pipeline_from_diffusers(tmp_path, scheduler=fs.DDPMScheduler())
     assert isinstance(pipe.scheduler, fs.DDPMScheduler)
 
 
@@ -642,7 +642,7 @@ def test_without_diffusers(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     loaded = fastdiff.from_diffusers(tmp_path / "unet")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
-    assert type(fastdiff.pipelines.from_diffusers(tmp_path)) is fastdiff.pipelines.DiffusionPipeline
+    assert type(fastdiff.pipeline_from_diffusers(tmp_path)) is fastdiff.pipelines.DiffusionPipeline
     for call in (lambda: fastdiff.from_diffusers(torch.nn.Linear(2, 2)), lambda: fastdiff.to_diffusers(ours),
                  lambda: fastdiff.to_diffusers(tiny_pipeline()), lambda: fastdiff.accelerate(fake_pipeline)):
         with pytest.raises(ImportError, match=r"pip install 'fastdiff\[diffusers\]'"):

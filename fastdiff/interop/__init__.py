@@ -3,7 +3,7 @@ diffusers models and pipelines in place.
 
 * :func:`from_diffusers` — a diffusers UNet2DModel / UNet2DConditionModel / AutoencoderKL / VQModel (folder or
   object) → the fastdiff model with the same weights; :func:`pipeline_from_diffusers` (also
-  ``fastdiff.pipelines.from_diffusers``) — a diffusers pipeline folder → a fastdiff pipeline.
+  ``fastdiff.pipeline_from_diffusers``) — a diffusers pipeline folder → a fastdiff pipeline.
 * :func:`to_diffusers` — a fastdiff UNet / AutoencoderKL / VQVAE → the diffusers model, a pixel DiffusionPipeline →
   a diffusers DDIMPipeline / DDPMPipeline.
 * :func:`accelerate` / :func:`restore` / :func:`accelerate_report` — fused GroupNorm+SiLU, fastdiff attention and the

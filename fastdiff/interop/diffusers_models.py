@@ -388,7 +388,7 @@ def _read_config(folder: Path) -> dict:
         raise FileNotFoundError(f"diffusers model folder {str(folder)!r} does not exist (or is not a folder)")
     path = folder / CONFIG_NAME
     if not path.is_file():
-        hint = (" (this is a pipeline folder: use fastdiff.pipelines.from_diffusers, or pass subfolder='unet')"
+        hint = (" (this is a pipeline folder: use fastdiff.pipeline_from_diffusers, or pass subfolder='unet')"
                 if (folder / "model_index.json").is_file() else "")
         raise FileNotFoundError(f"{path}: missing; a diffusers model folder holds {CONFIG_NAME} and "
                                 f"{WEIGHTS_STEM}.safetensors{hint}")

@@ -236,7 +236,7 @@ def _short(names: list[str], limit: int = 8) -> str:
 
 
 def _version() -> str:
-    from fastdiff import __version__
+    from fastdiff._version import __version__
 
     return __version__
 

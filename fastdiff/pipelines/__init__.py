@@ -5,13 +5,8 @@ from fastdiff.pipelines.diffusion import DiffusionPipeline, LatentDiffusionPipel
 from fastdiff.pipelines.gan import GANPipeline
 from fastdiff.pipelines.vq import VQPipeline
 
-
-def from_diffusers(path, **kwargs):
-    """A fastdiff pipeline from a diffusers pipeline folder: see :func:`fastdiff.interop.pipeline_from_diffusers`."""
-    from fastdiff.interop import pipeline_from_diffusers  # interop sits above pipelines: imported on use
-
-    return pipeline_from_diffusers(path, **kwargs)
+# A diffusers pipeline folder loads with fastdiff.pipeline_from_diffusers (fastdiff.interop sits above this package).
 
 
 __all__ = ["Pipeline", "DiffusionPipeline", "LatentDiffusionPipeline", "VQPipeline", "GANPipeline",
-           "NonFiniteError", "load_pipeline", "save_grid", "to_output", "from_diffusers"]
+           "NonFiniteError", "load_pipeline", "save_grid", "to_output"]

@@ -165,7 +165,7 @@ class Pipeline:
     def save_pretrained(self, save_directory: PathLike) -> None:
         """Write ``model_index.json`` and one subfolder per component."""
         os.makedirs(save_directory, exist_ok=True)
-        from fastdiff import __version__
+        from fastdiff._version import __version__
 
         index: dict[str, Any] = {"_class_name": type(self).__name__, "_fastdiff_version": __version__,
                                  "settings": self.settings}

@@ -458,7 +458,7 @@ class Scheduler:
     def save_config(self, save_directory: str | os.PathLike, **_) -> str:
         """Write ``save_directory/scheduler_config.json`` (readable by diffusers' from_pretrained); returns its path."""
         os.makedirs(save_directory, exist_ok=True)
-        from fastdiff import __version__
+        from fastdiff._version import __version__
 
         data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__, **self.config.to_dict()}
         path = os.path.join(save_directory, CONFIG_NAME)

@@ -1,0 +1,73 @@
+"""fastdiff.hub: the one home of sampler names, the sampler swap, device/dtype resolution and the per-model sampling
+defaults that the command (sample, eval, generate) and the library share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import cli, hub
+from fastdiff.schedulers import DDIMScheduler, EulerDiscreteScheduler
+
+
+def test_load_swaps_the_sampler_and_keeps_its_config():
+    own = fastdiff.load("digits-ddpm")
+    pipe = fastdiff.load("digits-ddpm", sampler="euler", dtype="fp16")
+    assert type(own.scheduler) is DDIMScheduler and type(pipe.scheduler) is EulerDiscreteScheduler
+    assert pipe.scheduler.config.num_train_timesteps == own.scheduler.config.num_train_timesteps
+    assert next(pipe.unet.parameters()).dtype == torch.float16
+    assert next(fastdiff.load("digits-ddpm", dtype=torch.bfloat16).unet.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"sampler": "heun"}, ValueError, "--sampler must be one of"),
+    ({"name_or_path": "digits-dcgan", "sampler": "ddim"}, ValueError, "--sampler: model 'digits-dcgan' has no"),
+    ({"dtype": "fp64"}, ValueError, "--dtype must be one of"),
+    ({"dtype": 16}, TypeError, "--dtype must be a name"),
+    ({"device": "tpu"}, ValueError, "--device must be cpu or cuda"),
+    ({"name_or_path": "no-such-model"}, ValueError, "unknown model 'no-such-model'"),
+])
+def test_load_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastdiff.load(**kwargs)
+
+
+def test_sampling_defaults_of_a_class_conditional_model():
+    pipe = fastdiff.load("digits-ddpm")
+    d = hub.sampling_defaults(pipe)
+    assert d.num_classes == 10
+    assert d.steps == pipe.settings["default_steps"] and d.guidance == pipe.settings["default_guidance_scale"]
+    assert d.class_labels(range(12)) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert d.call_kwargs() == {"num_inference_steps": d.steps, "guidance_scale": d.guidance}
+    mine = hub.sampling_defaults(pipe, steps=7, guidance=1.5)
+    assert (mine.steps, mine.guidance) == (7, 1.5)
+    with pytest.raises(ValueError, match="--steps must be ≤ 1000"):
+        hub.sampling_defaults(pipe, steps=1001, model="digits-ddpm")
+
+
+def test_gans_take_no_steps_and_no_guidance():
+    pipe = fastdiff.load("digits-dcgan")
+    d = hub.sampling_defaults(pipe)
+    assert d == hub.SamplingDefaults(None, None, None) and d.call_kwargs() == {} and d.class_labels([0]) is None
+    with pytest.raises(ValueError, match="--steps: model 'digits-dcgan' samples in one step"):
+        hub.sampling_defaults(pipe, steps=5, model="digits-dcgan")
+    with pytest.raises(ValueError, match="--guidance: this model is unconditional"):
+        hub.sampling_defaults(pipe, guidance=2.0)
+
+
+def test_resolve_device():
+    assert hub.resolve_device("cpu") == torch.device("cpu")
+    assert hub.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            hub.resolve_device("cuda")
+
+
+def test_eval_command_uses_the_same_defaults(capsys):
+    pytest.importorskip("sklearn")  # the held-out digits
+    assert cli.main(["-q", "eval", "digits-ddpm", "--num", "10", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "model digits-ddpm: 10 samples, 2 steps" in out and "histogram (0-9): 1 1 1 1 1 1 1 1 1 1" in out
+    assert cli.main(["-q", "eval", "digits-dcgan", "--num", "10", "--guidance", "2"]) == 2
+    assert "--guidance: model 'digits-dcgan' is unconditional" in capsys.readouterr().err
