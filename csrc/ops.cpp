@@ -1,4 +1,5 @@
-// Operator registration for the native extension fastdiff._C.
+// Operator registration for the native extension fastdiff._C, and the input checks of vq_nearest that every device
+// shares.
 //
 // The `fastdiff` namespace is shared with the ops that fastdiff/ops.py defines from Python
 // (torch.library.custom_op), so this file registers a FRAGMENT, never the namespace's one TORCH_LIBRARY block:
@@ -10,7 +11,29 @@
 #include "rows_matmul.h"
 #include "vq_nearest.h"
 
+#include <cstdint>
+#include <limits>
+#include <string>
+
 namespace fastdiff {
+
+// vq_nearest's contract, checked by every device's implementation (vq_nearest_cpu.cpp, vq_nearest_cuda.cpp).
+void check_vq_inputs(const at::Tensor& z, const at::Tensor& codebook) {
+  TORCH_CHECK_VALUE(z.dim() == 2, "vq_nearest: z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "vq_nearest: codebook must have shape (K, D), got ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.size(1) == z.size(1), "vq_nearest: codebook has D=", codebook.size(1), " but z has D=",
+                    z.size(1));
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, "vq_nearest: codebook must have at least one row (K >= 1)");
+  TORCH_CHECK_VALUE(codebook.size(0) <= std::numeric_limits<int32_t>::max(), "vq_nearest: K must be < 2^31");
+  TORCH_CHECK_VALUE(z.device() == codebook.device(), "vq_nearest: codebook is on ", codebook.device(),
+                    " but z is on ", z.device());
+  const auto dtype = z.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "vq_nearest: z must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(codebook.scalar_type() == dtype, "vq_nearest: codebook must have z's dtype ", dtype, ", got ",
+                   codebook.scalar_type());
+}
+
 namespace {
 
 // What this build contains and which CPU micro-kernel runs: e.g. "cpu=avx512 cuda=no".

@@ -25,9 +25,10 @@ class _Parser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------------------------- shared helpers
 def _positive(name: str, value: Optional[int]) -> Optional[int]:
-    if value is not None and value < 1:
-        raise UsageError(f"{name} must be ≥ 1, got {value}")
-    return value
+    """An optional integer option that must be ≥ 1 (ValueError naming it: exit code 2)."""
+    from fastdiff.validation import check_positive_int
+
+    return None if value is None else check_positive_int(name, value)
 
 
 def check_writable_file(path: str) -> Path:

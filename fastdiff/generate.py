@@ -65,6 +65,7 @@ import torch
 
 from fastdiff import batch_invariance, hub
 from fastdiff._version import __version__
+from fastdiff.validation import check_int
 
 logger = logging.getLogger("fastdiff")
 
@@ -98,14 +99,6 @@ def image_name(index: int, num: int, fmt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
-    return int(value)
-
-
 def _check_outdir(outdir: Path) -> None:
     """Read-only checks every rank makes before anything starts: not a file, and creatable/writable."""
     if outdir.exists() and not outdir.is_dir():
@@ -364,13 +357,13 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         unwritable path as ``outdir``, an ``outdir`` made with other settings (see ``outdir/manifest.json``).
     """
     # 1. arguments (every rank, before anything starts)
-    num = _check_int("--num", num, 1)
-    batch = _check_int("--batch", batch, 1)
-    seed = _check_int("--seed", seed, 0)
+    num = check_int("--num", num, 1)
+    batch = check_int("--batch", batch, 1)
+    seed = check_int("--seed", seed, 0)
     if seed >= 2**63:
         raise ValueError(f"--seed must be < 2**63, got {seed}")
     if steps is not None:
-        steps = _check_int("--steps", steps, 1)
+        steps = check_int("--steps", steps, 1)
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)):
         raise TypeError(f"--guidance must be a number, got {guidance!r}")
     if guidance is not None and not math.isfinite(guidance):

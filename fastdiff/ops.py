@@ -10,59 +10,25 @@ values are never read back to the host (no device sync in the hot path).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastdiff import dispatch, reference
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+from fastdiff.validation import (
+    PREDICTION_TYPES,
+    VARIANCE_TYPES,
+    check_choice,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["group_norm_silu", "attention", "ddim_step", "ddpm_step", "vq_nearest"]
 
 
-# --------------------------------------------------------------------------------------------- validation helpers
-def _tensor(name: str, t, dtypes=FLOAT_DTYPES) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    return t
-
-
-def _same_device(**tensors: Optional[Tensor]) -> None:
-    items = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put them on one device")
-
-
-def _number(name: str, value, *, allow_none: bool = False, positive: bool = False, nonneg: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonneg and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
+# --------------------------------------------------------------------------------------------- helpers
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -134,7 +100,7 @@ def group_norm_silu(
     Raises:
         TypeError/ValueError naming the bad argument.
     """
-    _tensor("x", x)
+    check_tensor("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have shape (N, C, *spatial) with at least 2 dims, got shape {tuple(x.shape)}")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
@@ -144,12 +110,12 @@ def group_norm_silu(
         raise ValueError(f"num_groups must be a positive divisor of C={channels}, got {num_groups}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
-            _tensor(name, p, (torch.float32, x.dtype))
+            check_tensor(name, p, (torch.float32, x.dtype))
             if p.shape != (channels,):
                 raise ValueError(f"{name} must have shape ({channels},), got {tuple(p.shape)}")
-    _same_device(x=x, weight=weight, bias=bias)
-    eps = _number("eps", eps, positive=True)
-    _choice("activation", activation, ("silu", None))
+    check_same_device(x=x, weight=weight, bias=bias)
+    eps = check_real("eps", eps, positive=True)
+    check_choice("activation", activation, ("silu", None))
     backend = dispatch.check_backend(backend)
     if _needs_grad(x, weight, bias):
         dispatch.record("group_norm_silu", "torch")
@@ -182,12 +148,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         (B, H, N, D), q's dtype.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, t)
+        check_tensor(name, t)
         if t.ndim != 4:
             raise ValueError(f"{name} must have shape (B, H, seq, D) (4 dims), got shape {tuple(t.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _same_device(q=q, k=k, v=v)
+    check_same_device(q=q, k=k, v=v)
     b, h, n, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"batch mismatch: q has B={b}, k has {k.shape[0]}, v has {v.shape[0]}")
@@ -199,7 +165,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         raise ValueError(f"k and v must have the same sequence length M, got {k.shape[2]} and {v.shape[2]}")
     if n < 1 or k.shape[2] < 1 or d < 1:
         raise ValueError(f"q, k, v need N ≥ 1, M ≥ 1 and D ≥ 1, got N={n}, M={k.shape[2]}, D={d}")
-    scale = d**-0.5 if scale is None else _number("scale", scale)
+    scale = d**-0.5 if scale is None else check_real("scale", scale)
     backend = dispatch.check_backend(backend)
     if _needs_grad(q, k, v):
         dispatch.record("attention", "torch")
@@ -212,14 +178,14 @@ def _check_alpha(name: str, alpha, sample: Tensor, *, one_ok: bool = True):
     """A number in (0, 1] ((0, 1) when not one_ok), or a per-sample tensor of shape (B,) on the sample's device (its
     values are not read)."""
     if isinstance(alpha, Tensor):
-        _tensor(name, alpha, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        check_tensor(name, alpha, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
         if alpha.shape != (sample.shape[0],):
             raise ValueError(f"{name} must be a number or a tensor of shape ({sample.shape[0]},), "
                              f"got shape {tuple(alpha.shape)}")
         if alpha.device != sample.device:
             raise ValueError(f"{name} is on {alpha.device} but sample is on {sample.device}")
         return alpha.float().contiguous()
-    value = _number(name, alpha)
+    value = check_real(name, alpha)
     if one_ok and not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     if not one_ok and not 0.0 < value < 1.0:
@@ -229,14 +195,14 @@ def _check_alpha(name: str, alpha, sample: Tensor, *, one_ok: bool = True):
 
 def _check_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
                 guidance_scale):
-    _tensor("sample", sample)
-    _tensor("model_output", model_output)
+    check_tensor("sample", sample)
+    check_tensor("model_output", model_output)
     if model_output.dtype != sample.dtype:
         raise TypeError(f"model_output must have sample's dtype {sample.dtype}, got {model_output.dtype}")
     if sample.ndim < 1:
         raise ValueError("sample must have a batch dimension")
-    _same_device(sample=sample, model_output=model_output, noise=noise)
-    guidance_scale = _number("guidance_scale", guidance_scale, allow_none=True)
+    check_same_device(sample=sample, model_output=model_output, noise=noise)
+    guidance_scale = check_real("guidance_scale", guidance_scale, allow_none=True)
     if guidance_scale is None:
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have sample's shape {tuple(sample.shape)}, "
@@ -250,11 +216,11 @@ def _check_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, pr
             raise ValueError(f"with guidance_scale, model_output must have shape {expected} ([uncond; cond]), "
                              f"got {tuple(model_output.shape)}")
     if noise is not None:
-        _tensor("noise", noise)
+        check_tensor("noise", noise)
         if noise.shape != sample.shape:
             raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    clip_sample_range = _number("clip_sample_range", clip_sample_range, allow_none=True, positive=True)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    clip_sample_range = check_real("clip_sample_range", clip_sample_range, allow_none=True, positive=True)
     a_t = _check_alpha("alpha_prod_t", alpha_prod_t, sample, one_ok=False)
     a_prev = _check_alpha("alpha_prod_t_prev", alpha_prod_t_prev, sample)
     return a_t, a_prev, clip_sample_range, guidance_scale
@@ -319,7 +285,7 @@ def ddim_step(
     a_t, a_prev, clip_sample_range, guidance_scale = _check_step(
         sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
         guidance_scale)
-    eta = _number("eta", eta, nonneg=True)
+    eta = check_real("eta", eta, nonneg=True)
     if eta > 0 and noise is None:
         raise ValueError("noise is required when eta > 0 (pass torch.randn_like(sample))")
     backend = dispatch.check_backend(backend)
@@ -371,7 +337,7 @@ def ddpm_step(
     a_t, a_prev, clip_sample_range, guidance_scale = _check_step(
         sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
         guidance_scale)
-    _choice("variance_type", variance_type, VARIANCE_TYPES)
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     backend = dispatch.check_backend(backend)
     if _needs_grad(sample, model_output, noise):
         dispatch.record("ddpm_step", "torch")
@@ -411,8 +377,8 @@ def vq_nearest(
         TypeError: z or codebook is not a floating tensor of the supported dtypes, or their dtypes differ.
         ValueError: z not 2-D, codebook not 2-D, D mismatch, D = 0, K = 0, different devices, bad backend.
     """
-    _tensor("z", z)
-    _tensor("codebook", codebook)
+    check_tensor("z", z)
+    check_tensor("codebook", codebook)
     if z.ndim != 2:
         raise ValueError(f"z must have shape (N, D) (2 dims), got shape {tuple(z.shape)}")
     if codebook.ndim != 2:
@@ -425,7 +391,7 @@ def vq_nearest(
         raise ValueError(f"codebook must have at least one row (K ≥ 1), got shape {tuple(codebook.shape)}")
     if codebook.dtype != z.dtype:
         raise TypeError(f"codebook must have z's dtype {z.dtype}, got {codebook.dtype}")
-    _same_device(z=z, codebook=codebook)
+    check_same_device(z=z, codebook=codebook)
     if not isinstance(return_distances, bool):
         raise TypeError(f"return_distances must be a bool, got {type(return_distances).__name__}")
     backend = dispatch.check_backend(backend)

@@ -18,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
-VARIANCE_TYPES = {"fixed_small": 0, "fixed_large": 1}
+from fastdiff.validation import PREDICTION_TYPES, VARIANCE_TYPES  # the one home of the vocabularies
+
+PREDICTION_CODES = {name: i for i, name in enumerate(PREDICTION_TYPES)}  # the kernels' constexpr codes
+VARIANCE_CODES = {name: i for i, name in enumerate(VARIANCE_TYPES)}
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (chunks of one sample in the per-sample layout)
 
 
@@ -347,7 +349,7 @@ def ddim_step(
     return _launch(
         _ddim_step_kernel, sample, model_output, noise if has_noise else None, alpha_prod_t, alpha_prod_t_prev,
         [*scalars, float(eta), float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
-        PREDICTION_TYPE=PREDICTION_TYPES[prediction_type], HAS_GUIDANCE=guidance_scale is not None,
+        PREDICTION_TYPE=PREDICTION_CODES[prediction_type], HAS_GUIDANCE=guidance_scale is not None,
         HAS_NOISE=has_noise, CLIP=clip_sample_range is not None,
         USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
     )
@@ -385,6 +387,6 @@ def ddpm_step(
     return _launch(
         _ddpm_step_kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
         [*scalars, float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
-        PREDICTION_TYPE=PREDICTION_TYPES[prediction_type], VARIANCE_TYPE=VARIANCE_TYPES[variance_type],
+        PREDICTION_TYPE=PREDICTION_CODES[prediction_type], VARIANCE_TYPE=VARIANCE_CODES[variance_type],
         HAS_GUIDANCE=guidance_scale is not None, HAS_NOISE=noise is not None, CLIP=clip_sample_range is not None,
     )

@@ -96,11 +96,13 @@ def test_edge_step_counts_and_bad_numbers():
     for n in (1, 20):
         img = pipe(batch_size=1, num_inference_steps=n, generator=0, output_type="np", progress=False)
         assert np.isfinite(img).all()
-    for bad in (0, -1, 2.5, 21, "5", True):
-        with pytest.raises(ValueError, match="num_inference_steps"):
+    # one convention (fastdiff.validation): a wrong value is a ValueError, a wrong type a TypeError, both named
+    for bad, error in ((0, ValueError), (-1, ValueError), (21, ValueError), (2.5, TypeError), ("5", TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="num_inference_steps"):
             pipe(batch_size=1, num_inference_steps=bad, progress=False)
-    for bad in (0, -2, 1.5):
-        with pytest.raises(ValueError, match="batch_size"):
+    for bad, error in ((0, ValueError), (-2, ValueError), (1.5, TypeError)):
+        with pytest.raises(error, match="batch_size"):
             pipe(batch_size=bad, num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="output_type"):
         pipe(batch_size=1, num_inference_steps=2, output_type="jpeg", progress=False)

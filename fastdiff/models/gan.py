@@ -12,13 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff.models.modeling import ModelMixin, build_config
+from fastdiff.validation import check_positive_int
 
 __all__ = ["DCGANConfig", "DCGANGenerator", "DCGANDiscriminator", "StyleGeneratorConfig", "StyleGenerator"]
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------- DCGAN
@@ -33,7 +29,7 @@ class DCGANConfig:
         if self.resolution not in (16, 32, 64):
             raise ValueError(f"resolution must be 16, 32 or 64 (a power of two), got {self.resolution!r}")
         for name in ("latent_dim", "channels", "width"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
 
     @property
     def num_layers(self) -> int:
@@ -128,7 +124,7 @@ class StyleGeneratorConfig:
                 or self.resolution > 1024 or self.resolution & (self.resolution - 1)):
             raise ValueError(f"resolution must be a power of two in [4, 1024], got {self.resolution!r}")
         for name in ("latent_dim", "w_dim", "mapping_layers", "base_channels", "max_channels", "channels"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if not 0.0 <= self.w_avg_beta <= 1.0:
             raise ValueError(f"w_avg_beta must be in [0, 1], got {self.w_avg_beta}")
 

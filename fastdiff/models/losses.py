@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdiff.validation import PREDICTION_TYPES, check_choice
+
 __all__ = [
     "q_sample",
     "ddpm_target",
@@ -28,7 +30,6 @@ __all__ = [
     "wgan_gp_discriminator_loss",
 ]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # --------------------------------------------------------------------------------------------- DDPM
@@ -60,8 +61,7 @@ def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor) -> Te
 def ddpm_target(x0: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor,
                 prediction_type: str = "epsilon") -> Tensor:
     """What the model should predict: ε ("epsilon"), v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0 ("v_prediction") or x0 ("sample")."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
@@ -80,8 +80,7 @@ def ddpm_loss(model: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Option
         alphas_cumprod: (T,) ᾱ_t; prediction_type: "epsilon", "v_prediction" or "sample".
     Returns a scalar fp32 loss.
     """
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     pred = model(x_t, t, **cond)

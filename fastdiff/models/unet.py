@@ -30,6 +30,7 @@ from fastdiff.models.blocks import (
 )
 from fastdiff.models.modeling import ModelMixin, build_config, tuple_fields
 from fastdiff.nn import GroupNormSiLU
+from fastdiff.validation import check_positive_int
 
 __all__ = ["UNet", "UNetConfig"]
 
@@ -62,10 +63,10 @@ class UNetConfig:
         channels = self.channels
         if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
             raise ValueError(f"channels per level must be positive ints, got {channels}")
-        _positive("in_channels", self.in_channels)
-        _positive("out_channels", self.out_channels)
-        _positive("layers_per_block", self.layers_per_block)
-        _positive("norm_num_groups", self.norm_num_groups)
+        check_positive_int("in_channels", self.in_channels)
+        check_positive_int("out_channels", self.out_channels)
+        check_positive_int("layers_per_block", self.layers_per_block)
+        check_positive_int("norm_num_groups", self.norm_num_groups)
         for c in channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels {channels}")
@@ -80,9 +81,9 @@ class UNetConfig:
                 raise ValueError(f"num_attention_heads={self.num_attention_heads} must divide every level's channels "
                                  f"{channels}")
         if self.num_classes is not None:
-            _positive("num_classes", self.num_classes)
+            check_positive_int("num_classes", self.num_classes)
         if self.context_dim is not None:
-            _positive("context_dim", self.context_dim)
+            check_positive_int("context_dim", self.context_dim)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -92,11 +93,6 @@ class UNetConfig:
         if self.block_out_channels is not None:
             return tuple(self.block_out_channels)
         return tuple(self.base_channels * m for m in self.channel_mult)
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class UNet(ModelMixin):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastdiff.validation import check_positive_int
+
 logger = logging.getLogger("fastdiff")
 
 INDEX_NAME = "model_index.json"
@@ -31,16 +33,6 @@ GeneratorArg = Union[None, int, torch.Generator, Sequence[torch.Generator]]
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf appeared in the latents during sampling (the message names the step)."""
-
-
-def check_positive_int(name: str, value, maximum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    value = int(value)
-    if value < 1 or (maximum is not None and value > maximum):
-        upper = f" and at most {maximum}" if maximum is not None else ""
-        raise ValueError(f"{name} must be ≥ 1{upper}, got {value}")
-    return value
 
 
 def make_generator(generator: GeneratorArg, device: torch.device):

@@ -19,11 +19,11 @@ from fastdiff.pipelines.base import (
     GeneratorArg,
     NonFiniteError,
     Pipeline,
-    check_positive_int,
     make_generator,
     to_output,
 )
 from fastdiff.schedulers.base import randn_tensor
+from fastdiff.validation import check_positive_int
 
 Labels = Union[None, int, Sequence[int], Tensor]
 

@@ -7,8 +7,9 @@ import numbers
 
 import torch
 
-from fastdiff.pipelines.base import OUTPUT_TYPES, GeneratorArg, Pipeline, check_positive_int, make_generator, to_output
+from fastdiff.pipelines.base import OUTPUT_TYPES, GeneratorArg, Pipeline, make_generator, to_output
 from fastdiff.schedulers.base import randn_tensor
+from fastdiff.validation import check_positive_int
 
 
 class GANPipeline(Pipeline):

@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 
 from fastdiff import reference
+from fastdiff.validation import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
 
 logger = logging.getLogger("fastdiff.schedulers")
 
 CONFIG_NAME = "scheduler_config.json"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
@@ -40,36 +40,6 @@ class TimestepsNotSetError(RuntimeError, ValueError):
 
 
 # --------------------------------------------------------------------------------------------- validation
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_bool(name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-
-
-def check_int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_real(name: str, value, *, positive: bool = False, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
-
-
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> int:
     """An integer in [1, num_train_timesteps]; anything else is a ValueError naming num_inference_steps."""
     if isinstance(num_inference_steps, (bool, np.bool_)) or not isinstance(num_inference_steps, numbers.Integral):

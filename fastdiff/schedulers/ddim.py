@@ -16,11 +16,10 @@ from fastdiff.schedulers.base import (
     SchedulerOutput,
     VariancePreservingScheduler,
     as_float,
-    check_bool,
-    check_real,
     check_step_inputs,
     randn_tensor,
 )
+from fastdiff.validation import check_bool, check_real
 
 
 @dataclass(frozen=True)

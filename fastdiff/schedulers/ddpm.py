@@ -19,14 +19,11 @@ from fastdiff.schedulers.base import (
     VariancePreservingScheduler,
     as_float,
     broadcast_to,
-    check_bool,
-    check_choice,
-    check_real,
     check_step_inputs,
     randn_tensor,
 )
+from fastdiff.validation import VARIANCE_TYPES, check_bool, check_choice, check_real
 
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,6 @@ from fastdiff.schedulers.base import (
     SigmaScheduler,
     broadcast_to,
     check_add_noise,
-    check_bool,
-    check_choice,
-    check_int,
     check_num_inference_steps,
     guide,
     karras_sigmas,
@@ -30,6 +27,7 @@ from fastdiff.schedulers.base import (
     sigma_to_t,
     spaced_timesteps,
 )
+from fastdiff.validation import check_bool, check_choice, check_int
 
 SOLVER_TYPES = ("midpoint", "heun")
 

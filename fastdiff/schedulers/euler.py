@@ -15,10 +15,7 @@ from fastdiff.schedulers.base import (
     Generator,
     SchedulerConfig,
     VarianceExplodingScheduler,
-    check_bool,
-    check_choice,
     check_num_inference_steps,
-    check_real,
     euler_step,
     karras_sigmas,
     randn_tensor,
@@ -26,6 +23,7 @@ from fastdiff.schedulers.base import (
     sigma_to_t,
     spaced_timesteps,
 )
+from fastdiff.validation import check_bool, check_choice, check_real
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""The one home of input validation and of the vocabularies the layers share.
+
+Every public function of fastdiff (ops, schedulers, pipelines, models, the command, generate) checks its arguments
+with these helpers before doing any work, with one convention: a wrong type raises ``TypeError``, a wrong value
+``ValueError``, and both name the argument (as the caller spells it: ``batch_size``, ``--num``). numpy scalars count
+as numbers; bools never count as numbers. This module imports nothing from fastdiff, so the Triton kernels (the
+lowest layer) can share its vocabularies too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What a diffusion model predicts (the order is the fused step kernels' code: epsilon 0, sample 1, v_prediction 2)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# The DDPM posterior variances the fused DDPM step implements (fixed_small 0, fixed_large 1)
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+_BOOLS = (bool, np.bool_)
+
+
+def check_choice(name: str, value, choices):
+    """``value`` if it is one of ``choices``, else ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, _BOOLS):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """An integer (not a bool) in [minimum, maximum] (either bound optional), as a Python int."""
+    if isinstance(value, _BOOLS) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        upper = f" and ≤ {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be ≥ {minimum}{upper}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be ≤ {maximum}, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value, maximum: Optional[int] = None) -> int:
+    """An integer ≥ 1 (and ≤ ``maximum`` when given)."""
+    return check_int(name, value, 1, maximum)
+
+
+def check_real(name: str, value, *, positive: bool = False, nonneg: bool = False,
+               allow_none: bool = False) -> Optional[float]:
+    """A finite real number (not a bool) as a float; ``positive``: > 0, ``nonneg``: ≥ 0; None passes with
+    ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, _BOOLS) or not isinstance(value, numbers.Real):
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be a real number{none}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonneg and value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value}")
+    return value
+
+
+def check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> Tensor:
+    """A torch.Tensor whose dtype is in ``dtypes`` (None: any dtype)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return t
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    """All the given tensors (None entries skipped) on one device, else ValueError naming the two that differ."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put them on one device")
