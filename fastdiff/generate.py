@@ -50,7 +50,6 @@ import io
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import signal
@@ -65,7 +64,7 @@ import torch
 
 from fastdiff import batch_invariance, hub
 from fastdiff._version import __version__
-from fastdiff.validation import check_int
+from fastdiff.validation import check_int, check_real
 
 logger = logging.getLogger("fastdiff")
 
@@ -364,10 +363,7 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         raise ValueError(f"--seed must be < 2**63, got {seed}")
     if steps is not None:
         steps = check_int("--steps", steps, 1)
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)):
-        raise TypeError(f"--guidance must be a number, got {guidance!r}")
-    if guidance is not None and not math.isfinite(guidance):
-        raise ValueError(f"--guidance must be finite, got {guidance!r}")
+    guidance = check_real("--guidance", guidance, allow_none=True)
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
     if sampler is not None and sampler not in hub.SAMPLERS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff.models.modeling import ModelMixin, build_config
-from fastdiff.validation import check_positive_int
+from fastdiff.validation import check_positive_int, check_real
 
 __all__ = ["DCGANConfig", "DCGANGenerator", "DCGANDiscriminator", "StyleGeneratorConfig", "StyleGenerator"]
 
@@ -250,8 +249,7 @@ class StyleGenerator(ModelMixin):
         if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != cfg.latent_dim:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"z must have shape (B, {cfg.latent_dim}), got {shape}")
-        if isinstance(truncation, bool) or not isinstance(truncation, numbers.Real) or not math.isfinite(truncation):
-            raise ValueError(f"truncation must be a finite number, got {truncation!r}")
+        check_real("truncation", truncation)
         b = z.shape[0]
         if noise is None:
             noise = self.make_noise(b, device=z.device)

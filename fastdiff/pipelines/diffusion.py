@@ -23,7 +23,7 @@ from fastdiff.pipelines.base import (
     to_output,
 )
 from fastdiff.schedulers.base import randn_tensor
-from fastdiff.validation import check_positive_int
+from fastdiff.validation import check_positive_int, check_real
 
 Labels = Union[None, int, Sequence[int], Tensor]
 
@@ -98,8 +98,7 @@ class DiffusionPipeline(Pipeline):
         elif context_dim is not None:
             raise ValueError(f"this UNet cross-attends to a context: pass context of shape (B, M, {context_dim})")
         if guidance_scale is not None:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-                raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+            check_real("guidance_scale", guidance_scale)
             if getattr(self.unet.config, "num_classes", None) is None and context_dim is None:
                 raise ValueError("guidance_scale needs a class-conditional or context-conditioned UNet")
             if labels is None and context is None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
 from fastdiff.pipelines.base import OUTPUT_TYPES, GeneratorArg, Pipeline, make_generator, to_output
 from fastdiff.schedulers.base import randn_tensor
-from fastdiff.validation import check_positive_int
+from fastdiff.validation import check_positive_int, check_real
 
 
 class GANPipeline(Pipeline):
@@ -36,8 +34,7 @@ class GANPipeline(Pipeline):
             raise ValueError("class_labels given but this GAN is unconditional")
         if guidance_scale is not None:
             raise ValueError("guidance_scale needs a class-conditional or context-conditioned model")
-        if isinstance(truncation, bool) or not isinstance(truncation, numbers.Real) or not math.isfinite(truncation):
-            raise ValueError(f"truncation must be a finite number, got {truncation!r}")
+        check_real("truncation", truncation)
         styled = hasattr(self.generator, "w_avg")
         if truncation != 1.0 and not styled:
             raise ValueError("truncation needs a StyleGenerator (this generator has no mapping network)")
