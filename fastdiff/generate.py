@@ -25,7 +25,8 @@ the mode; a resumed run with another one is allowed and warned about.
 the unquantised float32 (H, W, C) output in [0, 1]; ``index``; ``class_label`` for class-conditional models). One file
 per image, not per batch, so neither ``--batch`` nor the number of ranks changes the folder, and a resumed run knows
 exactly which images are missing. Each file is written under a temporary name in the same folder
-(``.000123.png.<pid>.tmp``), fsynced and renamed with ``os.replace``: a final name always holds a complete file.
+(``.000123.png.<pid>.tmp``, :func:`fastdiff.files.write_atomic`), fsynced and renamed with ``os.replace``: a final
+name always holds a complete file.
 
 **Resuming.** Rerunning the same command skips the finished indices (left-over temporaries are deleted) and makes
 the rest. ``outdir/manifest.json``, written atomically by rank 0 before any image, records the model (and a digest of
@@ -38,9 +39,6 @@ group — NCCL on GPUs (rank r uses cuda:LOCAL_RANK), gloo on the CPU — unless
 it is used and left alone. Rank 0 checks the folder and writes the manifest, then broadcasts the missing indices;
 rank r makes missing[r::world]. Rank 0 shows one progress bar for the whole job (the images made by all ranks, summed
 with an all_reduce per batch). The output folder must be on a file system every rank sees.
-
-Test hook: with ``FASTDIFF_GENERATE_CRASH_AFTER=k`` in the environment a process kills itself (SIGKILL) after writing
-k images, while the next one is still a temporary file — how the tests interrupt a run at a known point.
 """
 
 from __future__ import annotations
@@ -52,7 +50,6 @@ import logging
 import math
 import os
 import re
-import signal
 import tempfile
 import time
 import zipfile
@@ -62,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import batch_invariance, hub
+from fastdiff import batch_invariance, files, hub
 from fastdiff._version import __version__
 from fastdiff.validation import check_int, check_real
 
@@ -75,7 +72,6 @@ SEEDING = "torch.Generator('cpu').manual_seed(numpy.random.SeedSequence(seed, sp
 # the manifest entries a rerun must match (the model by the digest of its files, wherever the folder is)
 COMPARED = ("model_digest", "pipeline", "sampler", "steps", "seed", "guidance", "num_classes", "count", "format",
             "seeding")
-_CRASH_ENV = "FASTDIFF_GENERATE_CRASH_AFTER"
 _IMAGE_NAME = re.compile(r"^(\d{6,})\.(png|npz)$")
 _TEMP_NAME = re.compile(r"^\.(\d{6,}\.(png|npz)|" + re.escape(MANIFEST) + r")\.\d+\.tmp$")
 
@@ -126,36 +122,6 @@ def _model_digest(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- files
-def _write_atomic(path: Path, data: bytes, die_before_rename: bool = False) -> None:
-    """Write ``data`` to a temporary name in path's folder, fsync, then os.replace onto ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if die_before_rename:  # the test hook: a kill at the worst moment
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _encode_png(image: np.ndarray) -> bytes:
     """(H, W, C) float in [0, 1] → PNG bytes, quantised as the pipelines' "pil" output is."""
     from PIL import Image
@@ -241,8 +207,8 @@ def _prepare_outdir(outdir: Path, manifest: dict, model_path: Path) -> list[int]
                          f"use an empty or new folder")
     else:
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        _write_atomic(path, text.encode("utf-8"))
-        _fsync_dir(outdir)
+        files.write_atomic(path, text.encode("utf-8"))
+        files.fsync_dir(outdir)
     for name in temps:
         try:
             (outdir / name).unlink()
@@ -421,7 +387,6 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         mine = pending[dist.rank::dist.world]
         rounds = math.ceil(math.ceil(len(pending) / dist.world) / batch)
         rows_per_call = min(batch, num)  # the same for every rank and every call, whatever the number of ranks
-        crash_after = int(os.environ.get(_CRASH_ENV, "-1") or -1)
         bar = None
         if progress and dist.rank == 0:
             from tqdm.auto import tqdm
@@ -449,9 +414,9 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
                         if num_classes is not None:
                             arrays["class_label"] = np.int64(index % num_classes)
                         data = _encode_npz(arrays)
-                    _write_atomic(outdir / image_name(index, num, fmt), data, die_before_rename=made == crash_after)
+                    files.write_atomic(outdir / image_name(index, num, fmt), data)
                     made += 1
-                _fsync_dir(outdir)
+                files.fsync_dir(outdir)
                 busy += time.perf_counter() - t0
             done_now = dist.sum(len(chunk))
             if bar is not None:

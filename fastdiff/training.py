@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastdiff.data import IMAGE_SIZE, load_digits
+from fastdiff.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("fastdiff")
 
@@ -367,7 +368,7 @@ def train(name: str, out: Path, steps: Optional[int] = None, seed: int = 0, prog
     metrics = recipe.run(out, steps, seed, progress)
     metrics.update({"recipe": name, "seed": seed, "torch": torch.__version__,
                     "threads": torch.get_num_threads()})
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "train_metrics.json", metrics)
     write_model_card(out)
     print(f"{name}: trained in {metrics['train_seconds']} s → {out}")
     return metrics
@@ -388,7 +389,7 @@ def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
     metrics = json.loads((folder / "train_metrics.json").read_text(encoding="utf-8"))
     eval_file = folder / "eval_metrics.json"
     if evaluation is not None:
-        eval_file.write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(eval_file, evaluation)
     elif eval_file.is_file():
         evaluation = json.loads(eval_file.read_text(encoding="utf-8"))
     name = metrics["recipe"]
@@ -413,5 +414,5 @@ def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
                      f"(real train vs held-out: {evaluation['fd_real']:.2f}; ratio {evaluation['fd_ratio']:.2f})")
         lines.append(f"  - class histogram of the samples (0–9): {evaluation['histogram']}")
     path = folder / "MODEL_CARD.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

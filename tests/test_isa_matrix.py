@@ -75,7 +75,6 @@ def _env(row: str, threads: int | None = None) -> dict:
         env["FASTDIFF_CPU_ISA"] = fastdiff_isa
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env.pop("FASTDIFF_GENERATE_CRASH_AFTER", None)
     return env
 
 

@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
+from fastdiff.files import write_atomic, write_json_atomic
+
 logger = logging.getLogger("fastdiff")
 
 CONFIG_NAME = "config.json"
@@ -148,14 +150,10 @@ class ModelMixin(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         config = {"_class_name": type(self).__name__, "_fastdiff_version": _version(), **dataclasses.asdict(self.config)}
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
-        tmp_config, tmp_weights = folder / (CONFIG_NAME + ".tmp"), folder / (WEIGHTS_NAME + ".tmp")
-        tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "fastdiff_class": type(self).__name__})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_weights, 0o666 & ~umask)  # safetensors creates 0600: make it as readable as any other file
-        os.replace(tmp_weights, folder / WEIGHTS_NAME)
-        os.replace(tmp_config, folder / CONFIG_NAME)
+        metadata = {"format": "pt", "fastdiff_class": type(self).__name__}
+        # weights first, then the config: a folder whose config.json is new always has the matching weights
+        write_atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        write_json_atomic(folder / CONFIG_NAME, config, sort_keys=True)
         logger.info("fastdiff: saved %s (%d tensors) to %s", type(self).__name__, len(tensors), folder)
 
     # ----------------------------------------------------------------------------------------- load

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastdiff.files import write_atomic, write_json_atomic
 from fastdiff.validation import check_positive_int
 
 logger = logging.getLogger("fastdiff")
@@ -84,14 +85,7 @@ def save_grid(images, path: PathLike, nrow: Optional[int] = None, pad: int = 2, 
         if scale != 1:
             im = im.resize((w, h), Image.NEAREST)
         grid.paste(im, (pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + pad)))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 class Pipeline:
@@ -172,9 +166,7 @@ class Pipeline:
             else:
                 component.save_config(sub)
             index[name] = ["fastdiff", type(component).__name__]
-        with open(os.path.join(save_directory, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
+        write_json_atomic(os.path.join(save_directory, INDEX_NAME), index)
 
     @classmethod
     def from_pretrained(cls, path: PathLike, device=None, dtype: Optional[torch.dtype] = None) -> "Pipeline":

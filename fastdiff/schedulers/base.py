@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import reference
+from fastdiff.files import write_json_atomic
 from fastdiff.validation import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
 
 logger = logging.getLogger("fastdiff.schedulers")
@@ -432,9 +433,7 @@ class Scheduler:
 
         data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__, **self.config.to_dict()}
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        write_json_atomic(path, data, sort_keys=True)
         return path
 
     save_pretrained = save_config
