@@ -12,10 +12,10 @@ output are not 64-byte aligned. Inside :func:`batch_invariant`:
   (``torch.ops.fastdiff.rows_matmul``, in the native extension): every output element is one chain of fused
   multiply-adds in increasing k, so no batch size, row position, alignment, thread count or micro-kernel (AVX-512,
   AVX2, portable — ``FASTDIFF_CPU_ISA``) changes a row's bits. It runs at about MKL's speed: 0.76–1.03× the time of
-  ``F.linear`` on the five shapes of ``benchmarks/test_bench_rows_matmul.py`` (2-core AMD EPYC, 2026-12-04). Without the extension (or for other
-  dtypes, devices, or when autograd needs gradients) the mode falls back to BLAS with a shape that does not depend
-  on the batch (chunks of :data:`CHUNK` rows), which is invariant only where BLAS's result does not depend on
-  alignment;
+  ``F.linear`` on the five shapes of ``benchmarks/test_bench_rows_matmul.py`` (2-core AMD EPYC, 2026-12-04).
+  Without the extension (or for other dtypes, devices, or when autograd needs gradients) the mode falls back to
+  BLAS with a shape that does not depend on the batch (chunks of :data:`CHUNK` rows), which is invariant only where
+  BLAS's result does not depend on alignment;
 - ``conv2d`` / ``conv_transpose2d``: the batch is cut into chunks of :data:`CHUNK` rows (the last chunk padded with
   copies of its last row, which are dropped), so every convolution call has the same shape.
 

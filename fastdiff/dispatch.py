@@ -8,7 +8,8 @@
 | ``FASTDIFF_BACKEND=torch`` or ``backend="torch"`` | ``torch`` anywhere                     |
 | autograd needs gradients                         | ``torch`` (the public op calls the reference directly) |
 | Triton unavailable                               | ``torch``, one log line, never an error |
-| ``vq_nearest`` (a native op, no Triton kernel)    | ``native`` where the extension has a kernel for the device, else ``torch`` (one log line) |
+| ``vq_nearest`` (a native op, no Triton kernel)    | ``native`` where the extension has a kernel for the     |
+|                                                  | device, else ``torch`` (one log line)  |
 
 ``backend="triton"`` forces the Triton kernels (compiled on CUDA, interpreted on CPU) and ``backend="native"`` the
 extension (:mod:`fastdiff.native` loads it and says which kernels it has); both raise if they cannot run.

@@ -1,11 +1,15 @@
-"""The one way fastdiff writes a file: atomically.
+"""The one way fastdiff writes a file (atomically) and reads its JSON and safetensors files (with clear errors).
 
 Every file fastdiff writes — weights, model / scheduler / pipeline JSON, sample grids, generated images and
 manifests, training metrics and model cards — goes through :func:`write_atomic`: the bytes go to a temporary name in
 the same folder (``.NAME.<pid>.tmp``), are flushed and fsynced, and the temporary file is renamed onto the final
 name with ``os.replace``. A reader (or a resumed run) therefore never sees a truncated file under a final name, and
-an interrupted write leaves at most a ``.tmp`` file behind, which :func:`is_temporary` recognises. This module
-imports nothing from fastdiff.
+an interrupted write leaves at most a ``.tmp`` file behind, which :func:`is_temporary` recognises.
+
+Every config / index / manifest JSON fastdiff reads (its own checkpoints and pipeline folders, diffusers folders,
+scheduler configs) goes through :func:`read_json_object`, and every safetensors file through
+:func:`read_safetensors`: a missing file is a FileNotFoundError, a corrupt one a ValueError naming the path. This
+module imports nothing from fastdiff.
 """
 
 from __future__ import annotations
@@ -76,3 +80,36 @@ def fsync_dir(folder: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_object(path: PathLike, *, missing: str = "", require: tuple[str, ...] = ()) -> dict:
+    """The JSON object in ``path``. FileNotFoundError when it is missing (``missing`` is appended to the message,
+    e.g. what such a folder should hold); ValueError naming the path for invalid JSON, a non-object, or a missing
+    string entry of ``require`` (e.g. ``("_class_name",)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing{'; ' + missing if missing else ''}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    for key in require:
+        if not isinstance(value.get(key), str):
+            raise ValueError(f"{path}: no {key!r} string entry")
+    return value
+
+
+def read_safetensors(path: PathLike, *, missing: str = "") -> dict:
+    """The tensors of a safetensors file, on the CPU. FileNotFoundError when missing; ValueError naming the path for
+    a corrupt or truncated file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing{'; ' + missing if missing else ''}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises SafetensorError (not a public class) for corrupt/truncated files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc

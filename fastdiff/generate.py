@@ -174,11 +174,9 @@ def _prepare_outdir(outdir: Path, manifest: dict, model_path: Path) -> list[int]
     path = outdir / MANIFEST
     if path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = files.read_json_object(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"--outdir {str(outdir)!r}: unreadable {MANIFEST} ({exc}); use a new folder") from None
-        if not isinstance(old, dict):
-            raise ValueError(f"--outdir {str(outdir)!r}: {MANIFEST} is not a JSON object; use a new folder")
         diffs = [f"{k} {old.get(k)!r} there, {manifest[k]!r} now" for k in COMPARED if old.get(k) != manifest[k]]
         if diffs:
             raise ValueError(f"--outdir {str(outdir)!r} holds images made with other settings ({'; '.join(diffs)}); "

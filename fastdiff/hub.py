@@ -12,7 +12,6 @@ GANs take no steps). Errors are ``ValueError`` / ``TypeError`` naming the argume
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,9 @@ def model_path(name_or_path: Union[str, os.PathLike]) -> Path:
 
 def model_settings(name_or_path: Union[str, os.PathLike]) -> dict:
     """The pipeline settings saved with a model (e.g. sample_size, default guidance and steps)."""
-    index = json.loads((model_path(name_or_path) / "model_index.json").read_text(encoding="utf-8"))
+    from fastdiff.files import read_json_object
+
+    index = read_json_object(model_path(name_or_path) / "model_index.json")
     return dict(index.get("settings", {}))
 
 

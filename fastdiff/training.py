@@ -8,7 +8,6 @@ folder (``model_index.json`` + components) with a ``MODEL_CARD.md``.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastdiff.data import IMAGE_SIZE, load_digits
-from fastdiff.files import write_json_atomic, write_text_atomic
+from fastdiff.files import read_json_object, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("fastdiff")
 
@@ -386,12 +385,12 @@ def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
     """(Re)write ``folder/MODEL_CARD.md`` from ``train_metrics.json`` (and an evaluation report, stored in
     ``eval_metrics.json`` so later rewrites keep it)."""
     folder = Path(folder)
-    metrics = json.loads((folder / "train_metrics.json").read_text(encoding="utf-8"))
+    metrics = read_json_object(folder / "train_metrics.json")
     eval_file = folder / "eval_metrics.json"
     if evaluation is not None:
         write_json_atomic(eval_file, evaluation)
     elif eval_file.is_file():
-        evaluation = json.loads(eval_file.read_text(encoding="utf-8"))
+        evaluation = read_json_object(eval_file)
     name = metrics["recipe"]
     recipe = RECIPES[name]
     lines = [f"# {name}", "", recipe.description + ".", "",

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdiff.files import read_json_object, read_safetensors
 from fastdiff.interop._deps import diffusers_class_name, is_diffusers_object, require_diffusers
 
 logger = logging.getLogger("fastdiff")
@@ -387,17 +388,10 @@ def _read_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers model folder {str(folder)!r} does not exist (or is not a folder)")
     path = folder / CONFIG_NAME
-    if not path.is_file():
-        hint = (" (this is a pipeline folder: use fastdiff.pipeline_from_diffusers, or pass subfolder='unet')"
-                if (folder / "model_index.json").is_file() else "")
-        raise FileNotFoundError(f"{path}: missing; a diffusers model folder holds {CONFIG_NAME} and "
-                                f"{WEIGHTS_STEM}.safetensors{hint}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
-        raise ValueError(f"{path}: no '_class_name' entry, so the diffusers model class is unknown")
+    hint = (" (this is a pipeline folder: use fastdiff.pipeline_from_diffusers, or pass subfolder='unet')"
+            if (folder / "model_index.json").is_file() else "")
+    holds = f"a diffusers model folder holds {CONFIG_NAME} and {WEIGHTS_STEM}.safetensors{hint}"
+    config = read_json_object(path, require=("_class_name",), missing=holds)
     if "_fastdiff_version" in config:
         raise ValueError(f"{path}: a fastdiff checkpoint ({config['_class_name']}), not a diffusers one; load it with "
                          f"fastdiff.load_model")
@@ -406,18 +400,15 @@ def _read_config(folder: Path) -> dict:
 
 def _read_weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
     """The state dict of a diffusers folder: one safetensors file, a sharded one (index.json), or a .bin file."""
-    from fastdiff.models.modeling import _read_weights as read_safetensors
-
     stem = WEIGHTS_STEM + (f".{variant}" if variant else "")
     single, index, pickled = (folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json",
                               folder / f"{stem}.bin")
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index}: not a safetensors index ({exc})") from exc
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a safetensors index (no 'weight_map' object)")
         state = {}
         for shard in sorted(set(weight_map.values())):
             state.update(read_safetensors(folder / shard))

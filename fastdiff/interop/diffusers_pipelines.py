@@ -13,7 +13,6 @@ needed) and the scheduler with ``fastdiff.schedulers.<same class>.from_config(fo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.files import read_json_object
 from fastdiff.interop._deps import require_diffusers
 from fastdiff.interop.diffusers_models import from_diffusers, model_to_diffusers
 
@@ -36,15 +36,8 @@ __all__ = ["NullClassLabels", "pipeline_from_diffusers", "pipeline_to_diffusers"
 
 def _read_index(folder: Path) -> dict:
     path = folder / INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a diffusers pipeline folder holds {INDEX_NAME} and one subfolder "
-                                f"per component")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(index, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    index = read_json_object(path, missing=f"a diffusers pipeline folder holds {INDEX_NAME} and one subfolder per "
+                                           f"component")
     if "_fastdiff_version" in index:
         raise ValueError(f"{path}: a fastdiff pipeline folder; load it with fastdiff.load or Pipeline.from_pretrained")
     return index
@@ -100,7 +93,7 @@ def pipeline_from_diffusers(path: PathLike, *, scheduler=None, ignore: Sequence[
             raise ValueError(f"{where}: scheduler class {name!r} has no fastdiff equivalent (fastdiff has "
                              f"{', '.join(supported)}); pass scheduler= one of them")
         scheduler = cls.from_config(folder / "scheduler")
-    unet_config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    unet_config = read_json_object(folder / "unet" / "config.json")
     sample_size = unet_config.get("sample_size")
     if sample_size is None:
         raise ValueError(f"{folder / 'unet' / 'config.json'}: no sample_size, so the image (latent) size is unknown")

@@ -14,7 +14,6 @@ never leaves a half-loaded model behind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -23,12 +22,13 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from fastdiff.files import write_atomic, write_json_atomic
+from fastdiff.files import read_json_object, read_safetensors, write_atomic, write_json_atomic
 
 logger = logging.getLogger("fastdiff")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+_HOLDS = f"a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
 
 __all__ = ["ModelMixin", "load_model", "register_model", "registered_models", "build_config", "tuple_fields",
            "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -95,29 +95,11 @@ def _config_from_dict(config_class: type, values: dict[str, Any], where: str):
 def _read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist (or is not a folder)")
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
-    if not isinstance(values.get("_class_name"), str):
-        raise ValueError(f"{path}: no '_class_name' string entry, so the model class is unknown")
-    return values
+    return read_json_object(folder / CONFIG_NAME, missing=_HOLDS, require=("_class_name",))
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises SafetensorError (not a public class) for corrupt/truncated files
-        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    return read_safetensors(path, missing=_HOLDS)
 
 
 class ModelMixin(nn.Module):

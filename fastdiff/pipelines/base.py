@@ -9,7 +9,6 @@ scheduler (``scheduler_config.json``).
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import numbers
 import os
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastdiff.files import write_atomic, write_json_atomic
+from fastdiff.files import read_json_object, write_atomic, write_json_atomic
 from fastdiff.validation import check_positive_int
 
 logger = logging.getLogger("fastdiff")
@@ -207,12 +206,7 @@ def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[ty
 
     path = Path(path)
     index_file = path / INDEX_NAME
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{index_file}: not a fastdiff pipeline folder (no {INDEX_NAME})")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{index_file}: invalid JSON ({exc})") from None
+    index = read_json_object(index_file, missing=f"not a fastdiff pipeline folder (no {INDEX_NAME})")
     class_name = index.get("_class_name")
     cls = getattr(pipelines, str(class_name), None)
     if not (isinstance(cls, type) and issubclass(cls, Pipeline)):

@@ -9,7 +9,6 @@ scheduler's ``.config``) loads as it is, and what ``save_config`` writes loads b
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import numbers
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import reference
-from fastdiff.files import write_json_atomic
+from fastdiff.files import read_json_object, write_json_atomic
 from fastdiff.validation import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
 
 logger = logging.getLogger("fastdiff.schedulers")
@@ -342,8 +341,7 @@ def load_config_mapping(config) -> Mapping:
                                                            os.path.join(path, "scheduler", CONFIG_NAME)]
         for candidate in candidates:
             if os.path.isfile(candidate):
-                with open(candidate, encoding="utf-8") as f:
-                    return json.load(f)
+                return read_json_object(candidate)
         raise FileNotFoundError(f"no {CONFIG_NAME} found at {path!r} (looked for {candidates})")
     raise TypeError(f"config must be a mapping, a scheduler_config.json path or a folder, got {type(config).__name__}")
 
