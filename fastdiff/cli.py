@@ -148,9 +148,28 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from fastdiff import generate
+    """``fastdiff generate``: :func:`fastdiff.generate.generate` in this process (or in each torchrun worker), or in
+    ``--nproc`` local workers started through PyTorch's elastic launcher; rank 0's summary is printed."""
+    from fastdiff.generate import check_arguments, distributed, format_summary, generate, job
 
-    return generate.main_from_args(args)
+    kwargs = {"model": args.model, "num": args.num, "outdir": args.outdir, "batch": args.batch, "sampler": args.sampler,
+              "steps": args.steps, "seed": args.seed, "guidance": args.guidance, "fmt": args.format,
+              "device": args.device, "progress": not args.quiet, "batch_invariant": args.batch_invariant}
+    if args.nproc is None:
+        summary = generate(**kwargs)
+        if summary["rank"] == 0:
+            print(format_summary(summary), flush=True)
+        return 0
+    _positive("--nproc", args.nproc)
+    if os.environ.get("WORLD_SIZE") not in (None, "", "1"):
+        raise UsageError("--nproc starts its own workers: do not combine it with torchrun")
+    check_arguments(**{k: v for k, v in kwargs.items() if k not in ("device", "progress")})  # before any worker
+    results = distributed.launch(args.nproc, job.worker, kwargs)
+    errors = sorted({r["error"] for r in results.values() if "error" in r})
+    if errors:
+        raise ValueError(errors[0])
+    print(format_summary(results[0]), flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -207,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample many images into a folder, sharded over torch.distributed ranks")
     g.add_argument("--model", default="digits-ddpm")
-    g.add_argument("--num", type=int, required=True)
+    # --num-images / -n: flags torchrun's parser cannot mistake (it reads --num as its --numa-binding)
+    g.add_argument("-n", "--num-images", "--num", dest="num", type=int, required=True, help="how many images")
     g.add_argument("--outdir", required=True)
     g.add_argument("--batch", type=int, default=256)
     g.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
@@ -218,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None)
     g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="files independent of --batch, bit for bit (default: on for the CPU, off for CUDA)")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="start N local worker processes (PyTorch's elastic launcher; no torchrun needed)")
     g.set_defaults(func=cmd_generate)
     return p
 
@@ -226,8 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `torchrun ... -m fastdiff -- generate --num N`: torchrun's own parser would take --num
-        argv = argv[1:]      # as an abbreviation of its --numa-binding, so the command goes after "--"
+    if argv[:1] == ["--"]:  # `torchrun ... -m fastdiff -- generate --num N`, the older spelling (torchrun would read
+        argv = argv[1:]      # --num as its --numa-binding without the "--"); --num-images / -n need no "--"
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):

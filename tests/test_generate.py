@@ -185,16 +185,34 @@ def test_npz_holds_the_float_image(reference):
 @pytest.mark.parametrize("sampler, fmt", [("ddim", "png"), ("euler-a", "npz")])
 def test_two_ranks_make_the_same_files_as_one(model_dir, reference, tmp_path, sampler, fmt):
     out = tmp_path / "out"
-    # `torchrun --nproc_per_node=2 -m fastdiff -- generate ...` ("--": torchrun would take --num for its --numa-binding)
+    # the README's command: `torchrun --nproc_per_node=2 -m fastdiff generate -n N ...`, no "--" needed
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff", "--",
-         "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--batch", str(BATCH),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff",
+         "generate", "--model", str(model_dir), "-n", str(NUM), "--outdir", str(out), "--batch", str(BATCH),
          "--sampler", sampler, "--format", fmt],
         check=False, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_files(files(out), reference(None if sampler == "ddim" else sampler, fmt))  # ddim: the model's own
     summary = [line for line in proc.stdout.splitlines() if line.startswith("generated")]
     assert len(summary) == 1 and f"generated {NUM} images" in summary[0] and "2 rank(s)" in summary[0], proc.stdout
+
+
+def test_nproc_starts_its_own_workers(model_dir, reference, tmp_path):
+    """`fastdiff generate --nproc 2`: two workers through PyTorch's elastic launcher, no torchrun line; the same files
+    as one process, one summary line; a bad argument is one line and exit code 2 before any worker starts."""
+    out = tmp_path / "out"
+    proc = fastdiff_cmd("-q", "generate", "--nproc", "2", "--model", str(model_dir), "-n", str(NUM), "--outdir",
+                        str(out), "--batch", str(BATCH))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_files(files(out), reference(None, "png"))
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("generated")]
+    assert len(summary) == 1 and "2 rank(s)" in summary[0], proc.stdout
+    bad = fastdiff_cmd("generate", "--nproc", "2", "--model", str(model_dir), "-n", "3", "--outdir", str(out),
+                       "--seed", "9")  # the folder was made with seed 0: refused by rank 0, reported once
+    assert bad.returncode == 2 and bad.stderr.startswith("fastdiff: error: --outdir"), bad.stderr[-3000:]
+    assert "seed 0 there, 9 now" in bad.stderr.splitlines()[-1]
+    zero = fastdiff_cmd("generate", "--nproc", "0", "--model", str(model_dir), "-n", "3", "--outdir", str(out))
+    assert zero.returncode == 2 and zero.stderr == "fastdiff: error: --nproc must be ≥ 1, got 0\n", zero.stderr
 
 
 def test_style_gan_noise_is_per_image():
@@ -219,7 +237,7 @@ def test_killed_run_resumes_to_the_same_files(model_dir, tmp_path):
     ref = tmp_path / "ref"
     generate(model_dir, num, ref, batch=8, progress=False)
     out = tmp_path / "out"
-    args = ["-q", "generate", "--model", str(model_dir), "--num", str(num), "--outdir", str(out), "--batch", "1"]
+    args = ["-q", "generate", "--model", str(model_dir), "--num-images", str(num), "--outdir", str(out), "--batch", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "fastdiff", *args], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT
@@ -253,7 +271,7 @@ def test_rerun_with_other_settings_is_refused(model_dir, reference, tmp_path):
     # the model's own sampler named explicitly is the same setting
     assert generate(model_dir, NUM, out, sampler="ddim", progress=False)["new"] == 0
     assert files(out) == before
-    proc = fastdiff_cmd("generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(out), "--seed", "9")
+    proc = fastdiff_cmd("generate", "--model", str(model_dir), "-n", str(NUM), "--outdir", str(out), "--seed", "9")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("fastdiff: error: --outdir") and "seed 0 there, 9 now" in proc.stderr
 
@@ -282,10 +300,10 @@ def test_bad_arguments_exit_2_before_sampling(model_dir, tmp_path, capsys, monke
 
     monkeypatch.setattr(DiffusionPipeline, "__call__", no_sampling)
     out = tmp_path / "out"
-    args = {"--model": str(model_dir), "--num": "4", "--outdir": str(out)}
+    args = {"--model": str(model_dir), "--num-images": "4", "--outdir": str(out)}
     if case.startswith(("num", "batch", "seed", "steps ")) and case != "steps > T":
         flag, value = case.split()
-        args[f"--{flag}"] = value
+        args["--num-images" if flag == "num" else f"--{flag}"] = value
     elif case == "file":
         out.write_text("not a folder")
     elif case == "unwritable":
@@ -308,15 +326,32 @@ def test_bad_arguments_exit_2_before_sampling(model_dir, tmp_path, capsys, monke
     assert rc == 2 and err.startswith("fastdiff: error: ") and err.count("\n") == 1, err
     key = {"file": "is a file", "unwritable": "outdir", "foreign images": "no manifest.json",
            "unknown model": "unknown model", "guidance unconditional": "unconditional", "steps > T": "--steps"}
-    assert key.get(case, f"--{case.split()[0]}") in err
+    assert key.get(case, "--num-images" if case.startswith("num") else f"--{case.split()[0]}") in err
     if case != "foreign images":
         assert not out.is_dir() or not any(out.iterdir())
 
 
-def test_bad_arguments_from_the_command_line(tmp_path):
-    proc = fastdiff_cmd("generate", "--model", "x", "--num", "0", "--outdir", str(tmp_path / "out"))
-    assert proc.returncode == 2 and proc.stderr == "fastdiff: error: --num must be ≥ 1, got 0\n", proc.stderr
+@pytest.mark.parametrize("flag", ["--num-images", "-n", "--num"])  # --num: the older spelling, still accepted
+def test_bad_arguments_from_the_command_line(tmp_path, flag):
+    proc = fastdiff_cmd("generate", "--model", "x", flag, "0", "--outdir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr == "fastdiff: error: --num-images must be ≥ 1, got 0\n", proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_leaves_every_generate_flag_to_fastdiff():
+    """`torchrun ... -m fastdiff generate ...` with no "--": torchrun's own parser must not take any of generate's
+    flags (argparse matches abbreviations: --num would be its --numa-binding, --nproc its --nproc-per-node)."""
+    from torch.distributed.run import get_args_parser
+
+    generate_parser = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items()
+                           if a[0] == "generate")[1]
+    flags = [s for action in generate_parser._actions for s in action.option_strings
+             if s not in ("-h", "--help", "--num", "--nproc")]
+    assert "--num-images" in flags and "-n" in flags and len(flags) > 10
+    for flag in flags:
+        args = get_args_parser().parse_args(["--standalone", "--nproc-per-node=2", "-m", "fastdiff", "generate",
+                                             flag, "1"])
+        assert args.training_script_args == ["generate", flag, "1"], flag
 
 
 def test_gan_models_generate_without_steps(tmp_path):

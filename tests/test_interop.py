@@ -24,7 +24,8 @@ import fastdiff
 import fastdiff.pipelines
 import fastdiff.schedulers as fs
 from fastdiff import interop
-from fastdiff.interop.diffusers_models import diffusers_config, state_dict_to_diffusers
+from fastdiff.interop.diffusers_config import diffusers_config
+from fastdiff.interop.diffusers_models import state_dict_to_diffusers
 from fastdiff.models import VQVAE, AutoencoderKL, UNet
 
 TOL = 1e-5

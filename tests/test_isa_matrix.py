@@ -123,8 +123,8 @@ def test_code_path(row, model_dir, tmp_path):
 
     # 3. fastdiff generate: batch 1 / 5 / 12 and 1 / 2 threads in one process, and 2 processes under torchrun
     _run([sys.executable, __file__, "generate", str(model_dir), str(tmp_path)], _env(row))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff", "--",
-          "generate", "--model", str(model_dir), "--num", str(NUM), "--outdir", str(tmp_path / "ranks2"),
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdiff",
+          "generate", "--model", str(model_dir), "-n", str(NUM), "--outdir", str(tmp_path / "ranks2"),
           "--batch", "5"], _env(row, threads=1))
     ref = _files(tmp_path / "b1")
     assert sorted(ref) == [f"{i:06d}.png" for i in range(NUM)]

@@ -16,7 +16,8 @@ where a diffusers object is read or built; a diffusers folder loads without it.
 from __future__ import annotations
 
 from fastdiff.interop.acceleration import FastdiffAttnProcessor, accelerate, accelerate_report, restore
-from fastdiff.interop.diffusers_models import SUPPORTED_MODELS, convert_config, from_diffusers, model_to_diffusers
+from fastdiff.interop.diffusers_config import SUPPORTED_MODELS, convert_config
+from fastdiff.interop.diffusers_models import from_diffusers, model_to_diffusers
 from fastdiff.interop.diffusers_pipelines import NullClassLabels, pipeline_from_diffusers, pipeline_to_diffusers
 
 
