@@ -241,7 +241,7 @@ def _ddim_step_op(
     alpha_prev_value: float, eta: float, noise: Optional[Tensor], prediction_type: str,
     clip_sample_range: Optional[float], guidance_scale: Optional[float], use_clipped_model_output: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _run("ddim_step", sample.device, backend, "sampler_step", sample, model_output,
+    return _run("ddim_step", sample.device, backend, "ddim_step", sample, model_output,
                 _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value), eta, noise,
                 prediction_type, clip_sample_range, guidance_scale, use_clipped_model_output)
 
@@ -305,7 +305,7 @@ def _ddpm_step_op(
     alpha_prev_value: float, noise: Optional[Tensor], variance_type: str, prediction_type: str,
     clip_sample_range: Optional[float], guidance_scale: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _run("ddpm_step", sample.device, backend, "sampler_step", sample, model_output,
+    return _run("ddpm_step", sample.device, backend, "ddpm_step", sample, model_output,
                 _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value), noise, variance_type,
                 prediction_type, clip_sample_range, guidance_scale)
 

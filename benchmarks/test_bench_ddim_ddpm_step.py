@@ -12,7 +12,7 @@ Providers, side by side in one group per (op, shape):
 ``benchmark.extra_info`` holds the bytes one step must move (each input read once, each output written once) and the
 achieved GB/s. fp16 on CUDA, fp32 on CPU. CUDA is synchronised inside the timed function.
 
-    pytest benchmarks/test_bench_sampler_step.py --benchmark-group-by=group
+    pytest benchmarks/test_bench_ddim_ddpm_step.py --benchmark-group-by=group
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def step_bytes(op: str, numel: int, itemsize: int) -> int:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bench_sampler_step(benchmark, compiled, warm_up, synchronized, shape, op, provider):
+def test_bench_ddim_ddpm_step(benchmark, compiled, warm_up, synchronized, shape, op, provider):
     benchmark.group = f"{op} {'x'.join(map(str, shape))} {str(DTYPE).removeprefix('torch.')}"
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(shape, generator=g, device=DEVICE, dtype=DTYPE)
