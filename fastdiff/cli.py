@@ -143,7 +143,8 @@ def cmd_train(args) -> int:
         raise UsageError(f"unknown model {args.name!r} to train; known: {', '.join(sorted(training.RECIPES))}")
     _positive("--steps", args.steps)
     out = Path(args.out) if args.out else Path(f"./{args.name}")
-    training.train(args.name, out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    metrics = training.train(args.name, out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    print(f"{args.name}: trained in {metrics['train_seconds']} s → {out}")
     return 0
 
 

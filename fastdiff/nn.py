@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fastdiff import ops
 
-__all__ = ["GroupNormSiLU", "Attention", "VectorQuantizer"]
+__all__ = ["GroupNormSiLU", "GroupNorm", "Attention", "VectorQuantizer"]
 
 
 class GroupNormSiLU(nn.Module):
@@ -36,6 +36,20 @@ class GroupNormSiLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, activation={self.activation}"
+
+
+class GroupNorm(GroupNormSiLU):
+    """Plain GroupNorm (no activation) through the same fused op: :class:`GroupNormSiLU` with ``activation=None``.
+
+    Input (N, C, *spatial) → output of the same shape, dtype and memory format. Parameters ``weight`` / ``bias``
+    (C,), as torch.nn.GroupNorm's.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(num_groups, num_channels, eps, affine, activation=None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
 
 
 class Attention(nn.Module):

@@ -369,7 +369,7 @@ def train(name: str, out: Path, steps: Optional[int] = None, seed: int = 0, prog
                     "threads": torch.get_num_threads()})
     write_json_atomic(out / "train_metrics.json", metrics)
     write_model_card(out)
-    print(f"{name}: trained in {metrics['train_seconds']} s → {out}")
+    logger.info("%s: trained in %s s → %s", name, metrics["train_seconds"], out)
     return metrics
 
 

@@ -250,3 +250,18 @@ def test_bad_input(case):
     with pytest.raises(error, match=match):
         ops.group_norm_silu(**kwargs)
     assert fastdiff.counts() == {}, "an op ran before the input was rejected"
+
+
+def test_plain_group_norm_module_has_no_activation():
+    """fastdiff.nn.GroupNorm: the fused op without SiLU, with torch.nn.GroupNorm's parameters."""
+    from fastdiff.nn import GroupNorm
+
+    norm = GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 8, 5, 5) * 4 + 2
+    want = torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), 1e-6)
+    torch.testing.assert_close(norm(x).double(), want, rtol=1e-4, atol=1e-4)
+    assert (norm(x) < 0).any()  # SiLU would bound the output below by -0.28
+    assert sorted(norm.state_dict()) == ["bias", "weight"] and "activation" not in repr(norm)

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import pickle
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -526,6 +527,56 @@ def test_custom_timesteps_and_sigmas():
         DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 100])
 
 
+CUSTOM = [DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]  # the ones that take timesteps=
+
+
+@pytest.mark.parametrize("cls", CUSTOM, ids=[c.__name__ for c in CUSTOM])
+@pytest.mark.parametrize("bad", [[], [100, 500], [500, 500, 100], [1000, 10], [10, -1], [[900, 100]],
+                                 [900.0, float("nan")], ["a", "b"]])
+def test_custom_timesteps_are_checked_alike(cls, bad):
+    """One rule for every scheduler that takes custom timesteps: non-empty, strictly descending, in [0, T − 1]."""
+    s = cls()
+    s.set_timesteps(5)
+    before = s.timesteps.clone()
+    with pytest.raises(ValueError, match="timesteps must be"):
+        s.set_timesteps(timesteps=bad)
+    assert torch.equal(s.timesteps, before)  # a refused schedule leaves the old one in place
+    s.set_timesteps(timesteps=torch.tensor([999, 500, 0]))  # a tensor works, and T − 1 and 0 are in range
+    assert s.timesteps.tolist() == [999, 500, 0] and s.num_inference_steps == 3
+
+
+@pytest.mark.parametrize("cls", CUSTOM, ids=[c.__name__ for c in CUSTOM])
+def test_schedule_chosen_by_exactly_one_argument(cls):
+    s = cls()
+    for kwargs in ({}, {"num_inference_steps": 5, "timesteps": [900, 100]}):
+        with pytest.raises(ValueError, match="exactly one of num_inference_steps"):
+            s.set_timesteps(**kwargs)
+    assert s.num_inference_steps is None
+
+
+def test_ddpm_custom_timesteps_flag_follows_the_schedule_in_use():
+    s = DDPMScheduler()
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match="descending"):
+        s.set_timesteps(timesteps=[1, 2])
+    assert s.custom_timesteps is False and len(s.timesteps) == 5
+    s.set_timesteps(timesteps=[900, 1])
+    assert s.custom_timesteps is True
+    s.set_timesteps(5)
+    assert s.custom_timesteps is False
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_steps_offset_past_the_chain_is_an_error(cls):
+    """leading spacing: t_i = i·⌊T/n⌋ + steps_offset (DPM-Solver: n + 1 points, the smallest dropped) must stay < T."""
+    s = cls(num_train_timesteps=10, timestep_spacing="leading", steps_offset=5)
+    with pytest.raises(ValueError, match=r"steps_offset=5 puts timestep 1[13] outside \[0, 10\)"):
+        s.set_timesteps(4)
+    s = cls(num_train_timesteps=10, timestep_spacing="leading", steps_offset=1)
+    s.set_timesteps(4)  # the first timestep is 7 (9 for DPM-Solver): fine
+    assert max(s.timesteps.tolist()) == (9 if cls is DPMSolverMultistepScheduler else 7)
+
+
 # --------------------------------------------------------------------------------------------- config
 def test_config_is_a_small_read_only_dataclass_and_dict():
     s = DDIMScheduler(beta_schedule="scaled_linear", steps_offset=1)
@@ -580,3 +631,42 @@ def test_from_config_across_schedulers_keeps_shared_fields():
     assert dpm.config.use_karras_sigmas and torch.equal(dpm.betas, ddim.betas)
     defaulted = {**dict(ddim.config), "_use_default_values": ["timestep_spacing"]}
     assert EulerDiscreteScheduler.from_config(defaulted).config.timestep_spacing == "linspace"  # Euler's default
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c.__setitem__("steps_offset", 2), lambda c: c.__delitem__("steps_offset"),
+    lambda c: c.update({"steps_offset": 2}), lambda c: c.pop("steps_offset"), lambda c: c.popitem(),
+    lambda c: c.setdefault("solver_order", 2), lambda c: c.clear(), lambda c: c.__ior__({"steps_offset": 2}),
+], ids=["setitem", "delitem", "update", "pop", "popitem", "setdefault", "clear", "ior"])
+def test_config_refuses_every_dict_mutator(mutate):
+    cfg = DDIMScheduler(steps_offset=1).config
+    before = dict(cfg)
+    with pytest.raises(TypeError, match="read-only"):
+        mutate(cfg)
+    assert dict(cfg) == before and cfg.steps_offset == 1
+    merged = cfg | {"steps_offset": 2}  # the non-mutating operators give a plain dict, as on diffusers' FrozenDict
+    assert type(merged) is dict and merged["steps_offset"] == 2 and cfg["steps_offset"] == 1
+
+
+@pytest.mark.parametrize("cls", ALL, ids=IDS)
+def test_config_mapping_protocol_and_copies(cls):
+    cfg = cls(prediction_type="v_prediction").config
+    assert isinstance(cfg, Mapping) and len(cfg) == len(cfg.field_names()) + 1  # + "_use_default_values"
+    assert list(cfg) == list(cfg.keys()) and list(cfg.values()) == [cfg[k] for k in cfg]
+    assert dict(cfg.items()) == dict(cfg) and cfg.to_dict() == {k: cfg[k] for k in cfg.field_names()}
+    assert "prediction_type" not in cfg["_use_default_values"] and "beta_start" in cfg["_use_default_values"]
+    for again in (pickle.loads(pickle.dumps(cfg)), copy.copy(cfg), copy.deepcopy(cfg)):
+        assert type(again) is type(cfg) and again == cfg and dict(again) == dict(cfg)
+        assert hash(again) == hash(cfg)
+    assert cfg != cls(prediction_type="sample").config
+
+
+def test_config_pickled_before_the_split_still_loads():
+    """Pickles made when the config lived in schedulers.base name fastdiff.schedulers.base._rebuild_config."""
+    cfg = DDIMScheduler(steps_offset=1).config
+    new = pickle.dumps(cfg, protocol=2)
+    old = new.replace(b"cfastdiff.schedulers.config\n_rebuild_config\n",
+                      b"cfastdiff.schedulers.base\n_rebuild_config\n")
+    assert old != new
+    again = pickle.loads(old)
+    assert type(again) is type(cfg) and again == cfg and dict(again) == dict(cfg)

@@ -6,7 +6,8 @@ upsamplers), so a diffusers state dict maps onto these modules by name. The one 
 diffusers' ``to_out`` is ``ModuleList([Linear, Dropout])`` (``to_out.0.weight``), here it is the Linear
 (``to_out.weight``).
 
-GroupNorm (+SiLU) goes through :class:`fastdiff.nn.GroupNormSiLU` and attention through :class:`fastdiff.nn.Attention`,
+GroupNorm (+SiLU) goes through :class:`fastdiff.nn.GroupNormSiLU` (:class:`fastdiff.nn.GroupNorm` without SiLU)
+and attention through :class:`fastdiff.nn.Attention`,
 i.e. through ``fastdiff.ops``; nothing here calls nn.GroupNorm or scaled_dot_product_attention directly.
 """
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdiff.nn import Attention, GroupNormSiLU
+from fastdiff.nn import Attention, GroupNorm, GroupNormSiLU
 
 AttentionFactory = Optional[Callable[[int], nn.Module]]
 
@@ -137,7 +138,7 @@ class SpatialSelfAttention(Attention):
 
     def __init__(self, channels: int, heads: int, dim_head: int, groups: int, eps: float):
         super().__init__(channels, None, heads=heads, dim_head=dim_head, qkv_bias=True, out_bias=True)
-        self.group_norm = GroupNormSiLU(groups, channels, eps, activation=None)
+        self.group_norm = GroupNorm(groups, channels, eps)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:  # context: the blocks' uniform signature
         h, w = x.shape[2:]
@@ -203,7 +204,7 @@ class Transformer2D(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
-        self.norm = GroupNormSiLU(groups, channels, self.norm_eps, activation=None)
+        self.norm = GroupNorm(groups, channels, self.norm_eps)
         self.proj_in = nn.Linear(channels, inner) if use_linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))

@@ -70,7 +70,7 @@ class _Graph:
 
 
 class _StepGraph(_Graph):
-    """The whole step: the UNet call and the fused DDIM/DDPM update of ``plan`` (a schedulers.base.FusedStep)."""
+    """The whole step: the UNet call and the fused DDIM/DDPM update of ``plan`` (a schedulers.vp.FusedStep)."""
 
     def __init__(self, model, plan, guidance_scale, x, t, labels, context, sample: Tensor, capture: bool = True):
         self.plan, self.guidance_scale = plan, guidance_scale

@@ -2,16 +2,15 @@
 same inputs and torch.Generator), with the DDPM/DDIM updates running through the fused fastdiff ops.
 
     pipe.scheduler = fastdiff.schedulers.DDIMScheduler.from_config(pipe.scheduler.config)
+
+Modules: ``config`` (the config dataclasses, reading configs), ``schedules`` (β, timestep and σ schedules as pure
+functions), ``base`` (the Scheduler base class, the step output and the helpers every step uses), ``vp`` (the
+DDPM/DDIM base class and the fused-step plan), ``sigma`` (the σ-space base classes of DPM-Solver and Euler), and one
+module per scheduler.
 """
 
-from fastdiff.schedulers.base import (
-    CONFIG_NAME,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerOutput,
-    TimestepsNotSetError,
-    randn_tensor,
-)
+from fastdiff.schedulers.base import Scheduler, SchedulerOutput, TimestepsNotSetError, randn_tensor
+from fastdiff.schedulers.config import CONFIG_NAME, SchedulerConfig
 from fastdiff.schedulers.ddim import DDIMConfig, DDIMScheduler
 from fastdiff.schedulers.ddpm import DDPMConfig, DDPMScheduler
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler

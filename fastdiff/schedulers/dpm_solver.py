@@ -12,21 +12,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import (
-    FINAL_SIGMAS_TYPES,
-    Generator,
-    SchedulerConfig,
-    SchedulerOutput,
-    SigmaScheduler,
-    broadcast_to,
-    check_add_noise,
+from fastdiff.schedulers.base import Generator, guide
+from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig
+from fastdiff.schedulers.schedules import (
+    check_custom_timesteps,
     check_num_inference_steps,
-    guide,
+    check_schedule_source,
+    check_steps_offset,
     karras_sigmas,
     sigma_schedule_from_timesteps,
     sigma_to_t,
     spaced_timesteps,
 )
+from fastdiff.schedulers.sigma import SigmaScheduler
 from fastdiff.validation import check_bool, check_choice, check_int
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -69,11 +67,8 @@ def alpha_sigma(sigma: float) -> tuple[float, float]:
 
 
 class DPMSolverMultistepScheduler(SigmaScheduler):
-    """DPM-Solver++ (Lu et al. 2022b, Algorithm 2, "2M"), diffusers-compatible, order 1 or 2.
-
-    Keyword arguments: the fields of :class:`DPMSolverMultistepConfig` (diffusers' names and defaults). Errors:
-    ValueError naming the argument for a bad value; TypeError for an unknown keyword.
-    """
+    """DPM-Solver++ (Lu et al. 2022b, Algorithm 2, "2M"), diffusers-compatible, order 1 or 2; configured by
+    :class:`DPMSolverMultistepConfig`."""
 
     config_class = DPMSolverMultistepConfig
     init_noise_sigma = 1.0
@@ -95,27 +90,16 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         """
         cfg = self.config
         T = cfg.num_train_timesteps
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either num_inference_steps or timesteps, not both")
-        if timesteps is not None:
-            if cfg.use_karras_sigmas:
-                raise ValueError("custom timesteps cannot be combined with use_karras_sigmas=True")
-            schedule = np.array(timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps, dtype=np.int64)
-            if schedule.size == 0 or (np.diff(schedule) >= 0).any() or schedule[0] >= T or schedule[-1] < 0:
-                raise ValueError(f"timesteps must be a non-empty strictly descending list in [0, {T}), "
-                                 f"got {schedule.tolist()}")
+        if check_schedule_source(num_inference_steps=num_inference_steps, timesteps=timesteps) == "timesteps":
+            schedule = check_custom_timesteps(timesteps, T, np.int64, cfg.use_karras_sigmas)
             n = len(schedule)
         else:
-            if num_inference_steps is None:
-                raise ValueError("num_inference_steps must be given (or custom timesteps)")
             n = check_num_inference_steps(num_inference_steps, T)
             if cfg.timestep_spacing == "trailing":
                 schedule = spaced_timesteps("trailing", T, n)
             else:  # n + 1 points, the smallest dropped
                 schedule = spaced_timesteps(cfg.timestep_spacing, T, n + 1, cfg.steps_offset)[:-1]
-            schedule = schedule.astype(np.int64)
-            if schedule.max() >= T:
-                raise ValueError(f"steps_offset={cfg.steps_offset} puts timestep {schedule.max()} outside [0, {T})")
+            schedule = check_steps_offset(schedule.astype(np.int64), T, cfg.steps_offset)
         if cfg.use_karras_sigmas:
             sigmas = karras_sigmas(float(self._train_sigmas[0]), float(self._train_sigmas[-1]), n)
             schedule = sigma_to_t(sigmas, self._log_sigmas)
@@ -173,28 +157,13 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 - 0.5 * (alpha_t * phi_1) * D1
         return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 + (alpha_t * (phi_1 / h + 1.0)) * D1
 
-    def step(
-        self,
-        model_output: Tensor,
-        timestep,
-        sample: Tensor,
-        generator: Generator = None,
-        variance_noise: Tensor | None = None,
-        return_dict: bool = True,
-        *,
-        guidance_scale: float | None = None,
-    ):
+    def step(self, model_output: Tensor, timestep, sample: Tensor, generator: Generator = None,
+             variance_noise: Tensor | None = None, return_dict: bool = True, *, guidance_scale: float | None = None):
         """One multistep DPM-Solver++ step from σ_s (this timestep) to σ_t (the next one).
 
-        Args:
-            model_output: the model's prediction (config.prediction_type), sample's shape; with guidance_scale,
-                (2B, ...) = [uncond; cond], combined in torch first.
-            timestep: the current entry of ``timesteps`` (an int or a scalar tensor).
-            sample: x_s, (B, ...).
-            generator, variance_noise: accepted for diffusers' signature; the ODE solver draws no noise.
-        Returns:
-            SchedulerOutput(prev_sample=x_t, pred_original_sample=x̂0); with return_dict=False, (prev_sample,) as in
-            diffusers.
+        The arguments: see :class:`~fastdiff.schedulers.base.Scheduler`; generator and variance_noise are accepted
+        for diffusers' signature (the ODE solver draws no noise). Returns x_t and x̂0; with return_dict=False only
+        (prev_sample,), as in diffusers.
         """
         model_output = guide(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
@@ -213,18 +182,12 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         else:
             prev_sample = self.second_order_update(self.model_outputs, sample)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
-        prev_sample = prev_sample.to(model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+        out = self._end_step(prev_sample, x0_pred, model_output.dtype, return_dict)
+        return out if return_dict else out[:1]  # (prev_sample,), as diffusers' DPM-Solver returns
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
         """x_t = α_t·x0 + σ_t·ε at the σ of each timestep's place in the schedule; timesteps () or (B,)."""
-        check_add_noise(original_samples, noise)
-        timesteps = torch.as_tensor(timesteps)
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigma = broadcast_to(sigmas[self._sigma_indices(timesteps)], original_samples)
+        sigma = self._add_noise_sigma(original_samples, noise, timesteps)
         alpha_t = 1 / (sigma**2 + 1) ** 0.5
         sigma_t = sigma * alpha_t
         return alpha_t * original_samples + sigma_t * noise

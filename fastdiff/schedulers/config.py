@@ -1,0 +1,169 @@
+"""Scheduler configuration: the config dataclass every scheduler's config extends, the diffusers options each one
+accepts or refuses, and reading a config from a mapping, a ``scheduler_config.json`` or a folder holding one.
+
+Field names, defaults and meanings follow diffusers, so a diffusers ``scheduler_config.json`` (or a diffusers
+scheduler's ``.config``) loads as it is, and what ``Scheduler.save_config`` writes loads back into diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import Tensor
+
+from fastdiff.files import read_json_object
+from fastdiff.validation import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
+
+logger = logging.getLogger("fastdiff.schedulers")
+
+CONFIG_NAME = "scheduler_config.json"
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(dict):
+    """The fields every scheduler has, with diffusers' names, defaults and meaning.
+
+    Read-only, and also a dict of the same values (as diffusers' FrozenDict is), so ``config.beta_schedule``,
+    ``config["beta_schedule"]``, ``dict(config)``, ``**config`` and diffusers' own ``from_config(config)`` all work.
+    It has to be a ``dict`` (not just a Mapping): diffusers' ``ConfigMixin.from_config`` treats anything that is not
+    a dict instance as a model name or path to download. The dict also lists the fields that were left at their
+    defaults under ``"_use_default_values"`` (diffusers' key): switching scheduler class with from_config gives those
+    the new class's defaults, as in diffusers.
+    """
+
+    num_train_timesteps: int = 1000  # T, the length of the training chain
+    beta_start: float = 0.0001  # β_1 of the linear / scaled_linear schedules
+    beta_end: float = 0.02  # β_T
+    beta_schedule: str = "linear"  # "linear", "scaled_linear" (√β linear, latent diffusion), "squaredcos_cap_v2"
+    trained_betas: tuple | None = None  # explicit β_1..β_T; overrides the three above
+    prediction_type: str = "epsilon"  # the model predicts "epsilon" (noise), "sample" (x0) or "v_prediction"
+    timestep_spacing: str = "leading"  # how n inference steps are picked from T: "leading", "trailing", "linspace"
+    steps_offset: int = 0  # added to "leading" timesteps (1 for Stable Diffusion)
+    rescale_betas_zero_snr: bool = False  # rescale β so that ᾱ_T = 0 (zero terminal SNR)
+
+    # diffusers options this scheduler does not implement, with the default value it accepts (any other → ValueError)
+    UNSUPPORTED: ClassVar[dict] = {}
+    # diffusers options that only matter when an unsupported option is switched on: accepted with any value, ignored
+    INERT: ClassVar[tuple] = ()
+
+    def __post_init__(self):
+        check_int("num_train_timesteps", self.num_train_timesteps, minimum=1)
+        check_real("beta_start", self.beta_start)
+        check_real("beta_end", self.beta_end)
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.trained_betas is not None:
+            betas = np.asarray(self.trained_betas.tolist() if isinstance(self.trained_betas, Tensor)
+                               else self.trained_betas, dtype=np.float64).reshape(-1)
+            if len(betas) != self.num_train_timesteps:
+                raise ValueError(f"trained_betas must have num_train_timesteps={self.num_train_timesteps} values, "
+                                 f"got {len(betas)}")
+            if not (np.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1).all()):
+                raise ValueError("trained_betas must all be in [0, 1]")
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in betas))
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        check_int("steps_offset", self.steps_offset, minimum=0)
+        check_bool("rescale_betas_zero_snr", self.rescale_betas_zero_snr)
+        dict.update(self, {name: getattr(self, name) for name in self.field_names()})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def with_defaulted(self, names) -> SchedulerConfig:
+        """Record which fields were left at their defaults (diffusers' ``_use_default_values``); returns self."""
+        names = sorted(set(names) & set(self.field_names()))
+        if names:
+            dict.__setitem__(self, "_use_default_values", names)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain JSON-able dict (trained_betas as a list)."""
+        d = {name: getattr(self, name) for name in self.field_names()}
+        if d.get("trained_betas") is not None:
+            d["trained_betas"] = list(d["trained_betas"])
+        return d
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is read-only; make a new scheduler with from_config(config, key=value)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = __ior__ = _read_only
+
+    def __reduce__(self):
+        return _rebuild_config, (type(self), self.to_dict(), self.get("_use_default_values", ()))
+
+
+def _rebuild_config(cls, fields: dict, defaulted) -> SchedulerConfig:
+    return cls(**fields).with_defaulted(defaulted)
+
+
+def split_config(config_class: type[SchedulerConfig], config: Mapping, strict: bool) -> dict:
+    """The fields of config_class found in config; the other keys are checked against diffusers' options.
+
+    Private keys (``_class_name``, ``_diffusers_version``, …) are ignored with a debug log. A key this scheduler does
+    not know is ignored with a debug log too (strict=False: a config file), or is a TypeError (strict=True:
+    constructor keywords). A diffusers option this scheduler does not implement is accepted at its default value
+    (debug log) and is a ValueError otherwise.
+    """
+    names = config_class.field_names()
+    known = {}
+    for key, value in config.items():
+        if key in names:
+            known[key] = value
+        elif key.startswith("_"):
+            logger.debug("%s: ignoring %s=%r", config_class.__name__, key, value)
+        elif key in config_class.UNSUPPORTED:
+            default = config_class.UNSUPPORTED[key]
+            if not (value == default or (value is None and default is None)):
+                raise ValueError(f"{key}={value!r} is not supported by fastdiff's {config_class.__name__} "
+                                 f"(only {key}={default!r}); supported options: {list(names)}")
+            logger.debug("%s: ignoring %s=%r (the only supported value)", config_class.__name__, key, value)
+        elif key in config_class.INERT:
+            logger.debug("%s: ignoring %s=%r", config_class.__name__, key, value)
+        elif strict:
+            raise TypeError(f"unexpected keyword argument {key!r}; {config_class.__name__} takes {list(names)}")
+        else:
+            logger.debug("%s: ignoring unknown config key %s=%r", config_class.__name__, key, value)
+    return known
+
+
+def load_config_mapping(config) -> Mapping:
+    """A config given as a mapping (dict, a diffusers FrozenDict, a fastdiff config), a scheduler_config.json file, a
+    folder holding one, or a pipeline folder holding scheduler/scheduler_config.json."""
+    if isinstance(config, Mapping):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        candidates = [path] if path.endswith(".json") else [os.path.join(path, CONFIG_NAME),
+                                                           os.path.join(path, "scheduler", CONFIG_NAME)]
+        for candidate in candidates:
+            if os.path.isfile(candidate):
+                return read_json_object(candidate)
+        raise FileNotFoundError(f"no {CONFIG_NAME} found at {path!r} (looked for {candidates})")
+    raise TypeError(f"config must be a mapping, a scheduler_config.json path or a folder, got {type(config).__name__}")
+
+
+@dataclass(frozen=True)
+class ClipSampleConfig(SchedulerConfig):
+    """The fields DDPM and DDIM add: clamping the predicted x0 (diffusers' other bound on x0, thresholding, is not
+    implemented)."""
+
+    clip_sample: bool = True  # clamp the predicted x0 to [−clip_sample_range, clip_sample_range]
+    clip_sample_range: float = 1.0
+
+    UNSUPPORTED: ClassVar[dict] = {"thresholding": False}
+    INERT: ClassVar[tuple] = ("dynamic_thresholding_ratio", "sample_max_value")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_bool("clip_sample", self.clip_sample)
+        check_real("clip_sample_range", self.clip_sample_range, positive=True)

@@ -1,0 +1,159 @@
+"""The σ-space family (DPM-Solver, Euler, Euler ancestral): schedulers that step in the variance-exploding noise
+level σ = √((1 − ᾱ)/ᾱ) — the step counter, the σ tables, add_noise — and, for the Euler pair (x = x0 + σ·ε, the
+model fed x/√(σ² + 1)), model-input scaling, x̂0 from the model output and the Euler step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.schedulers.base import Scheduler, as_float, broadcast_to, check_add_noise, guide, step_output
+from fastdiff.schedulers.schedules import train_sigmas
+from fastdiff.validation import check_int
+
+
+class SigmaScheduler(Scheduler):
+    """Schedulers that step in σ (variance-exploding) space, DPM-Solver and Euler: a step counter, σ tables, add_noise.
+
+    ``self.sigmas`` holds σ for each inference timestep plus the final σ (fp32 CPU, n + 1); ``self.timesteps`` the n
+    timesteps the model sees. The counter starts at the index of the first timestep passed to step() (or at
+    ``set_begin_index``) and advances by one per step, as in diffusers.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.config.rescale_betas_zero_snr:
+            # ᾱ_T = 0 would make σ_T infinite: keep it tiny instead (as diffusers does)
+            self.alphas_cumprod[-1] = 2**-24
+        self._train_sigmas = train_sigmas(self.alphas_cumprod)  # (T,) fp32, ascending in t
+        self._log_sigmas = np.log(self._train_sigmas)
+        T = self.config.num_train_timesteps
+        # before set_timesteps: the whole training chain (only add_noise uses it)
+        self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.float64), self._train_sigmas[::-1], 0.0, None)
+        self.num_inference_steps = None
+
+    def _set_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, sigma_last: float, device,
+                      timestep_dtype: torch.dtype = torch.float32) -> None:
+        sigmas = np.concatenate([np.asarray(sigmas, dtype=np.float64), [sigma_last]]).astype(np.float32)
+        self.sigmas = torch.from_numpy(sigmas)  # (n + 1,) fp32 on the CPU
+        self._sigma_list = sigmas.tolist()  # the same values as Python floats, read by step()
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=timestep_dtype)
+        self._timestep_list = self.timesteps.tolist()
+        self.num_inference_steps = len(timesteps)
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    def _last_sigma(self, final_sigmas_type: str) -> float:
+        """σ after the last step: 0 ("zero", a clean sample) or σ at training timestep 0 ("sigma_min")."""
+        return 0.0 if final_sigmas_type == "zero" else float(self._train_sigmas[0])
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the current step in ``timesteps``; None until the first step (diffusers' name)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the step counter at ``begin_index`` (pipelines that start mid-schedule, e.g. image-to-image)."""
+        self._begin_index = check_int("begin_index", begin_index, minimum=0)
+
+    def index_for_timestep(self, timestep, schedule_timesteps: Sequence[float] | None = None) -> int:
+        """Position of ``timestep`` in the schedule; of two equal entries the second, so that a run starting mid-way
+        does not skip a σ (diffusers' rule)."""
+        value = as_float(timestep)
+        schedule = self._timestep_list if schedule_timesteps is None else schedule_timesteps
+        matches = [i for i, s in enumerate(schedule) if s == value]
+        if not matches:
+            raise ValueError(f"timestep {value} is not in this scheduler's timesteps {schedule}")
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _current_step(self, timestep) -> int:
+        """The step index for this call of step(): set from ``timestep`` on the first call, then counted."""
+        self._require_timesteps()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= self.num_inference_steps:
+            first = self._timestep_list[0]
+            hint = (f" (timestep {first} repeats at the start of the schedule, so the counter started at index 1 as in "
+                    f"diffusers; call set_begin_index(0) before sampling to start at 0)"
+                    if self._timestep_list.count(first) > 1 else "")
+            raise RuntimeError(f"all {self.num_inference_steps} steps are done; call set_timesteps() to sample "
+                               f"again{hint}")
+        return self._step_index
+
+    def _sigma_indices(self, timesteps: Tensor) -> list[int]:
+        """Schedule index of each timestep, for add_noise (the running index once a pipeline has set a begin index)."""
+        n = timesteps.numel()
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps.flatten().tolist()]
+        return [self._step_index if self._step_index is not None else self._begin_index] * n
+
+    def _add_noise_sigma(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """The start of add_noise(): its inputs checked, and σ at each timestep's place in the schedule as
+        (B, 1, ..., 1) in the samples' device and dtype."""
+        check_add_noise(original_samples, noise)
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        return broadcast_to(sigmas[self._sigma_indices(torch.as_tensor(timesteps))], original_samples)
+
+    def _end_step(self, prev_sample: Tensor, x0_pred: Tensor, dtype: torch.dtype, return_dict: bool):
+        """The end of step(): x_{i+1} in ``dtype`` (the model output's), the counter advanced, the output returned."""
+        prev_sample = prev_sample.to(dtype)
+        self._step_index += 1
+        return step_output(prev_sample, x0_pred, return_dict)
+
+
+class VarianceExplodingScheduler(SigmaScheduler):
+    """Samplers of x = x0 + σ·ε (Euler, Euler ancestral): x_T has std σ_max and the model sees x/√(σ² + 1)."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """σ of x_T: σ_max ("linspace"/"trailing"), or √(σ_max² + 1) ("leading"), as in diffusers."""
+        sigma_max = max(self._sigma_list)
+        return sigma_max if self.config.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
+        """x/√(σ² + 1), the variance-preserving x_t the model was trained on (Karras et al. 2022, Table 1, c_in)."""
+        self._require_timesteps()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self._sigma_list[self._step_index]
+        return sample / math.sqrt(sigma**2 + 1)
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """x = x0 + σ·ε at the σ of each timestep's place in the schedule; timesteps () or (B,)."""
+        return original_samples + noise * self._add_noise_sigma(original_samples, noise, timesteps)
+
+    def _begin_step(self, model_output: Tensor, timestep, sample: Tensor,
+                    guidance_scale: float | None) -> tuple[Tensor, Tensor, float, float]:
+        """The start of step(): (guided model output, x in fp32, σ_i, σ_{i+1}) for this call's place in the schedule."""
+        model_output = guide(model_output, sample, guidance_scale)
+        i = self._current_step(timestep)
+        return model_output, sample.to(torch.float32), self._sigma_list[i], self._sigma_list[i + 1]
+
+
+def euler_step(sample: Tensor, x0_pred: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One Euler step of the probability-flow ODE from σ to σ_next (Karras et al. 2022, Algorithm 2, lines 7–8):
+    d = (x − x̂0)/σ, x + (σ_next − σ)·d."""
+    derivative = (sample - x0_pred) / sigma
+    return sample + derivative * (sigma_next - sigma)
+
+
+def x0_from_sigma(model_output: Tensor, sample: Tensor, sigma: float, prediction_type: str) -> Tensor:
+    """The denoiser D(x; σ) = x̂0 for each model parameterisation, with x = x0 + σ·ε (VE) and the model fed
+    x/√(σ² + 1): ε-prediction x − σ·ε̂; x0-prediction as is; v-prediction −σ/√(σ² + 1)·v̂ + x/(σ² + 1)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
