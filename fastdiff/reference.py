@@ -61,7 +61,7 @@ def _sqrt(a: Alpha) -> Alpha:
     return math.sqrt(a) if a >= 0 else math.nan
 
 
-def guide(model_output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+def classifier_free_guidance(model_output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
     """Classifier-free guidance: model_output = [uncond; cond] (2B, ...) → uncond + s·(cond − uncond) (B, ...)."""
     if guidance_scale is None:
         return model_output
@@ -96,7 +96,7 @@ def ddim_step(
     """One DDIM update (Song et al. 2021, eq. 12) → (prev_sample, pred_original_sample), both shaped like sample."""
     dtype = sample.dtype
     x = sample.float()
-    out = guide(model_output.float(), guidance_scale)
+    out = classifier_free_guidance(model_output.float(), guidance_scale)
     a_t = _per_sample(alpha_prod_t, x.ndim)
     a_prev = _per_sample(alpha_prod_t_prev, x.ndim)
     # 1. predicted x0 and noise
@@ -131,7 +131,7 @@ def ddpm_step(
     """One ancestral DDPM update (Ho et al. 2020, eq. 6–7) → (prev_sample, pred_original_sample)."""
     dtype = sample.dtype
     x = sample.float()
-    out = guide(model_output.float(), guidance_scale)
+    out = classifier_free_guidance(model_output.float(), guidance_scale)
     a_t = _per_sample(alpha_prod_t, x.ndim)
     a_prev = _per_sample(alpha_prod_t_prev, x.ndim)
     beta_prod_t = 1 - a_t

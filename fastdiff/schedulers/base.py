@@ -52,12 +52,12 @@ def check_step_inputs(model_output, sample, guidance_scale) -> None:
         raise ValueError(f"model_output must have {what} {expected}, got {tuple(model_output.shape)}")
 
 
-def guide(model_output: Tensor, sample: Tensor, guidance_scale: float | None) -> Tensor:
+def guided_model_output(model_output: Tensor, sample: Tensor, guidance_scale: float | None) -> Tensor:
     """Classifier-free guidance in torch (Ho & Salimans 2022, eq. 6): [uncond; cond] → uncond + s·(cond − uncond)."""
     check_step_inputs(model_output, sample, guidance_scale)
     if guidance_scale is None:
         return model_output
-    return reference.guide(model_output, check_real("guidance_scale", guidance_scale))
+    return reference.classifier_free_guidance(model_output, check_real("guidance_scale", guidance_scale))
 
 
 def check_add_noise(original_samples, noise) -> None:

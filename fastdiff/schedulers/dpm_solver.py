@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import Generator, guide
+from fastdiff.schedulers.base import Generator, guided_model_output
 from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig
 from fastdiff.schedulers.schedules import (
     check_custom_timesteps,
@@ -165,7 +165,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         for diffusers' signature (the ODE solver draws no noise). Returns x_t and x̂0; with return_dict=False only
         (prev_sample,), as in diffusers.
         """
-        model_output = guide(model_output, sample, guidance_scale)
+        model_output = guided_model_output(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
         n, cfg = self.num_inference_steps, self.config
         # 1. the order this step may use: first order for the last step (and for the first, which has no history)

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import Scheduler, as_float, broadcast_to, check_add_noise, guide, step_output
+from fastdiff.schedulers.base import (
+    Scheduler,
+    as_float,
+    broadcast_to,
+    check_add_noise,
+    guided_model_output,
+    step_output,
+)
 from fastdiff.schedulers.schedules import train_sigmas
 from fastdiff.validation import check_int
 
@@ -137,7 +144,7 @@ class VarianceExplodingScheduler(SigmaScheduler):
     def _begin_step(self, model_output: Tensor, timestep, sample: Tensor,
                     guidance_scale: float | None) -> tuple[Tensor, Tensor, float, float]:
         """The start of step(): (guided model output, x in fp32, σ_i, σ_{i+1}) for this call's place in the schedule."""
-        model_output = guide(model_output, sample, guidance_scale)
+        model_output = guided_model_output(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
         return model_output, sample.to(torch.float32), self._sigma_list[i], self._sigma_list[i + 1]
 
