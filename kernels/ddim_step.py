@@ -11,17 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.step_common import (
-    PREDICTION_CODES,
-    alpha_roots_host,
-    float_alphas,
-    launch,
-    load_alphas,
-    predict_x0,
-    sqrt_host,
-    step_offsets,
-    store_step,
-)
+from fastdiff.kernels import step_common as common
 
 
 @triton.jit
@@ -54,23 +44,23 @@ def _ddim_step_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     """DDIM (Song et al. 2021, eq. 12): x_{t-1} = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε + σ_t·z."""
-    offs, mask, sample_idx = step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
+    offs, mask, sample_idx = common.step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
     if PER_SAMPLE_ALPHA:
-        alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = load_alphas(
+        alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = common.load_alphas(
             ALPHA_T, ALPHA_PREV, sample_idx)
         variance = tl.div_rn(1.0 - alpha_prev, 1.0 - alpha_t) * (1.0 - tl.div_rn(alpha_t, alpha_prev))
         std_dev = eta * tl.sqrt_rn(variance)
         x0_coeff = tl.sqrt_rn(alpha_prev)
         eps_coeff = tl.sqrt_rn(1.0 - alpha_prev - std_dev * std_dev)
     # 1. guided model output, predicted x0 (clipped with CLIP) and ε
-    x, x0, eps = predict_x0(X, M, offs, mask, n_elements, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta,
+    x, x0, eps = common.predict_x0(X, M, offs, mask, n_elements, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta,
                              guidance_scale, clip_range, PREDICTION_TYPE, HAS_GUIDANCE, CLIP)
     # 2. re-derive ε from the clipped x0 if asked
     if CLIP and USE_CLIPPED_MODEL_OUTPUT:
         eps = (x - sqrt_alpha * x0) * inv_sqrt_beta
     # 3. x_{t-1} = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ_t²)·ε (+ σ_t·z)
     prev = x0_coeff * x0 + eps_coeff * eps
-    store_step(PREV, X0, Z, offs, mask, prev, x0, std_dev, HAS_NOISE)
+    common.store_step(PREV, X0, Z, offs, mask, prev, x0, std_dev, HAS_NOISE)
 
 
 
@@ -89,16 +79,17 @@ def ddim_step(
     """Launch :func:`_ddim_step_kernel`. Inputs as validated by ``fastdiff.ops.ddim_step`` (contiguous; alphas
     Python floats or contiguous fp32 (B,) tensors) → (prev_sample, pred_original_sample), sample's shape and dtype."""
     scalars = [0.0] * 7  # computed on chip from the (B,) tensors
-    if (alphas := float_alphas(alpha_prod_t, alpha_prod_t_prev)) is not None:
+    if (alphas := common.float_alphas(alpha_prod_t, alpha_prod_t_prev)) is not None:
         a_t, a_prev = alphas
         variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-        std_dev = eta * sqrt_host(variance)
-        scalars = [*alpha_roots_host(a_t), sqrt_host(a_prev), sqrt_host(1.0 - a_prev - std_dev**2), std_dev]
+        std_dev = eta * common.sqrt_host(variance)
+        scalars = [*common.alpha_roots_host(a_t), common.sqrt_host(a_prev),
+                   common.sqrt_host(1.0 - a_prev - std_dev**2), std_dev]
     has_noise = noise is not None and eta > 0
-    return launch(
+    return common.launch(
         _ddim_step_kernel, sample, model_output, noise if has_noise else None, alpha_prod_t, alpha_prod_t_prev,
         [*scalars, float(eta), float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
-        PREDICTION_TYPE=PREDICTION_CODES[prediction_type], HAS_GUIDANCE=guidance_scale is not None,
+        PREDICTION_TYPE=common.PREDICTION_CODES[prediction_type], HAS_GUIDANCE=guidance_scale is not None,
         HAS_NOISE=has_noise, CLIP=clip_sample_range is not None,
         USE_CLIPPED_MODEL_OUTPUT=bool(use_clipped_model_output),
     )

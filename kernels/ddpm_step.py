@@ -11,18 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.step_common import (
-    PREDICTION_CODES,
-    VARIANCE_CODES,
-    alpha_roots_host,
-    float_alphas,
-    launch,
-    load_alphas,
-    predict_x0,
-    sqrt_host,
-    step_offsets,
-    store_step,
-)
+from fastdiff.kernels import step_common as common
 
 
 @triton.jit
@@ -54,9 +43,9 @@ def _ddpm_step_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     """DDPM ancestral step (Ho et al. 2020, eq. 6–7): x_{t-1} = μ̃_t(x_t, x0) + σ_t·z."""
-    offs, mask, sample_idx = step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
+    offs, mask, sample_idx = common.step_offsets(n_elements, per_sample_numel, PER_SAMPLE_ALPHA, BLOCK_SIZE)
     if PER_SAMPLE_ALPHA:
-        alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = load_alphas(
+        alpha_t, alpha_prev, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta = common.load_alphas(
             ALPHA_T, ALPHA_PREV, sample_idx)
         beta_prod_t = 1.0 - alpha_t
         beta_prod_t_prev = 1.0 - alpha_prev
@@ -70,11 +59,11 @@ def _ddpm_step_kernel(
             variance = current_beta_t
         std_dev = tl.sqrt_rn(variance)
     # 1. guided model output and predicted x0, clipped with CLIP
-    x, x0, _ = predict_x0(X, M, offs, mask, n_elements, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta,
+    x, x0, _ = common.predict_x0(X, M, offs, mask, n_elements, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta,
                            guidance_scale, clip_range, PREDICTION_TYPE, HAS_GUIDANCE, CLIP)
     # 2. posterior mean μ̃ = sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)·x_t (+ σ_t·z)
     prev = x0_coeff * x0 + xt_coeff * x
-    store_step(PREV, X0, Z, offs, mask, prev, x0, std_dev, HAS_NOISE)
+    common.store_step(PREV, X0, Z, offs, mask, prev, x0, std_dev, HAS_NOISE)
 
 
 
@@ -92,7 +81,7 @@ def ddpm_step(
     """Launch :func:`_ddpm_step_kernel`. Inputs as validated by ``fastdiff.ops.ddpm_step`` → (prev_sample,
     pred_original_sample), sample's shape and dtype."""
     scalars = [0.0] * 7  # computed on chip from the (B,) tensors
-    if (alphas := float_alphas(alpha_prod_t, alpha_prod_t_prev)) is not None:
+    if (alphas := common.float_alphas(alpha_prod_t, alpha_prod_t_prev)) is not None:
         a_t, a_prev = alphas
         beta_prod_t, beta_prod_t_prev = 1.0 - a_t, 1.0 - a_prev
         current_alpha_t = a_t / a_prev
@@ -102,14 +91,14 @@ def ddpm_step(
         else:
             variance = current_beta_t
         scalars = [
-            *alpha_roots_host(a_t),
-            sqrt_host(a_prev) * current_beta_t / beta_prod_t,
-            sqrt_host(current_alpha_t) * beta_prod_t_prev / beta_prod_t,
-            sqrt_host(variance),
+            *common.alpha_roots_host(a_t),
+            common.sqrt_host(a_prev) * current_beta_t / beta_prod_t,
+            common.sqrt_host(current_alpha_t) * beta_prod_t_prev / beta_prod_t,
+            common.sqrt_host(variance),
         ]
-    return launch(
+    return common.launch(
         _ddpm_step_kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
         [*scalars, float(guidance_scale or 0.0), float(clip_sample_range or 0.0)],
-        PREDICTION_TYPE=PREDICTION_CODES[prediction_type], VARIANCE_TYPE=VARIANCE_CODES[variance_type],
+        PREDICTION_TYPE=common.PREDICTION_CODES[prediction_type], VARIANCE_TYPE=common.VARIANCE_CODES[variance_type],
         HAS_GUIDANCE=guidance_scale is not None, HAS_NOISE=noise is not None, CLIP=clip_sample_range is not None,
     )
