@@ -120,13 +120,7 @@ def test_unsupported_option_in_a_diffusers_config_is_an_error():
 
 
 # --------------------------------------------------------------------------------------------- inside pipelines
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """An 8×8 UNet gains nothing from threads, and on a shared CPU oversubscribed threads make it 10–30× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def tiny_unet():
