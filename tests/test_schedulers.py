@@ -24,6 +24,7 @@ from fastdiff.schedulers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    ConfigDict,
     SchedulerOutput,
     TimestepsNotSetError,
 )
@@ -578,29 +579,47 @@ def test_steps_offset_past_the_chain_is_an_error(cls):
 
 
 # --------------------------------------------------------------------------------------------- config
-def test_config_is_a_small_read_only_dataclass_and_dict():
+def test_settings_are_a_small_frozen_dataclass_not_a_dict():
+    s = DDIMScheduler(beta_schedule="scaled_linear", steps_offset=np.int64(1), clip_sample=np.bool_(False))
+    settings = s.settings
+    assert dataclasses.is_dataclass(settings) and not isinstance(settings, (dict, Mapping))
+    assert settings.beta_schedule == "scaled_linear" and settings.steps_offset == 1
+    assert type(settings.steps_offset) is int and type(settings.clip_sample) is bool  # numpy values normalized
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.steps_offset = 2
+    assert not any(hasattr(settings, name) for name in ("__setitem__", "update", "pop", "clear"))
+    assert hash(settings) == hash(DDIMScheduler(**s.config).settings) and DDIMScheduler(**s.config).settings == settings
+    for again in (pickle.loads(pickle.dumps(settings)), copy.copy(settings), copy.deepcopy(settings)):
+        assert type(again) is type(settings) and again == settings
+    clone = copy.deepcopy(s)
+    assert clone.settings == settings and torch.equal(clone.alphas_cumprod, s.alphas_cumprod)
+    assert DDIMScheduler.from_config(settings).settings == settings  # from_config takes the dataclass too
+    json.dumps(s.config)  # a config made from numpy values saves as JSON
+
+
+def test_config_is_a_diffusers_shaped_dict_copy():
     s = DDIMScheduler(beta_schedule="scaled_linear", steps_offset=1)
     cfg = s.config
-    assert dataclasses.is_dataclass(cfg) and isinstance(cfg, dict)  # diffusers' from_config wants a dict
+    assert type(cfg) is ConfigDict and isinstance(cfg, dict)  # diffusers' from_config wants a dict instance
     assert cfg.beta_schedule == "scaled_linear" and cfg["steps_offset"] == 1 and cfg.get("nope", 7) == 7
     assert "clip_sample" in cfg and "solver_order" not in cfg and not hasattr(cfg, "solver_order")
+    with pytest.raises(AttributeError, match="solver_order"):
+        cfg.solver_order
+    with pytest.raises(KeyError):
+        cfg["solver_order"]
     d = dict(cfg)
-    assert d["set_alpha_to_one"] is True and set(d) - {"_use_default_values"} == {f.name for f in dataclasses.fields(cfg)}
+    assert d["set_alpha_to_one"] is True
+    assert set(d) - {"_use_default_values"} == {f.name for f in dataclasses.fields(s.settings)}
     # the fields left at their defaults, under diffusers' key
     assert "clip_sample" in d["_use_default_values"] and "steps_offset" not in d["_use_default_values"]
     assert DDIMScheduler(**cfg).config == cfg and {**cfg}["beta_schedule"] == "scaled_linear"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.steps_offset = 2
-    with pytest.raises(TypeError, match="read-only"):
-        cfg["steps_offset"] = 2
-    with pytest.raises(TypeError, match="read-only"):
-        cfg.update(steps_offset=2)
-    with pytest.raises(KeyError):
-        cfg["solver_order"]
-    again = pickle.loads(pickle.dumps(cfg))
-    assert again == cfg and dict(again) == dict(cfg)
-    clone = copy.deepcopy(s)
-    assert clone.config == cfg and torch.equal(clone.alphas_cumprod, s.alphas_cumprod)
+    # a copy: changing it changes nothing in the scheduler
+    cfg["steps_offset"] = 5
+    cfg.update(beta_schedule="linear")
+    assert s.settings.steps_offset == 1 and s.config.steps_offset == 1 and s.config.beta_schedule == "scaled_linear"
+    assert s.config is not s.config and s.config == s.config
+    again = pickle.loads(pickle.dumps(s.config))
+    assert type(again) is ConfigDict and again == s.config and again.steps_offset == 1
 
 
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
@@ -613,11 +632,11 @@ def test_save_config_round_trip(cls, tmp_path):
         data = json.load(f)
     assert data["_class_name"] == cls.__name__ and data["trained_betas"][0] == 0.01
     for source in (tmp_path, path, str(tmp_path)):
-        assert cls.from_config(source).config == s.config
-    assert cls.from_pretrained(tmp_path).config == s.config
+        assert cls.from_config(source).settings == s.settings
+    assert cls.from_pretrained(tmp_path).settings == s.settings
     pipeline_root = tmp_path / "pipe"
     s.save_config(pipeline_root / "scheduler")  # a diffusers pipeline folder: scheduler/scheduler_config.json
-    assert cls.from_config(pipeline_root).config == s.config
+    assert cls.from_config(pipeline_root).settings == s.settings
     assert cls.from_config(s.config, prediction_type="epsilon").config.prediction_type == "epsilon"
     with pytest.raises(FileNotFoundError):
         cls.from_config(tmp_path / "missing")
@@ -633,40 +652,39 @@ def test_from_config_across_schedulers_keeps_shared_fields():
     assert EulerDiscreteScheduler.from_config(defaulted).config.timestep_spacing == "linspace"  # Euler's default
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda c: c.__setitem__("steps_offset", 2), lambda c: c.__delitem__("steps_offset"),
-    lambda c: c.update({"steps_offset": 2}), lambda c: c.pop("steps_offset"), lambda c: c.popitem(),
-    lambda c: c.setdefault("solver_order", 2), lambda c: c.clear(), lambda c: c.__ior__({"steps_offset": 2}),
-], ids=["setitem", "delitem", "update", "pop", "popitem", "setdefault", "clear", "ior"])
-def test_config_refuses_every_dict_mutator(mutate):
-    cfg = DDIMScheduler(steps_offset=1).config
-    before = dict(cfg)
-    with pytest.raises(TypeError, match="read-only"):
-        mutate(cfg)
-    assert dict(cfg) == before and cfg.steps_offset == 1
-    merged = cfg | {"steps_offset": 2}  # the non-mutating operators give a plain dict, as on diffusers' FrozenDict
-    assert type(merged) is dict and merged["steps_offset"] == 2 and cfg["steps_offset"] == 1
-
-
 @pytest.mark.parametrize("cls", ALL, ids=IDS)
 def test_config_mapping_protocol_and_copies(cls):
-    cfg = cls(prediction_type="v_prediction").config
-    assert isinstance(cfg, Mapping) and len(cfg) == len(cfg.field_names()) + 1  # + "_use_default_values"
+    s = cls(prediction_type="v_prediction")
+    cfg = s.config
+    assert isinstance(cfg, Mapping) and len(cfg) == len(s.settings.field_names()) + 1  # + "_use_default_values"
     assert list(cfg) == list(cfg.keys()) and list(cfg.values()) == [cfg[k] for k in cfg]
-    assert dict(cfg.items()) == dict(cfg) and cfg.to_dict() == {k: cfg[k] for k in cfg.field_names()}
+    assert dict(cfg.items()) == dict(cfg) and s.settings.to_dict() == {k: cfg[k] for k in s.settings.field_names()}
     assert "prediction_type" not in cfg["_use_default_values"] and "beta_start" in cfg["_use_default_values"]
     for again in (pickle.loads(pickle.dumps(cfg)), copy.copy(cfg), copy.deepcopy(cfg)):
         assert type(again) is type(cfg) and again == cfg and dict(again) == dict(cfg)
-        assert hash(again) == hash(cfg)
-    assert cfg != cls(prediction_type="sample").config
+    again = pickle.loads(pickle.dumps(s))
+    assert again.settings == s.settings and again.config == cfg
+    assert s.settings != cls(prediction_type="sample").settings
 
 
-def test_config_pickled_before_the_split_still_loads():
-    """Pickles made when the config lived in schedulers.base name fastdiff.schedulers.base._rebuild_config."""
-    cfg = DDIMScheduler(steps_offset=1).config
-    new = pickle.dumps(cfg, protocol=2)
+def test_config_pickled_by_older_fastdiff_still_loads():
+    """Configs were once dict subclasses pickled as _rebuild_config(cls, fields, defaulted), first in
+    schedulers.base, then schedulers.config; schedulers held them as their ``config`` attribute."""
+    from fastdiff.schedulers import config as config_module
+
+    s = DDIMScheduler(steps_offset=1)
+
+    class OldConfig:  # pickles exactly as the old dict-subclass config did
+        def __reduce__(self):
+            return config_module._rebuild_config, (type(s.settings), s.settings.to_dict(), ["beta_start"])
+
+    new = pickle.dumps(OldConfig(), protocol=2)
     old = new.replace(b"cfastdiff.schedulers.config\n_rebuild_config\n",
                       b"cfastdiff.schedulers.base\n_rebuild_config\n")
     assert old != new
-    again = pickle.loads(old)
-    assert type(again) is type(cfg) and again == cfg and dict(again) == dict(cfg)
+    for data in (new, old):
+        assert pickle.loads(data) == s.settings
+    legacy = DDIMScheduler.__new__(DDIMScheduler)
+    state = {k: v for k, v in s.__dict__.items() if k not in ("settings", "_defaulted")}
+    legacy.__setstate__({**state, "config": pickle.loads(old)})
+    assert legacy.settings == s.settings and legacy.config.steps_offset == 1 and "config" not in legacy.__dict__

@@ -40,7 +40,7 @@ def assert_same_schedule(ours, ref, n=10):
 
 
 def assert_config_matches(ours, ref_config):
-    for key, value in ours.config.to_dict().items():  # the fields (trained_betas as a list)
+    for key, value in ours.settings.to_dict().items():  # the fields (trained_betas as a list)
         assert ref_config[key] == value, f"{key}: fastdiff {value!r} != diffusers {ref_config[key]!r}"
 
 
@@ -60,7 +60,7 @@ def test_from_a_folder_written_by_diffusers(name, tmp_path):
         ours = getattr(fs, name).from_config(source)
         assert_config_matches(ours, ref.config)
         assert_same_schedule(ours, ref)
-    assert getattr(fs, name).from_pretrained(tmp_path, subfolder="scheduler").config == ours.config
+    assert getattr(fs, name).from_pretrained(tmp_path, subfolder="scheduler").settings == ours.settings
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -84,7 +84,7 @@ def test_trained_betas_round_trip_through_diffusers(tmp_path):
     ours.save_config(tmp_path)
     ref = diffusers.DDIMScheduler.from_pretrained(tmp_path)
     assert torch.equal(ref.betas, ours.betas)
-    assert fs.DDIMScheduler.from_config(ref.config).config == ours.config
+    assert fs.DDIMScheduler.from_config(ref.config).settings == ours.settings
 
 
 @pytest.mark.parametrize("source", ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler"])

@@ -10,7 +10,7 @@ module per scheduler.
 """
 
 from fastdiff.schedulers.base import Scheduler, SchedulerOutput, TimestepsNotSetError, randn_tensor
-from fastdiff.schedulers.config import CONFIG_NAME, SchedulerConfig
+from fastdiff.schedulers.config import CONFIG_NAME, ConfigDict, SchedulerConfig
 from fastdiff.schedulers.ddim import DDIMConfig, DDIMScheduler
 from fastdiff.schedulers.ddpm import DDPMConfig, DDPMScheduler
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
@@ -30,6 +30,7 @@ __all__ = [
     "EulerDiscreteConfig",
     "EulerDiscreteScheduler",
     "Scheduler",
+    "ConfigDict",
     "SchedulerConfig",
     "SchedulerOutput",
     "TimestepsNotSetError",

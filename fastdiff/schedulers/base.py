@@ -23,8 +23,10 @@ from fastdiff import reference
 from fastdiff.files import write_json_atomic
 from fastdiff.schedulers.config import (
     CONFIG_NAME,
+    ConfigDict,
     SchedulerConfig,
     _rebuild_config,  # noqa: F401  (pickles of configs made before the split)
+    config_dict,
     load_config_mapping,
     split_config,
 )
@@ -145,7 +147,8 @@ class Scheduler:
     """The shared part of every scheduler: construction from config keywords, β/ᾱ tables, from_config/save_config.
 
     Keyword arguments: the fields of ``config_class`` (diffusers' names and defaults). Errors: ValueError naming the
-    argument for a bad value; TypeError for an unknown keyword.
+    argument for a bad value; TypeError for an unknown keyword. The values are kept as ``settings``, a frozen
+    ``config_class`` dataclass; ``config`` is a diffusers-shaped dict copy of them (diffusers' code reads it).
 
     Every subclass's ``step(model_output, timestep, sample, ..., return_dict=True, *, guidance_scale=None)`` takes
     (each documents only what it adds or does differently):
@@ -164,17 +167,32 @@ class Scheduler:
     def __init__(self, **kwargs):
         known = split_config(self.config_class, kwargs, strict=True)
         defaulted = set(self.config_class.field_names()) - set(known) | set(kwargs.get("_use_default_values", ()))
-        self.config = self.config_class(**known).with_defaulted(defaulted)
-        self.betas = make_betas(self.config)  # (T,) fp32
+        self.settings = self.config_class(**known)  # the configuration: a frozen dataclass
+        self._defaulted = tuple(sorted(defaulted & set(self.config_class.field_names())))
+        self.betas = make_betas(self.settings)  # (T,) fp32
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # ᾱ_t, (T,) fp32
         self.num_inference_steps: int | None = None
 
+    @property
+    def config(self) -> ConfigDict:
+        """The settings as diffusers shapes a scheduler's config: a dict with attribute reads, made on each access
+        (changing it changes nothing; use ``from_config(scheduler.config, key=value)``), with the fields left at their
+        defaults under ``"_use_default_values"``. Accepted by fastdiff's and diffusers' ``from_config``."""
+        return config_dict(self.settings, self._defaulted)
+
+    def __setstate__(self, state: dict) -> None:
+        if "config" in state:  # pickled when the config was a dict-subclass attribute
+            legacy = state.pop("config")
+            state["settings"] = type(self).config_class(**legacy.to_dict())
+            state["_defaulted"] = tuple(sorted(getattr(legacy, "get", lambda *_: ())("_use_default_values", ())))
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
+        return f"{type(self).__name__}({self.settings})"
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self.settings.num_train_timesteps
 
     # ----------------------------------------------------------------- config in and out
     @classmethod
@@ -198,7 +216,7 @@ class Scheduler:
         os.makedirs(save_directory, exist_ok=True)
         from fastdiff._version import __version__
 
-        data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__, **self.config.to_dict()}
+        data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__, **self.settings.to_dict()}
         path = os.path.join(save_directory, CONFIG_NAME)
         write_json_atomic(path, data, sort_keys=True)
         return path
@@ -216,7 +234,7 @@ class Scheduler:
 
         Raises ValueError naming num_inference_steps (not an integer in [1, T]) or steps_offset (a timestep ≥ T).
         """
-        cfg = self.config
+        cfg = self.settings
         n = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, round_linspace)
         return check_steps_offset(timesteps, cfg.num_train_timesteps, cfg.steps_offset).astype(dtype)

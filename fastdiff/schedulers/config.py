@@ -1,5 +1,6 @@
-"""Scheduler configuration: the config dataclass every scheduler's config extends, the diffusers options each one
-accepts or refuses, and reading a config from a mapping, a ``scheduler_config.json`` or a folder holding one.
+"""Scheduler configuration: the frozen config dataclass every scheduler's settings extend, the diffusers options each
+one accepts or refuses, the diffusers-shaped dict view (``scheduler.config``), and reading a config from a mapping, a
+``scheduler_config.json`` or a folder holding one.
 
 Field names, defaults and meanings follow diffusers, so a diffusers ``scheduler_config.json`` (or a diffusers
 scheduler's ``.config``) loads as it is, and what ``Scheduler.save_config`` writes loads back into diffusers.
@@ -29,15 +30,11 @@ FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
 @dataclass(frozen=True)
-class SchedulerConfig(dict):
-    """The fields every scheduler has, with diffusers' names, defaults and meaning.
+class SchedulerConfig:
+    """The fields every scheduler has, with diffusers' names, defaults and meaning: a small frozen dataclass.
 
-    Read-only, and also a dict of the same values (as diffusers' FrozenDict is), so ``config.beta_schedule``,
-    ``config["beta_schedule"]``, ``dict(config)``, ``**config`` and diffusers' own ``from_config(config)`` all work.
-    It has to be a ``dict`` (not just a Mapping): diffusers' ``ConfigMixin.from_config`` treats anything that is not
-    a dict instance as a model name or path to download. The dict also lists the fields that were left at their
-    defaults under ``"_use_default_values"`` (diffusers' key): switching scheduler class with from_config gives those
-    the new class's defaults, as in diffusers.
+    A scheduler holds one as ``scheduler.settings``; ``scheduler.config`` is the diffusers-shaped dict made from it
+    (see :class:`ConfigDict`). Subclasses add their scheduler's fields and list the diffusers options they refuse.
     """
 
     num_train_timesteps: int = 1000  # T, the length of the training chain
@@ -56,9 +53,9 @@ class SchedulerConfig(dict):
     INERT: ClassVar[tuple] = ()
 
     def __post_init__(self):
-        check_int("num_train_timesteps", self.num_train_timesteps, minimum=1)
-        check_real("beta_start", self.beta_start)
-        check_real("beta_end", self.beta_end)
+        self._normalize("num_train_timesteps", check_int("num_train_timesteps", self.num_train_timesteps, minimum=1))
+        self._normalize("beta_start", check_real("beta_start", self.beta_start))
+        self._normalize("beta_end", check_real("beta_end", self.beta_end))
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.trained_betas is not None:
             betas = np.asarray(self.trained_betas.tolist() if isinstance(self.trained_betas, Tensor)
@@ -68,23 +65,20 @@ class SchedulerConfig(dict):
                                  f"got {len(betas)}")
             if not (np.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1).all()):
                 raise ValueError("trained_betas must all be in [0, 1]")
-            object.__setattr__(self, "trained_betas", tuple(float(b) for b in betas))
+            self._normalize("trained_betas", tuple(float(b) for b in betas))
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        check_int("steps_offset", self.steps_offset, minimum=0)
-        check_bool("rescale_betas_zero_snr", self.rescale_betas_zero_snr)
-        dict.update(self, {name: getattr(self, name) for name in self.field_names()})
+        self._normalize("steps_offset", check_int("steps_offset", self.steps_offset, minimum=0))
+        self._normalize("rescale_betas_zero_snr", check_bool("rescale_betas_zero_snr", self.rescale_betas_zero_snr))
+
+    def _normalize(self, name: str, value) -> None:
+        """Store a checked value in its plain Python type (np.int64 → int, np.bool_ → bool), so configs save as JSON."""
+        if value is not None:
+            object.__setattr__(self, name, value)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
-
-    def with_defaulted(self, names) -> SchedulerConfig:
-        """Record which fields were left at their defaults (diffusers' ``_use_default_values``); returns self."""
-        names = sorted(set(names) & set(self.field_names()))
-        if names:
-            dict.__setitem__(self, "_use_default_values", names)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain JSON-able dict (trained_betas as a list)."""
@@ -93,17 +87,39 @@ class SchedulerConfig(dict):
             d["trained_betas"] = list(d["trained_betas"])
         return d
 
-    def _read_only(self, *args, **kwargs):
-        raise TypeError(f"{type(self).__name__} is read-only; make a new scheduler with from_config(config, key=value)")
 
-    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = __ior__ = _read_only
+class ConfigDict(dict):
+    """What ``scheduler.config`` returns: the scheduler's settings as a plain dict with attribute reads, shaped like
+    diffusers' config, so ``config.beta_schedule``, ``config["beta_schedule"]``, ``dict(config)``, ``**config`` and
+    diffusers' own ``SomeScheduler.from_config(config)`` work (diffusers' from_config takes only ``dict`` instances).
 
-    def __reduce__(self):
-        return _rebuild_config, (type(self), self.to_dict(), self.get("_use_default_values", ()))
+    It is a copy made on each access: changing it does not change the scheduler (its settings are a frozen
+    dataclass); make a new scheduler with ``from_config(config, key=value)``. Fields left at their defaults are
+    listed under diffusers' ``"_use_default_values"`` key, so switching class with from_config gives those fields the
+    new class's defaults, as in diffusers.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no field {name!r}") from None
 
 
-def _rebuild_config(cls, fields: dict, defaulted) -> SchedulerConfig:
-    return cls(**fields).with_defaulted(defaulted)
+def config_dict(settings: SchedulerConfig, defaulted=()) -> ConfigDict:
+    """The diffusers-shaped dict of ``settings``; ``defaulted`` names the fields left at their defaults."""
+    d = ConfigDict(settings.to_dict())
+    names = sorted(set(defaulted) & set(settings.field_names()))
+    if names:
+        d["_use_default_values"] = names
+    return d
+
+
+def _rebuild_config(cls, fields: dict, defaulted=()) -> SchedulerConfig:
+    """Unpickle a config pickled when configs were dict subclasses (their __reduce__ named this function)."""
+    return cls(**fields)
 
 
 def split_config(config_class: type[SchedulerConfig], config: Mapping, strict: bool) -> dict:
@@ -137,10 +153,13 @@ def split_config(config_class: type[SchedulerConfig], config: Mapping, strict: b
 
 
 def load_config_mapping(config) -> Mapping:
-    """A config given as a mapping (dict, a diffusers FrozenDict, a fastdiff config), a scheduler_config.json file, a
+    """A config given as a mapping (dict, a diffusers FrozenDict, a fastdiff ``scheduler.config``), a fastdiff
+    SchedulerConfig (``scheduler.settings``), a scheduler_config.json file, a
     folder holding one, or a pipeline folder holding scheduler/scheduler_config.json."""
     if isinstance(config, Mapping):
         return config
+    if isinstance(config, SchedulerConfig):
+        return config.to_dict()
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
         candidates = [path] if path.endswith(".json") else [os.path.join(path, CONFIG_NAME),
@@ -165,5 +184,5 @@ class ClipSampleConfig(SchedulerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_bool("clip_sample", self.clip_sample)
-        check_real("clip_sample_range", self.clip_sample_range, positive=True)
+        self._normalize("clip_sample", check_bool("clip_sample", self.clip_sample))
+        self._normalize("clip_sample_range", check_real("clip_sample_range", self.clip_sample_range, positive=True))

@@ -20,7 +20,7 @@ class DDIMConfig(ClipSampleConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_bool("set_alpha_to_one", self.set_alpha_to_one)
+        self._normalize("set_alpha_to_one", check_bool("set_alpha_to_one", self.set_alpha_to_one))
 
 
 class DDIMScheduler(VariancePreservingScheduler):
@@ -32,7 +32,7 @@ class DDIMScheduler(VariancePreservingScheduler):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         # ᾱ "before" timestep 0, used by the last step
-        self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else self._alphas_cumprod_list[0]
+        self.final_alpha_cumprod = 1.0 if self.settings.set_alpha_to_one else self._alphas_cumprod_list[0]
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose the n timesteps to sample with (config.timestep_spacing) → ``self.timesteps``, int64 descending.
@@ -46,7 +46,7 @@ class DDIMScheduler(VariancePreservingScheduler):
         """The plan of one fused ``ops.ddim_step`` call (ᾱ_t, ᾱ_prev, z), which :meth:`step` runs at once."""
         # 1. the previous timestep: t − ⌊T/n⌋ for every spacing (diffusers' rule, kept for parity)
         t = self._plan_timestep(timestep)
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        prev_t = t - self.settings.num_train_timesteps // self.num_inference_steps
         # 2. ᾱ_t and ᾱ_prev
         alpha_prod_t = self._alphas_cumprod_list[t]
         alpha_prod_t_prev = self._alphas_cumprod_list[prev_t] if prev_t >= 0 else self.final_alpha_cumprod

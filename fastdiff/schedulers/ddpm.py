@@ -37,7 +37,7 @@ class DDPMScheduler(VariancePreservingScheduler):
 
     @property
     def variance_type(self) -> str:
-        return self.config.variance_type
+        return self.settings.variance_type
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
                       timesteps: Sequence[int] | None = None) -> None:
@@ -47,7 +47,7 @@ class DDPMScheduler(VariancePreservingScheduler):
         """
         custom = check_schedule_source(num_inference_steps=num_inference_steps, timesteps=timesteps) == "timesteps"
         if custom:
-            schedule = check_custom_timesteps(timesteps, self.config.num_train_timesteps, np.int64)
+            schedule = check_custom_timesteps(timesteps, self.settings.num_train_timesteps, np.int64)
         else:
             schedule = self._spaced_timesteps(num_inference_steps, np.int64)
         self._set_schedule(schedule, device)
@@ -75,7 +75,7 @@ class DDPMScheduler(VariancePreservingScheduler):
         noise = None
         if t > 0:
             noise = randn_like(sample, generator)
-        options = self._fused_options(variance_type=self.config.variance_type)
+        options = self._fused_options(variance_type=self.settings.variance_type)
         return FusedStep("ddpm_step", alpha_prod_t, alpha_prod_t_prev, noise, options)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator: Generator = None,

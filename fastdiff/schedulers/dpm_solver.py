@@ -50,13 +50,13 @@ class DPMSolverMultistepConfig(SchedulerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_int("solver_order", self.solver_order)
+        self._normalize("solver_order", check_int("solver_order", self.solver_order))
         check_choice("solver_order", self.solver_order, (1, 2))
         check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
-        check_bool("lower_order_final", self.lower_order_final)
-        check_bool("euler_at_final", self.euler_at_final)
-        check_bool("use_karras_sigmas", self.use_karras_sigmas)
+        self._normalize("lower_order_final", check_bool("lower_order_final", self.lower_order_final))
+        self._normalize("euler_at_final", check_bool("euler_at_final", self.euler_at_final))
+        self._normalize("use_karras_sigmas", check_bool("use_karras_sigmas", self.use_karras_sigmas))
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
 
 
@@ -79,7 +79,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self._reset_history()
 
     def _reset_history(self) -> None:
-        self.model_outputs: list[Tensor | None] = [None] * self.config.solver_order  # x̂0 of the last steps
+        self.model_outputs: list[Tensor | None] = [None] * self.settings.solver_order  # x̂0 of the last steps
         self.lower_order_nums = 0  # steps taken so far, capped at solver_order
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None,
@@ -88,7 +88,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
 
         Raises ValueError naming num_inference_steps (not an integer in [1, T]) or timesteps.
         """
-        cfg = self.config
+        cfg = self.settings
         T = cfg.num_train_timesteps
         if check_schedule_source(num_inference_steps=num_inference_steps, timesteps=timesteps) == "timesteps":
             schedule = check_custom_timesteps(timesteps, T, np.int64, cfg.use_karras_sigmas)
@@ -117,9 +117,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     def convert_model_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
         """The data prediction x̂0 at the current σ, from any model parameterisation (Lu et al. 2022b, §3.1)."""
         alpha_t, sigma_t = alpha_sigma(self._sigma_list[self._step_index])
-        if self.config.prediction_type == "epsilon":
+        if self.settings.prediction_type == "epsilon":
             return (sample - sigma_t * model_output) / alpha_t
-        if self.config.prediction_type == "sample":
+        if self.settings.prediction_type == "sample":
             return model_output
         return alpha_t * sample - sigma_t * model_output  # v_prediction
 
@@ -153,7 +153,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         r0 = h_0 / h
         D0, D1 = m0, (1.0 / r0) * (m0 - m1)
         phi_1 = math.expm1(-h)  # e^(−h) − 1
-        if self.config.solver_type == "midpoint":
+        if self.settings.solver_type == "midpoint":
             return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 - 0.5 * (alpha_t * phi_1) * D1
         return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 + (alpha_t * (phi_1 / h + 1.0)) * D1
 
@@ -167,7 +167,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         """
         model_output = guided_model_output(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
-        n, cfg = self.num_inference_steps, self.config
+        n, cfg = self.num_inference_steps, self.settings
         # 1. the order this step may use: first order for the last step (and for the first, which has no history)
         is_last = i == n - 1
         first_order_final = is_last and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)

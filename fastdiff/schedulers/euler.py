@@ -38,9 +38,9 @@ class EulerDiscreteConfig(SchedulerConfig):
         if self.use_karras_sigmas is None:  # diffusers allows None for False
             object.__setattr__(self, "use_karras_sigmas", False)
         super().__post_init__()
-        check_bool("use_karras_sigmas", self.use_karras_sigmas)
-        check_real("sigma_min", self.sigma_min, positive=True, allow_none=True)
-        check_real("sigma_max", self.sigma_max, positive=True, allow_none=True)
+        self._normalize("use_karras_sigmas", check_bool("use_karras_sigmas", self.use_karras_sigmas))
+        self._normalize("sigma_min", check_real("sigma_min", self.sigma_min, positive=True, allow_none=True))
+        self._normalize("sigma_max", check_real("sigma_max", self.sigma_max, positive=True, allow_none=True))
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
 
 
@@ -58,7 +58,7 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
 
         Raises ValueError naming num_inference_steps (not an integer in [1, T]), timesteps or sigmas.
         """
-        cfg = self.config
+        cfg = self.settings
         source = check_schedule_source(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas)
         if source == "sigmas":
             sigmas = np.array(sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas).astype(np.float32)
@@ -96,8 +96,8 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
             noise = randn_like(model_output, generator)
             sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
         # 2. x̂0 = D(x̂; σ̂) (the v-prediction form takes σ, as in diffusers)
-        sigma_x0 = sigma_hat if self.config.prediction_type == "epsilon" else sigma
-        x0_pred = x0_from_sigma(model_output, sample, sigma_x0, self.config.prediction_type)
+        sigma_x0 = sigma_hat if self.settings.prediction_type == "epsilon" else sigma
+        x0_pred = x0_from_sigma(model_output, sample, sigma_x0, self.settings.prediction_type)
         # 3. d = (x̂ − x̂0)/σ̂; x_{i+1} = x̂ + (σ_{i+1} − σ̂)·d
         prev_sample = euler_step(sample, x0_pred, sigma_hat, sigma_next)
         return self._end_step(prev_sample, x0_pred, model_output.dtype, return_dict)

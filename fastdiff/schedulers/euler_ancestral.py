@@ -42,7 +42,7 @@ class EulerAncestralDiscreteScheduler(VarianceExplodingScheduler):
         """
         model_output, sample, sigma, sigma_next = self._begin_step(model_output, timestep, sample, guidance_scale)
         # 1. x̂0 = D(x; σ)
-        x0_pred = x0_from_sigma(model_output, sample, sigma, self.config.prediction_type)
+        x0_pred = x0_from_sigma(model_output, sample, sigma, self.settings.prediction_type)
         # 2. split σ_{i+1}² = σ_down² + σ_up², σ_up² = σ_{i+1}²(σ_i² − σ_{i+1}²)/σ_i²
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5

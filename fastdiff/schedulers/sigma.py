@@ -34,12 +34,12 @@ class SigmaScheduler(Scheduler):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        if self.config.rescale_betas_zero_snr:
+        if self.settings.rescale_betas_zero_snr:
             # ᾱ_T = 0 would make σ_T infinite: keep it tiny instead (as diffusers does)
             self.alphas_cumprod[-1] = 2**-24
         self._train_sigmas = train_sigmas(self.alphas_cumprod)  # (T,) fp32, ascending in t
         self._log_sigmas = np.log(self._train_sigmas)
-        T = self.config.num_train_timesteps
+        T = self.settings.num_train_timesteps
         # before set_timesteps: the whole training chain (only add_noise uses it)
         self._set_schedule(np.arange(T - 1, -1, -1, dtype=np.float64), self._train_sigmas[::-1], 0.0, None)
         self.num_inference_steps = None
@@ -127,7 +127,7 @@ class VarianceExplodingScheduler(SigmaScheduler):
     def init_noise_sigma(self) -> float:
         """σ of x_T: σ_max ("linspace"/"trailing"), or √(σ_max² + 1) ("leading"), as in diffusers."""
         sigma_max = max(self._sigma_list)
-        return sigma_max if self.config.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+        return sigma_max if self.settings.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
 
     def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
         """x/√(σ² + 1), the variance-preserving x_t the model was trained on (Karras et al. 2022, Table 1, c_in)."""

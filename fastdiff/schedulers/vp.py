@@ -77,7 +77,7 @@ class VariancePreservingScheduler(Scheduler):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._alphas_cumprod_list = self.alphas_cumprod.tolist()
-        T = self.config.num_train_timesteps
+        T = self.settings.num_train_timesteps
         self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
         self._timestep_list: list[int] = self.timesteps.tolist()
 
@@ -100,14 +100,14 @@ class VariancePreservingScheduler(Scheduler):
         """The start of fused_step(): t as an int, after set_timesteps; ValueError when it is outside [0, T)."""
         self._require_timesteps()
         t = int(as_float(timestep))
-        if not 0 <= t < self.config.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.config.num_train_timesteps}), got {t}")
+        if not 0 <= t < self.settings.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {self.settings.num_train_timesteps}), got {t}")
         return t
 
     def _fused_options(self, **options) -> dict[str, Any]:
         """The fused op's fixed options: the config's prediction type and x̂0 clamp, and ``options``."""
-        clip_sample_range = self.config.clip_sample_range if self.config.clip_sample else None
-        return {"prediction_type": self.config.prediction_type, "clip_sample_range": clip_sample_range, **options}
+        clip_sample_range = self.settings.clip_sample_range if self.settings.clip_sample else None
+        return {"prediction_type": self.settings.prediction_type, "clip_sample_range": clip_sample_range, **options}
 
     def _fused_step_output(self, model_output: Tensor, sample: Tensor, guidance_scale: float | None,
                            return_dict: bool, plan: Callable[[], FusedStep]):
