@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from model_factories import CASES, HAS_VQ, build, case_params, make_inputs, needs_vq, run
@@ -11,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from utils import assert_rel_close
 
 import fastdiff
-from fastdiff.models import VAE, VQVAE, AutoencoderKL, UNet, registered_models
+from fastdiff.models import VAE, VQVAE, AutoencoderKL, DCGANGenerator, UNet, registered_models
 from fastdiff.models.modeling import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -101,7 +103,8 @@ def no_assignment(monkeypatch):
     """Fail the test if anything reaches load_state_dict: bad checkpoints must be rejected before assignment."""
     calls = []
     real = torch.nn.Module.load_state_dict
-    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     yield calls
     assert not calls, "load_state_dict ran on an invalid checkpoint"
 
@@ -190,6 +193,48 @@ def test_save_into_a_file_path(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         VAE(input_dim=4, hidden_dim=2, latent_dim=1).save_pretrained(tmp_path / "file")
+
+
+def test_numpy_config_values_save_and_load_back_as_python_types(tmp_path):
+    """A config built from numpy scalars (np.int64(32) ...) stores plain Python values, so save_pretrained can write
+    its JSON, and the checkpoint loads back equal, with int / float fields."""
+    models = {
+        "unet": UNet(block_out_channels=np.array([8, 16]), layers_per_block=np.int64(1), norm_num_groups=np.int64(4),
+                     attention_levels=(np.int64(1),), norm_eps=np.float32(1e-5), num_classes=np.int64(3)),
+        "dcgan": DCGANGenerator(resolution=np.int64(32), latent_dim=np.int64(8), width=np.int32(4)),
+        "vae": VAE(input_dim=np.int64(6), hidden_dim=np.int64(4), latent_dim=np.int64(2)),
+    }
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        stored = json.loads((tmp_path / name / CONFIG_NAME).read_text())
+        loaded = fastdiff.load_model(tmp_path / name)
+        assert loaded.config == model.config
+        for f in dataclasses.fields(loaded.config):
+            value = getattr(loaded.config, f.name)
+            assert type(value) is type(getattr(model.config, f.name)) and type(value) in (int, float, bool, tuple,
+                                                                                          type(None)), f.name
+        assert type(stored["norm_num_groups" if name == "unet" else "latent_dim"]) is int
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_config_that_cannot_be_written_writes_nothing(tmp_path, existing):
+    """The config JSON is made before any file is written: a config value JSON cannot hold (here set after
+    construction, past the config's checks) fails with no new file, folder or temporary, and an old checkpoint in
+    the folder is left as it was."""
+    folder = tmp_path / "ckpt"
+    model = VAE(input_dim=4, hidden_dim=2, latent_dim=1)
+    if existing:
+        model.save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()} if existing else None
+    model.config.hidden_dim = np.int64(2)  # bypasses __post_init__
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)  # so new weights would differ from the old ones
+    with pytest.raises(TypeError, match="VAEConfig cannot be written as JSON.*int64"):
+        model.save_pretrained(folder)
+    if existing:
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    else:
+        assert not folder.exists()
 
 
 # --------------------------------------------------------------------------------------------- diffusers names

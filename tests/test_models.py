@@ -3,6 +3,9 @@ on whole models. Tiny configs only (8–16 channels, 8×8 / 16×16 inputs)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 from model_factories import CASES, build, case_params, make_inputs, needs_vq, run
@@ -14,13 +17,18 @@ from fastdiff.models import (
     VAE,
     VQVAE,
     AutoencoderKL,
+    AutoencoderKLConfig,
     DCGANConfig,
     DCGANDiscriminator,
     DCGANGenerator,
     StyleGenerator,
+    StyleGeneratorConfig,
     UNet,
     UNetConfig,
+    VAEConfig,
+    VQVAEConfig,
 )
+from fastdiff.models.classifier import DigitClassifierConfig
 
 ALL = case_params()
 
@@ -195,6 +203,64 @@ def test_conditional_unet_input_errors(kwargs, match):
 def test_unet_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _tiny_unet(**kwargs)
+
+
+_NUMPY_CONFIGS = [  # every config class, given numpy scalars (and a numpy array / list for tuple fields)
+    (UNetConfig, dict(in_channels=np.int64(3), block_out_channels=np.array([8, 16]), layers_per_block=np.int32(1),
+                      attention_levels=[np.int64(1)], norm_num_groups=np.int64(4), attention_head_dim=np.int64(8),
+                      num_classes=np.int64(10), norm_eps=np.float32(1e-5), mid_attention=np.bool_(False))),
+    (AutoencoderKLConfig, dict(block_out_channels=(np.int64(8), np.int64(16)), latent_channels=np.int64(4),
+                               norm_num_groups=np.int16(4), scaling_factor=np.float32(0.5),
+                               shift_factor=np.float64(0.1), use_quant_conv=np.bool_(True))),
+    (VQVAEConfig, dict(block_out_channels=[8], norm_num_groups=np.int64(4), num_embeddings=np.int64(16),
+                       embedding_dim=np.int64(3), beta=np.float32(0.25))),
+    (VAEConfig, dict(input_dim=np.int64(12), hidden_dim=np.uint8(8), latent_dim=np.int64(3))),
+    (DCGANConfig, dict(resolution=np.int64(32), latent_dim=np.int64(8), width=np.int32(4))),
+    (StyleGeneratorConfig, dict(resolution=np.int64(8), w_dim=np.int64(8), w_avg_beta=np.float32(0.5))),
+    (DigitClassifierConfig, dict(image_size=np.int64(16), width=np.int64(4), num_classes=np.int64(10))),
+]
+
+
+@pytest.mark.parametrize("config_class, kwargs", _NUMPY_CONFIGS, ids=[c.__name__ for c, _ in _NUMPY_CONFIGS])
+def test_configs_store_plain_python_values(config_class, kwargs):
+    """numpy scalars are accepted and stored as int / float / bool (a config must write to JSON), tuples as tuples
+    of them; the values are unchanged."""
+    cfg = config_class(**kwargs)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            assert v is None or type(v) in (int, float, bool, str), f"{f.name}={v!r} is a {type(v).__name__}"
+    for name, given in kwargs.items():
+        expected = tuple(np.asarray(given).tolist()) if isinstance(given, (list, tuple, np.ndarray)) else given.item()
+        assert getattr(cfg, name) == expected and dataclasses.replace(cfg) == cfg
+
+
+@pytest.mark.parametrize("config_class, kwargs, match", [
+    (UNetConfig, {"in_channels": 3.0}, "in_channels must be an integer"),
+    (UNetConfig, {"block_out_channels": (8, "16")}, r"block_out_channels\[1\] must be an integer"),
+    (UNetConfig, {"channel_mult": 2}, "channel_mult must be a tuple"),
+    (UNetConfig, {"mid_attention": 1}, "mid_attention must be a bool"),
+    (UNetConfig, {"norm_eps": "1e-5"}, "norm_eps must be a real number"),
+    (VAEConfig, {"latent_dim": True}, "latent_dim must be an integer"),
+    (DCGANConfig, {"resolution": 32.0}, "resolution must be an integer"),
+    (AutoencoderKLConfig, {"shift_factor": "0"}, r"shift_factor must be a real number or None, got str '0'"),
+    (DigitClassifierConfig, {"width": np.float64(4)}, "width must be an integer"),
+])
+def test_config_field_types(config_class, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        config_class(**kwargs)
+
+
+@pytest.mark.parametrize("config_class, kwargs, match", [
+    (UNetConfig, {"attention_head_dim": 0}, "attention_head_dim must be ≥ 1"),
+    (UNetConfig, {"num_attention_heads": -1}, "num_attention_heads must be ≥ 1"),
+    (VAEConfig, {"latent_dim": np.int64(0)}, "latent_dim must be ≥ 1"),
+    (DigitClassifierConfig, {"image_size": 18}, "image_size must be a positive multiple of 4"),
+    (DigitClassifierConfig, {"num_classes": 0}, "num_classes must be ≥ 1"),
+])
+def test_config_field_values(config_class, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        config_class(**kwargs)
 
 
 def test_unet_config_object():

@@ -9,7 +9,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdiff.models.modeling import ModelMixin, build_config
+from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
+from fastdiff.validation import check_positive_int
 
 
 @dataclass
@@ -19,6 +20,14 @@ class DigitClassifierConfig:
     width: int = 32  # channels of the first conv; doubled after each pooling
     feature_dim: int = 64  # penultimate features (used for the Fréchet distance)
     num_classes: int = 10
+
+    def __post_init__(self):
+        normalize_config(self)  # plain Python ints (numpy integers are accepted and stored as int)
+        for name in ("in_channels", "width", "feature_dim", "num_classes"):
+            check_positive_int(name, getattr(self, name))
+        if self.image_size < 4 or self.image_size % 4:
+            raise ValueError(f"image_size must be a positive multiple of 4 (the classifier pools twice), "
+                             f"got {self.image_size}")
 
 
 class DigitClassifier(ModelMixin):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdiff.models.modeling import ModelMixin, build_config
+from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
 from fastdiff.validation import check_positive_int, check_real
 
 __all__ = ["DCGANConfig", "DCGANGenerator", "DCGANDiscriminator", "StyleGeneratorConfig", "StyleGenerator"]
@@ -25,6 +25,7 @@ class DCGANConfig:
     width: int = 64  # feature channels at the highest resolution (ngf / ndf); ×2 per halving
 
     def __post_init__(self):
+        normalize_config(self)  # plain Python ints (numpy integers are accepted and stored as int)
         if self.resolution not in (16, 32, 64):
             raise ValueError(f"resolution must be 16, 32 or 64 (a power of two), got {self.resolution!r}")
         for name in ("latent_dim", "channels", "width"):
@@ -119,8 +120,8 @@ class StyleGeneratorConfig:
     w_avg_beta: float = 0.995  # w_avg ← lerp(mean(w), w_avg, beta) at every training forward
 
     def __post_init__(self):
-        if (isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 4
-                or self.resolution > 1024 or self.resolution & (self.resolution - 1)):
+        normalize_config(self)  # plain Python ints and floats (numpy scalars are accepted and stored as such)
+        if self.resolution < 4 or self.resolution > 1024 or self.resolution & (self.resolution - 1):
             raise ValueError(f"resolution must be a power of two in [4, 1024], got {self.resolution!r}")
         for name in ("latent_dim", "w_dim", "mapping_layers", "base_channels", "max_channels", "channels"):
             check_positive_int(name, getattr(self, name))

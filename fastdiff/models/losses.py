@@ -39,7 +39,8 @@ def _alpha_bar(alphas_cumprod: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         raise ValueError("alphas_cumprod must be a 1-d tensor (T,) of ᾱ_t")
     if not isinstance(t, Tensor) or t.shape != (x0.shape[0],) or t.dtype.is_floating_point:
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"t must be an integer tensor of shape ({x0.shape[0]},) (one timestep per sample), got {shape}")
+        raise ValueError(f"t must be an integer tensor of shape ({x0.shape[0]},) (one timestep per sample), "
+                         f"got {shape}")
     n = alphas_cumprod.shape[0]
     if t.device.type == "cpu" and bool(((t < 0) | (t >= n)).any()):  # no device sync for accelerator tensors
         raise ValueError(f"t must index alphas_cumprod: values in [0, {n}), got [{int(t.min())}, {int(t.max())}]")

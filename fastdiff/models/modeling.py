@@ -14,15 +14,21 @@ never leaves a half-loaded model behind.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
-from fastdiff.files import read_json_object, read_safetensors, write_atomic, write_json_atomic
+from fastdiff.files import read_json_object, read_safetensors, write_atomic, write_text_atomic
+from fastdiff.validation import check_bool, check_int, check_real
 
 logger = logging.getLogger("fastdiff")
 
@@ -31,6 +37,7 @@ WEIGHTS_NAME = "model.safetensors"
 _HOLDS = f"a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
 
 __all__ = ["ModelMixin", "load_model", "register_model", "registered_models", "build_config", "tuple_fields",
+           "normalize_config",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 _REGISTRY: dict[str, type["ModelMixin"]] = {}
@@ -56,7 +63,59 @@ def tuple_fields(config) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, list):
-            setattr(config, f.name, tuple(value))
+            object.__setattr__(config, f.name, tuple(value))
+
+
+_FIELD_CHECKS = {int: check_int, float: check_real, bool: check_bool}
+_FIELD_KINDS = {int: "an integer", float: "a real number", bool: "a bool"}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(config_class: type) -> dict[str, tuple[Optional[type], bool, bool]]:
+    """Field name → (scalar type in _FIELD_CHECKS or None, Optional, a ``tuple[scalar, ...]``) from the annotations."""
+    hints = typing.get_type_hints(config_class)
+    kinds = {}
+    for f in dataclasses.fields(config_class):
+        hint, optional = hints[f.name], False
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args and len(args) == 2:
+            hint, optional = next(a for a in args if a is not type(None)), True
+        is_tuple = typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,)
+        scalar = typing.get_args(hint)[0] if is_tuple else hint
+        kinds[f.name] = (scalar if scalar in _FIELD_CHECKS else None, optional, is_tuple)
+    return kinds
+
+
+def normalize_config(config) -> None:
+    """Check the type of every int / float / bool field of a config dataclass (plain, ``Optional[...]`` or
+    ``tuple[..., ...]`` as annotated) and store it back as the plain Python value: numpy scalars become int / float /
+    bool, lists (and 1-D numpy arrays) become tuples. The config then writes to JSON and compares equal to what JSON
+    gives back.
+
+    TypeError names the field (``block_out_channels[1]`` for a tuple entry); value checks (positive, dividing, ...)
+    are the config's own. Works on frozen dataclasses too (the values are stored with ``object.__setattr__``).
+    """
+    tuple_fields(config)
+    for name, (scalar, optional, is_tuple) in _field_kinds(type(config)).items():
+        value = getattr(config, name)
+        if scalar is None or (optional and value is None):
+            continue
+        check = _FIELD_CHECKS[scalar]
+        if is_tuple:
+            if isinstance(value, np.ndarray) and value.ndim == 1:
+                value = tuple(value.tolist())
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"{name} must be a tuple of {scalar.__name__}s, got {type(value).__name__} {value!r}")
+            value = tuple(check(f"{name}[{i}]", v) for i, v in enumerate(value))
+        else:
+            try:
+                value = check(name, value)
+            except TypeError:
+                if not optional:
+                    raise
+                raise TypeError(f"{name} must be {_FIELD_KINDS[scalar]} or None, got {type(value).__name__} "
+                                f"{value!r}") from None
+        object.__setattr__(config, name, value)
 
 
 def build_config(config_class: type, config: Any, overrides: dict[str, Any]):
@@ -129,13 +188,19 @@ class ModelMixin(nn.Module):
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_directory {str(folder)!r} exists and is not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": type(self).__name__, "_fastdiff_version": _version(), **dataclasses.asdict(self.config)}
+        config = {"_class_name": type(self).__name__, "_fastdiff_version": _version(),
+                  **dataclasses.asdict(self.config)}
+        try:  # serialized before anything is written: a config JSON cannot hold fails with no file (or folder) made
+            config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self.config).__name__} cannot be written as JSON ({exc}); config fields must be "
+                            f"plain Python values") from exc
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
         metadata = {"format": "pt", "fastdiff_class": type(self).__name__}
+        folder.mkdir(parents=True, exist_ok=True)
         # weights first, then the config: a folder whose config.json is new always has the matching weights
         write_atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        write_json_atomic(folder / CONFIG_NAME, config, sort_keys=True)
+        write_text_atomic(folder / CONFIG_NAME, config_text)
         logger.info("fastdiff: saved %s (%d tensors) to %s", type(self).__name__, len(tensors), folder)
 
     # ----------------------------------------------------------------------------------------- load
@@ -205,7 +270,8 @@ def _validate_state(path: Path, stored: dict[str, torch.Tensor], expected: dict[
     for name, ref in expected.items():
         t = stored[name]
         if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, "
+                             f"the model expects {tuple(ref.shape)}")
         if t.is_floating_point() != ref.is_floating_point() or (not ref.is_floating_point() and t.dtype != ref.dtype):
             raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
 

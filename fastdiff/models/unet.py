@@ -28,7 +28,7 @@ from fastdiff.models.blocks import (
     attention_heads,
     timestep_embedding,
 )
-from fastdiff.models.modeling import ModelMixin, build_config, tuple_fields
+from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
 from fastdiff.nn import GroupNormSiLU
 from fastdiff.validation import check_positive_int
 
@@ -59,18 +59,23 @@ class UNetConfig:
     freq_shift: float = 0.0  # diffusers' downscale_freq_shift of the sinusoidal embedding
 
     def __post_init__(self):
-        tuple_fields(self)
+        normalize_config(self)  # tuples of plain Python ints, floats, bools (numpy scalars are accepted)
         channels = self.channels
-        if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
+        if not channels or any(c <= 0 for c in channels):
             raise ValueError(f"channels per level must be positive ints, got {channels}")
         check_positive_int("in_channels", self.in_channels)
         check_positive_int("out_channels", self.out_channels)
         check_positive_int("layers_per_block", self.layers_per_block)
         check_positive_int("norm_num_groups", self.norm_num_groups)
+        if self.attention_head_dim is not None:
+            check_positive_int("attention_head_dim", self.attention_head_dim)
+        if self.num_attention_heads is not None:
+            check_positive_int("num_attention_heads", self.num_attention_heads)
         for c in channels:
             if c % self.norm_num_groups:
-                raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels {channels}")
-        bad = [lvl for lvl in self.attention_levels if not isinstance(lvl, int) or not 0 <= lvl < len(channels)]
+                raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every level's channels "
+                                 f"{channels}")
+        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(channels)]
         if bad:
             raise ValueError(f"attention_levels must be level indices in [0, {len(channels)}), got {bad}")
         for c in channels:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff.models.blocks import DownBlock2D, MidBlock2D, SpatialSelfAttention, UpBlock2D
-from fastdiff.models.modeling import ModelMixin, build_config, tuple_fields
+from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
 from fastdiff.nn import GroupNormSiLU
+from fastdiff.validation import check_positive_int
 
 __all__ = ["VAE", "VAEConfig", "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "Encoder", "Decoder"]
 
@@ -32,10 +33,9 @@ class VAEConfig:
     latent_dim: int = 20  # size of z
 
     def __post_init__(self):
+        normalize_config(self)  # plain Python ints (numpy integers are accepted and stored as int)
         for name in ("input_dim", "hidden_dim", "latent_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
 
 
 class VAE(ModelMixin):
@@ -142,15 +142,14 @@ def _single_head(groups: int, eps: float, enabled: bool):
 
 
 def check_autoencoder_config(cfg) -> None:
-    """Shared validation of the conv autoencoder configs (ValueError naming the field)."""
-    tuple_fields(cfg)
-    ch = tuple(cfg.block_out_channels)
-    if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in ch):
+    """Shared validation of the conv autoencoder configs: every field stored as a plain Python value
+    (:func:`normalize_config`), then TypeError / ValueError naming the field."""
+    normalize_config(cfg)
+    ch = cfg.block_out_channels
+    if not ch or any(c <= 0 for c in ch):
         raise ValueError(f"block_out_channels must be positive ints, got {cfg.block_out_channels}")
     for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, getattr(cfg, name))
     if any(c % cfg.norm_num_groups for c in ch):
         raise ValueError(f"norm_num_groups={cfg.norm_num_groups} must divide every entry of block_out_channels {ch}")
 

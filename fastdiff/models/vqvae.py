@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from fastdiff import nn as fnn
 from fastdiff.models.modeling import ModelMixin, build_config
 from fastdiff.models.vae import Decoder, Encoder, check_autoencoder_config, check_image
+from fastdiff.validation import check_positive_int
 
 __all__ = ["VQVAE", "VQVAEConfig"]
 
@@ -37,12 +38,10 @@ class VQVAEConfig:
     scaling_factor: float = 1.0  # scale applied by latent pipelines (stored for them; not used here)
 
     def __post_init__(self):
-        check_autoencoder_config(self)
-        if isinstance(self.num_embeddings, bool) or not isinstance(self.num_embeddings, int) or self.num_embeddings <= 0:
-            raise ValueError(f"num_embeddings must be a positive int, got {self.num_embeddings!r}")
-        if self.embedding_dim is not None and (isinstance(self.embedding_dim, bool)
-                                               or not isinstance(self.embedding_dim, int) or self.embedding_dim <= 0):
-            raise ValueError(f"embedding_dim must be a positive int or None, got {self.embedding_dim!r}")
+        check_autoencoder_config(self)  # also stores every field as a plain Python value
+        check_positive_int("num_embeddings", self.num_embeddings)
+        if self.embedding_dim is not None:
+            check_positive_int("embedding_dim", self.embedding_dim)
 
     @property
     def code_dim(self) -> int:
