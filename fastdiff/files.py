@@ -24,6 +24,26 @@ PathLike = Union[str, os.PathLike]
 _TEMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 
+def _read_umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status (since 4.7) without changing it; elsewhere it can
+    only be read by setting it and setting it back — a moment in which a file another thread creates gets the
+    wrong mode, which is why this runs once, at import, and never per write."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+# Read once: write_atomic's writer-function path (a file it did not create) takes its mode from it.
+_UMASK = _read_umask()
+
+
 def temporary_name(path: PathLike) -> Path:
     """The temporary name :func:`write_atomic` writes ``path`` under first (in the same folder)."""
     path = Path(path)
@@ -37,21 +57,30 @@ def is_temporary(name: str) -> bool:
 
 def write_atomic(path: PathLike, data: Union[bytes, Callable[[Path], None]], *, mode: int | None = None) -> Path:
     """Write ``path`` atomically. ``data``: the bytes, or a function that writes the file at the path it is given
-    (for writers that want a path, such as safetensors' ``save_file``). ``mode``: permission bits (default: what
-    ``open`` gives under the umask). Returns ``path``; on any error the temporary file is removed."""
+    (for writers that want a path, such as safetensors' ``save_file``). ``mode``: permission bits, less the umask
+    (default 0o666, what ``open`` gives). Returns ``path``; on any error the temporary file is removed.
+
+    Bytes are written to a temporary file created with ``os.open(..., mode)``, so the kernel applies the current
+    umask. A writer function creates the file itself (safetensors, for one, makes it 0o600), so it is chmod-ed to
+    ``mode`` less the umask read once at import (never by set-and-restore per call: that races with threads).
+    """
     path = Path(path)
     tmp = temporary_name(path)
+    mode = 0o666 if mode is None else mode
     try:
+        if tmp.exists():  # a stale temporary of this pid: O_CREAT would keep its old mode
+            tmp.unlink()
         if callable(data):
             data(tmp)
+            os.chmod(tmp, mode & ~_UMASK)
+            with open(tmp, "rb") as f:  # fsync works on a read-only descriptor
+                os.fsync(f.fileno())
         else:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), mode)
+            with open(fd, "wb", closefd=True) as f:
                 f.write(data)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (0o666 if mode is None else mode) & ~umask)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -48,6 +48,57 @@ def test_writer_functions_and_permissions(tmp_path):
     assert (files.write_atomic(tmp_path / "m", b"", mode=0o640).stat().st_mode & 0o777) == (0o640 & ~umask)
 
 
+def test_the_mode_follows_the_umask_which_is_never_set(tmp_path, monkeypatch):
+    """Bytes get ``mode`` less the umask in force (the kernel applies it: the temporary is created with os.open and
+    that mode); a writer function's file gets ``mode`` less the umask read at import. write_atomic never calls
+    os.umask, which sets the process-wide umask (read-by-setting races with other threads creating files)."""
+    real_umask = os.umask
+    process_umask = real_umask(0o027)
+    try:
+        assert files._UMASK == process_umask  # read at import, and nothing has changed it since
+
+        def no_umask(*args):
+            raise AssertionError("write_atomic called os.umask")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        assert (files.write_atomic(tmp_path / "a", b"x").stat().st_mode & 0o777) == 0o640
+        assert (files.write_atomic(tmp_path / "b", b"x", mode=0o606).stat().st_mode & 0o777) == 0o600
+        assert (files.write_text_atomic(tmp_path / "c", "x").stat().st_mode & 0o777) == 0o640
+        w = files.write_atomic(tmp_path / "w", lambda tmp: tmp.write_bytes(b"x"), mode=0o660)
+        assert (w.stat().st_mode & 0o777) == 0o660 & ~process_umask
+    finally:
+        real_umask(process_umask)
+
+
+def test_a_stale_temporary_does_not_pass_on_its_mode(tmp_path):
+    target = tmp_path / "a"
+    stale = files.temporary_name(target)
+    stale.write_bytes(b"stale")
+    stale.chmod(0o600)
+    umask = files._UMASK
+    assert (files.write_atomic(target, b"new").stat().st_mode & 0o777) == 0o666 & ~umask
+    assert target.read_bytes() == b"new" and not stale.exists()
+
+
+def test_the_fsync_of_a_written_file_opens_it_read_only(tmp_path, monkeypatch):
+    """A writer may leave its file read-only (0o444): the fsync must not need write access to it."""
+    modes = []
+    real_open = open
+
+    def spy(file, mode="r", *args, **kwargs):
+        modes.append(mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", spy, raising=False)
+
+    def writer(tmp):
+        tmp.write_bytes(b"x")
+        os.chmod(tmp, 0o444)
+
+    assert files.write_atomic(tmp_path / "r", writer, mode=0o444).read_bytes() == b"x"
+    assert modes and all(set(m) <= set("rb") for m in modes), modes
+
+
 def test_temporary_names():
     tmp = files.temporary_name("/x/000001.png")
     assert tmp.parent.as_posix() == "/x" and files.is_temporary(tmp.name) and tmp.name.startswith(".000001.png.")
