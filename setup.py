@@ -1,4 +1,5 @@
-"""Build of the native extension fastdiff._C (VQ nearest-codebook search). Metadata lives in pyproject.toml.
+"""Build of the native extension fastdiff._C (``vq_nearest``, the VQ nearest-codebook search, and ``rows_matmul``,
+the batch-invariant CPU GEMM). Metadata lives in pyproject.toml.
 
 Install with the torch you want already installed, and without build isolation, so the extension is built
 against that torch (build isolation would install a second, possibly multi-GB CUDA, torch just for the build):

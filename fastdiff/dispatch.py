@@ -10,6 +10,9 @@
 | Triton unavailable                               | ``torch``, one log line, never an error |
 | ``vq_nearest`` (a native op, no Triton kernel)    | ``native`` where the extension has a kernel for the     |
 |                                                  | device, else ``torch`` (one log line)  |
+| linear / matmul / mm / bmm inside                | ``native`` (``rows_matmul``) for fp32 CPU tensors, else |
+| :func:`fastdiff.batch_invariant`                 | ``torch`` (BLAS in fixed-shape chunks); counted as the |
+|                                                  | op ``rows_matmul`` (:func:`counts`)    |
 
 ``backend="triton"`` forces the Triton kernels (compiled on CUDA, interpreted on CPU) and ``backend="native"`` the
 extension (:mod:`fastdiff.native` loads it and says which kernels it has); both raise if they cannot run.

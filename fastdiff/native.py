@@ -2,7 +2,7 @@
 
 The extension registers ``torch.ops.fastdiff.vq_nearest(z, codebook) -> (indices, distances)`` (C++ and, where
 torch has CUDA, CUDA kernels) and ``torch.ops.fastdiff.rows_matmul(x, weight)`` (CPU); this module registers the
-fake (meta) implementation of vq_nearest and says which kernels the loaded extension has (:func:`has_kernel`). Which
+fake (meta) implementations of both and says which kernels the loaded extension has (:func:`has_kernel`). Which
 path an op takes is decided in :mod:`fastdiff.dispatch`, like every other op's; this module imports nothing else
 from fastdiff, so setup.py reads the build configuration (sources, flags) from this file. Where the extension comes
 from, in order (first use in a process decides, once):
@@ -14,6 +14,11 @@ from, in order (first use in a process decides, once):
 3. nothing: the ops run the PyTorch reference after one logged warning (``backend="native"`` raises).
 
 ``FASTDIFF_NATIVE=0`` skips the extension altogether. ``DEBUG=1`` builds the JIT copy with ``-O0 -g``.
+``FASTDIFF_CPU_ISA`` caps the CPU micro-kernels of both ops (:data:`CPU_ISA_VALUES`, any case): the C++ side reads
+it on every call and compares it exactly, so :func:`cpu_isa` checks it, raises ValueError on any other value and
+writes it back in lower case; it runs before the extension loads, in :func:`fastdiff.batch_invariant` before every
+native product, and in :func:`fastdiff.batch_invariance.cpu_code_path`. A value set later and read only by a direct
+``torch.ops.fastdiff.*`` call reaches the C++ side unchecked (there, unknown values mean no cap).
 """
 
 from __future__ import annotations
@@ -44,6 +49,25 @@ _error = ""                     # why it could not be loaded
 _fake_registered = False
 _kernels: dict[tuple[str, str], bool] = {}  # (op, device type) -> the loaded extension has it (plain dict: traceable)
 OPS = ("vq_nearest", "rows_matmul")  # the operators fastdiff._C may register (torch.ops.fastdiff.<op>)
+CPU_ISA_VALUES = ("auto", "avx512", "avx2", "generic")  # FASTDIFF_CPU_ISA: "auto" (or unset, or empty) is no cap
+
+
+def cpu_isa() -> str:
+    """``FASTDIFF_CPU_ISA``, checked: one of :data:`CPU_ISA_VALUES` ("auto" when unset or empty).
+
+    Any case and surrounding spaces are accepted; the variable is then rewritten in the lower case the C++ side
+    compares against (it reads the variable itself, on every call). Any other value raises ValueError.
+    """
+    raw = os.environ.get("FASTDIFF_CPU_ISA")
+    if raw is None:
+        return "auto"
+    value = raw.strip().lower() or "auto"
+    if value not in CPU_ISA_VALUES:
+        raise ValueError(f"FASTDIFF_CPU_ISA must be one of {', '.join(CPU_ISA_VALUES)} (any case) or unset, "
+                         f"got {raw!r}")
+    if value != raw:
+        os.environ["FASTDIFF_CPU_ISA"] = value
+    return value
 
 
 # --------------------------------------------------------------------------------------------- build configuration
@@ -137,7 +161,8 @@ def _jit_build() -> str:
                 return str(library)
             except OSError as exc:  # a broken earlier build: build again
                 logger.info("fastdiff: rebuilding %s (%s)", library, exc)
-        logger.warning("fastdiff: building the native VQ extension into %s (once; takes about a minute)", build_dir)
+        logger.warning("fastdiff: building the native extension (vq_nearest, rows_matmul) into %s (once; takes "
+                       "about a minute)", build_dir)
         cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
@@ -154,6 +179,7 @@ def _jit_build() -> str:
 
 
 def _register_fake() -> None:
+    """The fake (meta) implementations: output shapes and dtypes only, for FakeTensor, torch.compile and opcheck."""
     global _fake_registered
     if _fake_registered:
         return
@@ -163,11 +189,25 @@ def _register_fake() -> None:
         n = z.shape[0]
         return z.new_empty((n,), dtype=torch.int64), z.new_empty((n,), dtype=torch.float32)
 
+    if hasattr(torch.ops.fastdiff, "rows_matmul"):
+
+        @torch.library.register_fake("fastdiff::rows_matmul")
+        def _(x: Tensor, weight: Tensor) -> Tensor:  # the checks of csrc/rows_matmul_cpu.cpp, same exception types
+            torch._check_value(x.dim() == 2, lambda: f"rows_matmul: x must be 2-D (R, K), got {x.dim()}-D")
+            torch._check_value(weight.dim() == 2,
+                               lambda: f"rows_matmul: weight must be 2-D (N, K), got {weight.dim()}-D")
+            torch._check_type(x.dtype == torch.float32 and weight.dtype == torch.float32,
+                              lambda: f"rows_matmul: x and weight must be float32, got {x.dtype} and {weight.dtype}")
+            torch._check_value(x.shape[1] == weight.shape[1], lambda: "rows_matmul: x (R, K) and weight (N, K) must "
+                               f"share K, got {tuple(x.shape)} and {tuple(weight.shape)}")
+            return x.new_empty((x.shape[0], weight.shape[0]))
+
     _fake_registered = True
 
 
 def _try_load() -> bool:
     global _origin, _error
+    cpu_isa()  # a bad FASTDIFF_CPU_ISA raises here, before anything runs with it
     if os.environ.get("FASTDIFF_NATIVE", "1") == "0":
         _error = "disabled by FASTDIFF_NATIVE=0"
         return False
@@ -197,6 +237,7 @@ def _try_load() -> bool:
 
 def load() -> bool:
     """Load (building if needed) the extension once per process; True when ``torch.ops.fastdiff.vq_nearest`` exists.
+    Raises ValueError (and loads nothing) while ``FASTDIFF_CPU_ISA`` has a value :func:`cpu_isa` rejects.
 
     Once it has run, this and the dispatch below only read module globals, so torch.compile(fullgraph=True)
     traces through :func:`fastdiff.ops.vq_nearest` (the first call, which may build, should happen eagerly).

@@ -1,9 +1,13 @@
-"""Batch invariance and the native kernels on every CPU code path this machine can run, not just its best one.
+"""Batch invariance and the native kernels on the CPU code paths of ROWS this machine can run, not just its best one.
 
 A CPU runs one of several code paths, chosen at run time: ATen's vector kernels (capped by ATEN_CPU_CAPABILITY),
 oneDNN's convolutions (ONEDNN_MAX_CPU_ISA) and fastdiff's native micro-kernels (FASTDIFF_CPU_ISA). The guarantee of
 ``fastdiff.batch_invariant()`` and ``fastdiff generate`` (same seed → same bytes for any batch size, thread count and
-number of processes) must hold on each, so each row below runs, in fresh subprocesses with those caps set:
+number of processes) must hold on each. ROWS has six of them: every x86 ATen cap (avx512, avx2, default), every
+native micro-kernel level (amx with FASTDIFF_CPU_ISA unset, avx512, avx2, generic), and oneDNN's SSE41, AVX2,
+AVX512_CORE, AVX512_CORE_VNNI, AVX512_CORE_BF16 and AVX512_CORE_AMX, each with the ATen and native level that goes
+with it. oneDNN's AVX, AVX2_VNNI, AVX2_VNNI_2, AVX512_CORE_FP16 and AVX512_CORE_AMX_FP16 levels, and other
+combinations of the three caps, are not covered. Each row runs, in fresh subprocesses with those caps set:
 
 1. a check that the caps took effect (ATen's capability, oneDNN's own report of its ISA, the native micro-kernel);
 2. the batch-invariance and native-kernel tests (tests/test_batch_invariance.py, test_rows_matmul.py,
@@ -46,7 +50,8 @@ def _has(flag: str) -> bool:
 
 
 # id: (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, FASTDIFF_CPU_ISA, CPU feature needed, what oneDNN's verbose ISA line
-# contains, the expected cpu_code_path() entries). Together the rows take every cap value of each library once.
+# contains, the expected cpu_code_path() entries). Together the rows take every ATen and FASTDIFF_CPU_ISA value once,
+# and six of oneDNN's eleven levels (see the module docstring).
 ROWS = {
     "amx": ("avx512", "AVX512_CORE_AMX", None, "amx", "AMX", {"aten": "AVX512", "onednn": "AVX512_CORE_AMX",
                                                                "native": "amx"}),

@@ -120,3 +120,31 @@ def test_bad_inputs_name_the_problem():
         rows_matmul(torch.randn(2, 3), torch.randn(3))
     with pytest.raises(ValueError, match="share K"):
         rows_matmul(torch.randn(2, 3), torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("shape", [(7, 12, 32), (97, 33, 31), (0, 4, 3), (2, 4, 0), (2, 0, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_opcheck(shape):
+    """Schema, fake (meta) implementation and FakeTensor / AOT-autograd dispatch (torch.library.opcheck)."""
+    r, k, n = shape
+    g = torch.Generator().manual_seed(3)
+    torch.library.opcheck(torch.ops.fastdiff.rows_matmul.default,
+                          (torch.randn(r, k, generator=g), torch.randn(n, k, generator=g)))
+
+
+def test_fake_implementation_gives_shapes_and_the_op_checks():
+    """The fake implementation on the meta device and under torch.compile(fullgraph=True): shapes, dtype, and the
+    C++ kernel's checks with its exception types."""
+    y = rows_matmul(torch.empty(300, 64, device="meta"), torch.empty(70, 64, device="meta"))
+    assert y.shape == (300, 70) and y.dtype == torch.float32 and y.device.type == "meta" and y.is_contiguous()
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        rows_matmul(torch.empty(2, 3, 4, device="meta"), torch.empty(4, 4, device="meta"))
+    with pytest.raises(ValueError, match="share K"):
+        rows_matmul(torch.empty(2, 3, device="meta"), torch.empty(4, 5, device="meta"))
+    with pytest.raises(TypeError, match="float32"):
+        rows_matmul(torch.empty(2, 3, device="meta", dtype=torch.float64), torch.empty(4, 3, device="meta"))
+
+    torch._dynamo.reset()
+    x, w = torch.randn(9, 5), torch.randn(6, 5)
+    compiled = torch.compile(lambda a, b: rows_matmul(a, b) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, w), rows_matmul(x, w) * 2)

@@ -20,9 +20,10 @@ number of ranks or the batch size. Bit for bit: BLAS/oneDNN pick their kernels b
 computed in batches of different sizes can differ in the last float32 bits. On the CPU the pipeline therefore runs
 under :func:`fastdiff.batch_invariant` (linear layers and matrix products on fastdiff's own CPU GEMM, one FMA chain
 per element; convolutions in fixed chunks of rows), and the files are byte-identical for any ``--batch``, thread count
-and number of ranks on one machine and CPU code path (tested: batch 1, 3, 5, 8, 12 and 20; 1 process vs 2 under
-torchrun; 1 vs 2 threads; under every ATen/oneDNN/native ISA cap the test machine supports). The manifest records the
-code path (:func:`fastdiff.batch_invariance.cpu_code_path`) and a resumed run on another one is warned about.
+and number of ranks on one machine and CPU code path (tested: ``--batch`` 1, 3, 4, 8 and 10 and 1 vs 2 processes
+in tests/test_generate.py; ``--batch`` 1, 5 and 12, 1 vs 2 threads and 1 vs 2 processes under each of the six ISA-cap
+rows of tests/test_isa_matrix.py the test machine can run). The manifest records what fastdiff knows of the code path
+(:func:`fastdiff.batch_invariance.cpu_code_path`) and a resumed run on another one is warned about.
 On CUDA the mode is off by default (``--batch-invariant`` turns it on; cuBLAS/cuDNN invariance is not verified
 there): files are then identical across ranks at the same ``--batch``, which every call
 keeps fixed (min(batch, num) rows, a rank's last call padded with throw-away rows). The manifest records the batch and
