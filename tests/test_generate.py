@@ -194,18 +194,24 @@ def test_two_ranks_make_the_same_files_as_one(model_dir, reference, tmp_path, sa
 
 def test_nproc_starts_its_own_workers(model_dir, reference, tmp_path):
     """`fastdiff generate --nproc 2`: two workers through PyTorch's elastic launcher, no torchrun line; the same files
-    as one process, one summary line; a bad argument is one line and exit code 2 before any worker starts."""
-    out = tmp_path / "out"
+    as one process, one summary line; a bad argument is one line and exit code 2 before any worker starts. The
+    launcher's log folders (``torchelastic_*`` in the temp dir, one per launch when left to it) are removed: the
+    runs get a temp dir of their own (TMPDIR), empty afterwards."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    isolated = {"TMPDIR": str(tmp)}
     proc = fastdiff_cmd("-q", "generate", "--nproc", "2", "--model", str(model_dir), "-n", str(NUM), "--outdir",
-                        str(out), "--batch", str(BATCH))
+                        str(out), "--batch", str(BATCH), extra_env=isolated)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_files(files(out), reference(None, "png"))
     summary = [line for line in proc.stdout.splitlines() if line.startswith("generated")]
     assert len(summary) == 1 and "2 rank(s)" in summary[0], proc.stdout
+    assert sorted(p.name for p in tmp.iterdir()) == [], "the launch left files in its temp dir"
     bad = fastdiff_cmd("generate", "--nproc", "2", "--model", str(model_dir), "-n", "3", "--outdir", str(out),
-                       "--seed", "9")  # the folder was made with seed 0: refused by rank 0, reported once
+                       "--seed", "9", extra_env=isolated)  # the folder was made with seed 0: refused by rank 0
     assert bad.returncode == 2 and bad.stderr.startswith("fastdiff: error: --outdir"), bad.stderr[-3000:]
     assert "seed 0 there, 9 now" in bad.stderr.splitlines()[-1]
+    assert sorted(p.name for p in tmp.iterdir()) == [], "the failed launch left files in its temp dir"
     zero = fastdiff_cmd("generate", "--nproc", "0", "--model", str(model_dir), "-n", "3", "--outdir", str(out))
     assert zero.returncode == 2 and zero.stderr == "fastdiff: error: --nproc must be ≥ 1, got 0\n", zero.stderr
 

@@ -4,12 +4,15 @@ starting N local workers without torchrun (``fastdiff generate --nproc N``) thro
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT set) each process joins a process group — NCCL
 on GPUs (rank r uses cuda:LOCAL_RANK), gloo on the CPU — unless one is already initialised, in which case it is used
 and left alone. :func:`launch` starts the same workers itself with ``torch.distributed.launcher.api.elastic_launch``
-(a local rendezvous, no restarts) and returns each rank's result.
+(a local rendezvous, no restarts, its log folder a temporary one removed afterwards) and returns each rank's
+result.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -88,10 +91,22 @@ def init_distributed(device: torch.device) -> Ranks:
 def launch(nproc: int, fn: Callable[..., Any], *args) -> dict[int, Any]:
     """Run ``fn(*args)`` in ``nproc`` local worker processes that form one gloo/NCCL job, as torchrun would, through
     PyTorch's elastic launcher; returns {rank: fn's return value}. ``fn`` must be a module-level function (the
-    workers are started with the spawn method). A worker that fails raises the launcher's ChildFailedError here."""
+    workers are started with the spawn method). A worker that fails raises the launcher's ChildFailedError here
+    (its message carries the worker's traceback).
+
+    The launcher's log folder (the workers' error files; their output goes to this process's stdout and stderr) is
+    a temporary folder removed when the launch ends, however it ends: left to itself the launcher makes a
+    ``torchelastic_*`` folder in the temp dir for every launch and never removes it.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"fastdiff-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
-    return elastic_launch(config, fn)(*args)
+    log_dir = tempfile.mkdtemp(prefix="fastdiff-launch-")
+    try:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                              run_id=f"fastdiff-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
+                              logs_specs=DefaultLogsSpecs(log_dir=log_dir))
+        return elastic_launch(config, fn)(*args)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
