@@ -23,12 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels import target
+
+_FP32_PRECISION = "ieee"
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2(e)), folded into the scale
 
 # Under Triton's interpreter (TRITON_INTERPRET=1, read at import like Triton itself does) one small fixed config keeps
 # the tests fast and skips autotuning; it still exercises several query blocks, several key tiles and a masked tail at
 # the tested sizes.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2)
 # FASTDIFF_AUTOTUNE=0 skips autotuning on the GPU (one heuristic config per call; cheap CUDA test runs)
 _AUTOTUNE = os.environ.get("FASTDIFF_AUTOTUNE", "1") != "0"
@@ -286,8 +288,8 @@ def attention(
     # under it bf16 operands are upcast to fp32 first: exact for q, k, v and for p once rounded to bf16, with fp32
     # accumulation, i.e. the compiled bf16 dot's numbers up to summation order. (The interpreter rounds fp32 → bf16
     # toward zero where the GPU rounds to nearest, so interpreted bf16 errors are about twice the GPU's.)
-    upcast = _INTERPRET and q.dtype == torch.bfloat16
-    precision = "ieee" if (q.dtype == torch.float32 or upcast) else None  # fp32 stays fp32 (no TF32)
+    upcast = target.interpreting() and q.dtype == torch.bfloat16
+    precision = _FP32_PRECISION if (q.dtype == torch.float32 or upcast) else None  # fp32 stays fp32 (no TF32)
     strides = [t.stride() for t in (q, k, v, o)]
     align = 16
     while align > 1 and any(s % align for st in strides for s in st[:3]):
@@ -299,7 +301,7 @@ def attention(
     )
     meta = {"D": D, "BLOCK_D": block_d, "MASK_D": block_d != D, "DOT_PRECISION": precision, "DOT_UPCAST": upcast,
             "ALIGN": align}
-    if config is None and _INTERPRET:  # every launch is interpreted then, CUDA tensors included: never autotune
+    if config is None and target.interpreting():  # every launch is interpreted, CUDA tensors included: never tune
         config = _INTERPRET_CONFIG
     elif config is None and not _AUTOTUNE:
         config = _default_config(M, block_d, q.element_size())

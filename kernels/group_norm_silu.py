@@ -24,12 +24,11 @@ chunks are merged with Chan's parallel formula, so a large mean offset (x = 100 
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff.kernels import target
 
 # Host-side tuning knobs (module constants so a test can shrink them to reach the split path on small shapes).
 SINGLE_PASS_MAX = 8192  # padded group elements kept in registers by one program (single-pass path)
@@ -290,20 +289,11 @@ def _group_norm_silu_apply_kernel(
 
 
 # --------------------------------------------------------------------------------------------- host
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(x: torch.Tensor) -> int:
     if TARGET_PROGRAMS is not None:
         return TARGET_PROGRAMS
-    if x.is_cuda and not _interpreting():
-        return 8 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if target.compiled_gpu(x):
+        return 8 * target.sm_count(x)
     return 8
 
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels import target
 from fastdiff.validation import PREDICTION_TYPES, VARIANCE_TYPES  # the one home of the vocabularies
 
 PREDICTION_CODES = {name: i for i, name in enumerate(PREDICTION_TYPES)}  # the kernels' constexpr codes
@@ -170,9 +171,9 @@ def alpha_roots_host(alpha_prod_t: float) -> tuple[float, float, float, float]:
     return sqrt_alpha, sqrt_beta, 1.0 / sqrt_alpha, 1.0 / sqrt_beta
 
 
-def _block_size(n_elements: int, device: torch.device) -> tuple[int, int]:
+def _block_size(n_elements: int, sample: torch.Tensor) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps). Interpreter: small blocks, so small test tensors span several programs."""
-    if device.type != "cuda":
+    if not target.compiled_gpu(sample):
         return 128, 1
     if n_elements <= (1 << 21):
         return 1024, 4
@@ -189,7 +190,7 @@ def launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
         return prev, x0
     batch = sample.shape[0]
     per_sample_numel = n_elements // batch
-    block, num_warps = _block_size(n_elements, sample.device)
+    block, num_warps = _block_size(n_elements, sample)
     per_sample_alpha = isinstance(alpha_prod_t, torch.Tensor) or isinstance(alpha_prod_t_prev, torch.Tensor)
     if per_sample_alpha:
         # a float next to a tensor becomes a (B,) tensor too (a fill, no host sync)
