@@ -3,8 +3,16 @@
 Every public function of fastdiff (ops, schedulers, pipelines, models, the command, generate) checks its arguments
 with these helpers before doing any work, with one convention: a wrong type raises ``TypeError``, a wrong value
 ``ValueError``, and both name the argument (as the caller spells it: ``batch_size``, ``--num``). numpy scalars count
-as numbers; bools never count as numbers. This module imports nothing from fastdiff, so the Triton kernels (the
+as numbers (and the checks return them as plain Python int / float / bool, which is what a config must store to be
+written as JSON); bools never count as numbers. This module imports nothing from fastdiff, so the Triton kernels (the
 lowest layer) can share its vocabularies too.
+
+The one exception is in the diffusers-compatible scheduler API: ``set_timesteps`` checks ``num_inference_steps``
+with ``fastdiff.schedulers.schedules.check_num_inference_steps``, which raises ``ValueError`` for a wrong type as
+well as a wrong value (e.g. ``set_timesteps(2.5)``), because diffusers' schedulers reject a bad
+``num_inference_steps`` with ``ValueError`` and that is what code written for them catches. Everything else — the
+pipelines' own ``num_inference_steps`` check included (``check_positive_int``: a float is a ``TypeError``) —
+follows the convention.
 """
 
 from __future__ import annotations

@@ -125,19 +125,32 @@ class DiffusionPipeline(Pipeline):
         """Sample ``batch_size`` images.
 
         Args:
-            batch_size: images to make (≥ 1).
-            num_inference_steps: sampler steps, 1 … num_train_timesteps.
-            generator: an int seed, a torch.Generator (or one per image) or None.
-            guidance_scale: classifier-free guidance scale s (None or 1.0: no guidance).
+            batch_size: images to make, an integer ≥ 1.
+            num_inference_steps: sampler steps, an integer in [1, num_train_timesteps].
+            generator: an int seed (a fresh CPU generator), a torch.Generator (or a list, one per image) or None.
+            guidance_scale: classifier-free guidance scale s, a real number; None: no guidance. Any value, 1.0
+                included, needs a class-conditional or context-conditioned UNet and class_labels or a context;
+                1.0 then samples the conditional model alone (no unconditional batch).
             class_labels: an int, or B ints in [0, num_classes), for a class-conditional UNet.
-            output_type: "pil" (list of PIL images), "np" ((B, H, W, C) float32 in [0, 1]) or "pt".
+            output_type: "pil" (list of PIL images), "np" ((B, H, W, C) float32 in [0, 1]) or "pt" ((B, C, H, W)
+                float32 CPU tensor in [0, 1]).
             progress: show a tqdm bar.
-            eta: DDIM's η (DDIM scheduler only).
+            eta: DDIM's η, passed to the scheduler's step only when nonzero (a nonzero η with another scheduler
+                fails there, at the first step, with the scheduler's TypeError).
             context: (B or 1, M, context_dim) for a cross-attention UNet; negative_context the unconditional one
                 (zeros by default).
-            latents: the initial noise (B, C, h, w) instead of drawing it.
+            latents: the initial noise (B, C, h, w) instead of drawing it (scaled by the scheduler's
+                init_noise_sigma, as a drawn one is).
         Raises:
-            ValueError for bad arguments (before any work), NonFiniteError if NaN/Inf appears (naming the step).
+            TypeError: an argument of the wrong type, naming it, before any work: batch_size or
+                num_inference_steps not an integer (bools and floats included), guidance_scale not a real number,
+                generator not one of the kinds above.
+            ValueError: an argument with a wrong value, naming it, before any work: batch_size < 1,
+                num_inference_steps outside [1, num_train_timesteps], an unknown output_type, class_labels for an
+                unconditional UNet or of the wrong count, dtype or range, a context (not a (B or 1, M, context_dim)
+                tensor — a non-tensor too) or its absence where the UNet needs one, guidance_scale without
+                conditioning, latents of the wrong shape.
+            NonFiniteError: NaN/Inf appeared in the latents (naming the step).
         """
         batch_size, num_inference_steps, labels = self._check_call(
             batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type)
