@@ -4,7 +4,9 @@
 
 For every benchmark group (one op at one shape, or one end-to-end case) the table lists each provider's median
 time and the ratio baseline time / fastdiff time for every baseline (> 1 means fastdiff is faster), plus the rate
-(GB/s or TFLOP/s) where the benchmark recorded one. The chart shows the same ratios, one bar per (group, baseline).
+(GB/s or TFLOP/s) where the benchmark recorded one. On a GPU it adds the H200 lower bound of the case (see
+``benchmarks/roofline.py``) and "% of roofline": that bound over the time per call (the device time by CUDA events
+where the benchmark measured one). The chart shows the same ratios, one bar per (group, baseline).
 """
 
 from __future__ import annotations
@@ -39,6 +41,26 @@ def _rate(bench: dict) -> str:
     return ""
 
 
+def _call_seconds(bench: dict) -> float:
+    """Time of one call: the device time (CUDA events) when recorded, else the per-call time, else the median."""
+    info = bench.get("extra_info", {})
+    for key, scale in (("gpu_ms", 1e-3), ("device_us", 1e-6), ("us_per_call", 1e-6)):
+        if isinstance(info.get(key), (int, float)):
+            return float(info[key]) * scale
+    return _median(bench)
+
+
+def roofline(bench: dict) -> tuple[str, str]:
+    """(H200 lower bound, % of roofline) for a benchmark run on a GPU that recorded its bound; ("", "") otherwise."""
+    info = bench.get("extra_info", {})
+    bound = info.get("h200_bound_us")
+    if not isinstance(bound, (int, float)) or "cuda" not in str(info.get("device", "")):
+        return "", ""
+    t = _call_seconds(bench)
+    percent = f"{100 * bound * 1e-6 / t:.0f}%" if t > 0 and math.isfinite(t) else ""
+    return f"{bound:.1f} µs", percent
+
+
 def collect(data: dict) -> dict[str, dict[str, dict]]:
     """group → provider → benchmark entry."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -69,8 +91,9 @@ def markdown(data: dict) -> str:
         f"Python {machine.get('python_version', '?')}; commit {str(commit.get('id', '?'))[:10]}; "
         f"{data.get('datetime', '')}",
         "",
-        "| benchmark | provider | median | rate | speed-up of fastdiff (baseline / fastdiff) |",
-        "|---|---|---:|---:|---:|",
+        "| benchmark | provider | median | rate | speed-up of fastdiff (baseline / fastdiff) | H200 bound "
+        "| % of roofline |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for group, providers in sorted(groups.items()):
         ours = _median(providers[FASTDIFF]) if FASTDIFF in providers else None
@@ -78,7 +101,8 @@ def markdown(data: dict) -> str:
             bench = providers[name]
             t = _median(bench)
             ratio = "" if name == FASTDIFF or ours is None else f"{t / ours:.2f}×"
-            lines.append(f"| {group} | {name} | {t * 1e3:.3f} ms | {_rate(bench)} | {ratio} |")
+            bound, percent = roofline(bench)
+            lines.append(f"| {group} | {name} | {t * 1e3:.3f} ms | {_rate(bench)} | {ratio} | {bound} | {percent} |")
     return "\n".join(lines) + "\n"
 
 

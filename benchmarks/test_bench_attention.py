@@ -22,6 +22,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from roofline import record as record_roofline
 
 import fastdiff
 from fastdiff import ops
@@ -111,6 +112,8 @@ def test_bench_attention(benchmark, compiled, warm_up, synchronized, shape, prov
     )
     if provider == "compile":
         benchmark.extra_info["compile"] = compiled.mode
+    itemsize = q.element_size()
+    record_roofline(benchmark.extra_info, (2 * b * h * n * d + 2 * b * h * m * d) * itemsize, flops, DTYPE)
     benchmark(synchronized(fn))
 
     stats = getattr(benchmark, "stats", None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from roofline import record as record_roofline
 
 from fastdiff import ops
 
@@ -126,6 +127,7 @@ def test_bench_ddim_ddpm_step(benchmark, compiled, warm_up, synchronized, shape,
     warm_up(provider, fn, x, m, z)
     benchmark.pedantic(synchronized(fn), args=(x, m, z), **ROUNDS)
     benchmark.extra_info.update(bytes=nbytes, device=str(DEVICE), dtype=str(DTYPE))
+    record_roofline(benchmark.extra_info, nbytes, 0, DTYPE)
     if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing was timed
         return
     benchmark.extra_info["gb_per_s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)

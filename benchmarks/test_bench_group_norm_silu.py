@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from roofline import record as record_roofline
 
 from fastdiff import ops
 
@@ -78,6 +79,8 @@ def test_bench_group_norm_silu(benchmark, compiled, warm_up, synchronized, shape
     benchmark.extra_info.update(provider=provider, device=DEVICE, dtype=str(DTYPE), calls_per_round=CALLS_PER_ROUND)
     if provider == "compile":
         benchmark.extra_info["compile"] = compiled.mode
+    # the least any GroupNorm moves: x read once, y written once, weight and bias read
+    record_roofline(benchmark.extra_info, (2 * x.numel() + 2 * c) * x.element_size(), 0, DTYPE)
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=2)
     if benchmark.stats is not None:  # None under --benchmark-disable
         per_call = benchmark.stats.stats.median / CALLS_PER_ROUND

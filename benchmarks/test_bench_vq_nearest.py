@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from roofline import record as record_roofline
 
 import fastdiff
 from fastdiff import ops
@@ -85,6 +86,8 @@ def test_bench_vq_nearest(benchmark, compiled, warm_up, synchronized, size, dtyp
                                 threads=torch.get_num_threads())
     if provider == "compile":
         benchmark.extra_info["compile"] = compiled.mode
+    # z and the codebook read once, one int64 index written per row
+    record_roofline(benchmark.extra_info, (n * d + k * d) * z.element_size() + 8 * n, flops, dtype)
     benchmark(synchronized(fn))
 
     stats = getattr(benchmark, "stats", None)

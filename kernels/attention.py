@@ -25,13 +25,15 @@ import triton.language as tl
 
 from fastdiff.kernels import target
 
-_FP32_PRECISION = "ieee"
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2(e)), folded into the scale
 
 # Under Triton's interpreter (TRITON_INTERPRET=1, read at import like Triton itself does) one small fixed config keeps
 # the tests fast and skips autotuning; it still exercises several query blocks, several key tiles and a masked tail at
 # the tested sizes.
 _INTERPRET_CONFIG = triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2)
+# the exact-fp32 kernel's: several head-dim slices and output-column blocks at the tested head dims (D = 40: 3 and 2)
+_INTERPRET_FP32_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_DK": 16, "BLOCK_DV": 32}, num_warps=4,
+                                       num_stages=2)
 # FASTDIFF_AUTOTUNE=0 skips autotuning on the GPU (one heuristic config per call; cheap CUDA test runs)
 _AUTOTUNE = os.environ.get("FASTDIFF_AUTOTUNE", "1") != "0"
 
@@ -187,14 +189,98 @@ def _attention_kernel(
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
 
 
+@triton.jit(do_not_specialize=["H", "N", "M"])
+def _attention_fp32_kernel(
+    Q, K, V, O,  # as _attention_kernel, all fp32
+    stride_qb, stride_qh, stride_qn, stride_qd,  # b, h, seq strides in units of ALIGN elements; d in elements
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N, M,
+    qk_scale,  # scale · log2(e)
+    D: tl.constexpr,  # head dim
+    ALIGN: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # query rows per program
+    BLOCK_M: tl.constexpr,  # keys per tile
+    BLOCK_DK: tl.constexpr,  # head-dim slice per step of the q·k dot
+    BLOCK_DV: tl.constexpr,  # output columns per program (grid axis 2)
+    DOT_PRECISION: tl.constexpr,  # "ieee" (exact fp32), or "tf32" when allowed and the head is too wide for the
+    # tensor-core kernel
+):
+    """Exact fp32 attention for the CUDA cores. An fp32 ("ieee") dot runs as FMAs, and each thread then holds its
+    rows of the left operand and its columns of the right one over the whole reduction: with the head dim as the
+    reduction that is (rows + cols) · D registers, which spills at D ≥ 40. So here q·kᵀ is summed over BLOCK_DK-wide
+    slices of the head dim (q and k slices re-read from L1/L2 for each key tile), and each program writes BLOCK_DV
+    output columns (grid axis 2), recomputing the scores for each slice of columns: registers stay bounded at any D,
+    at the price of cdiv(D, BLOCK_DV) passes over q·kᵀ. fp16/bf16 (tensor cores) are the fast path."""
+    stride_qb *= ALIGN
+    stride_qh *= ALIGN
+    stride_qn *= ALIGN
+    stride_kb *= ALIGN
+    stride_kh *= ALIGN
+    stride_km *= ALIGN
+    stride_vb *= ALIGN
+    stride_vh *= ALIGN
+    stride_vm *= ALIGN
+    stride_ob *= ALIGN
+    stride_oh *= ALIGN
+    stride_on *= ALIGN
+
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_dv = tl.program_id(2)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_dk = tl.arange(0, BLOCK_DK)  # (BLOCK_DK,)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)  # (BLOCK_DV,)
+    mask_n = offs_n < N
+    mask_dv = offs_dv < D
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        keys = start_m + offs_m
+        mask_m = keys < M
+        qk = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for d0 in range(0, D, BLOCK_DK):
+            dk = d0 + offs_dk
+            mask_dk = dk < D
+            q = tl.load(Q + offs_n[:, None] * stride_qn + dk[None, :] * stride_qd,
+                        mask=mask_n[:, None] & mask_dk[None, :], other=0.0)  # (BLOCK_N, BLOCK_DK)
+            k = tl.load(K + keys[:, None] * stride_km + dk[None, :] * stride_kd,
+                        mask=mask_m[:, None] & mask_dk[None, :], other=0.0)  # (BLOCK_M, BLOCK_DK)
+            qk = tl.dot(q, tl.trans(k), qk, input_precision=DOT_PRECISION)
+        qk = tl.where(mask_m[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one real key
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + keys[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+                    mask=mask_m[:, None] & mask_dv[None, :], other=0.0)  # (BLOCK_M, BLOCK_DV)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    tl.store(O + offs_n[:, None] * stride_on + offs_dv[None, :] * stride_od, o,
+             mask=mask_n[:, None] & mask_dv[None, :])
+
+
 # ---------------------------------------------------------------------------------------------------- autotuning
 def _keep(conf: triton.Config) -> bool:
     """Static filter: 8 warps (two warp groups) on 128×(≥64) tiles or on 64-row tiles (for wide heads), 4 warps
     only on tiles up to 128×64, 4 stages only on short key tiles, 32-key tiles only with ≤ 64 query rows (short M,
     wide heads), and one 32×32 two-stage tile as the fallback that fits even fp32 at D = 256."""
     bn, bm = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"]
-    if bn == 32:
-        return bm == 32 and conf.num_warps == 4 and conf.num_stages == 2
+    if bn == 32:  # 4 warps, or 8 for wide heads on sm_80 (fewer registers per thread)
+        return bm == 32 and conf.num_stages == 2
     if conf.num_warps == 8 and bn == 128 and bm < 64:
         return False
     if conf.num_warps == 4 and bn * bm > 128 * 64:
@@ -228,17 +314,37 @@ def _fits(conf: triton.Config, block_d: int, itemsize: int) -> bool:
     return smem <= _SMEM_BYTES and regs <= _ACC_REGS
 
 
-def _candidates(configs, m: int, block_d: int, itemsize: int) -> list:
-    """The configs worth trying for one call: no key tile longer than M needs, within the resource estimate; 32-row
-    tiles, 32-key tiles and 8 warps on 64 rows only for short M or wide heads (D > 128), or when nothing else fits."""
-    smallest = min(configs, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.num_stages))
-    if itemsize >= 4:
-        # fp32 takes the exact ("ieee") CUDA-core dot: every config spills and takes 5-60 s to compile on sm_90, so
-        # one small config, no tuning (fp16/bf16 are the fast path)
-        return [smallest]
+def _fits_arch(conf: triton.Config, block_d: int, itemsize: int, arch: int | None) -> bool:
+    """Register rules per GPU generation, from what ptxas reports for every config (docs/kernels.md, written by
+    ``python -m fastdiff.kernels.compile_check --full``, which also checks that no choosable config spills).
+
+    sm_90 (wgmma reads k and v from shared memory): the fp32 scores and accumulator, (BLOCK_N·(BLOCK_D + BLOCK_M))
+    values over the threads, at most 96 per thread (128 spills at D = 128 or sits at 248 registers). sm_80 (mma.sync
+    holds every operand in registers): at D > 64 every 4-warp config with 64 or more rows spills, so 8 warps or
+    32-row tiles; at D > 128 only the 32×32 tile on 8 warps stays clear. TF32 counts its head dim twice (fp32
+    operands). None (the interpreter): no rule."""
+    if arch is None:
+        return True
+    bn, bm, warps = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"], conf.num_warps
+    block_d = block_d * itemsize // 2  # TF32 (fp32 operands) holds twice the bytes of fp16 per head-dim column
+    if arch >= 90:
+        return bn * (block_d + bm) <= 96 * 32 * warps
+    if block_d > 128:
+        return bn == 32 and bm == 32 and warps == 8
+    if block_d > 64:
+        return bm <= 64 and (warps == 8 or bn == 32)
+    return True
+
+
+def _candidates(configs, m: int, block_d: int, itemsize: int, arch: int | None = None) -> list:
+    """The fp16/bf16 (and TF32) configs worth trying for one call on a GPU of compute capability ``arch``: no key
+    tile longer than M needs, within the resource estimate and the arch's register rule; 32-row tiles, 32-key tiles
+    and 8 warps on 64 rows only for short M or wide heads (D > 128), or when nothing else fits."""
     m_tile = max(32, triton.next_power_of_2(m))
     wide = block_d > 128
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= m_tile and _fits(c, block_d, itemsize)]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= m_tile and _fits(c, block_d, itemsize)
+               and _fits_arch(c, block_d, itemsize, arch)]
+    smallest = min(fitting or configs, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.num_stages))
     preferred = [
         c for c in fitting
         if c.kwargs["BLOCK_N"] != 32
@@ -252,13 +358,21 @@ def _candidates(configs, m: int, block_d: int, itemsize: int) -> list:
 def _prune(configs, named_args, **kwargs):
     """``early_config_prune`` hook of the autotuner."""
     args = {**named_args, **kwargs}
-    return _candidates(configs, args["M"], args["BLOCK_D"], args["Q"].element_size())
+    return _candidates(configs, args["M"], args["BLOCK_D"], args["Q"].element_size(), target.arch(args["Q"]))
 
 
-def _default_config(m: int, block_d: int, itemsize: int) -> triton.Config:
+def _fp32_config(d: int) -> triton.Config:
+    """Exact fp32 (the CUDA-core kernel), no tuning: 32×32 tiles, 16-wide head-dim slices, up to 64 output columns
+    per program (fewer score passes; ≤ 128 registers, no spill at any D ≤ 160 on sm_80 and sm_90)."""
+    block_dv = min(64, max(16, triton.next_power_of_2(d)))
+    return triton.Config({"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_DK": 16, "BLOCK_DV": block_dv}, num_warps=4,
+                         num_stages=2)
+
+
+def _default_config(m: int, block_d: int, itemsize: int, arch: int | None = None) -> triton.Config:
     """The config used without autotuning (FASTDIFF_AUTOTUNE=0): the largest tile that fits, 3 stages if it can."""
     return max(
-        _candidates(_CONFIGS, m, block_d, itemsize),
+        _candidates(_CONFIGS, m, block_d, itemsize, arch),
         key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages == 3),
     )
 
@@ -282,14 +396,11 @@ def attention(
     """
     B, H, N, D = q.shape
     M = k.shape[2]
+    # a data pointer off a 16-byte boundary (an offset view) rules out 16-byte vector loads and cp.async for the whole
+    # kernel, and such builds spill (sm_90, 344-844 B): an aligned copy costs one pass over that tensor, O(seq·D),
+    # against the O(N·M·D) of attention, and keeps a single specialisation per config
+    q, k, v = (t if t.data_ptr() % 16 == 0 else _aligned_copy(t) for t in (q, k, v))
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
-    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584, unsupported there), so
-    # under it bf16 operands are upcast to fp32 first: exact for q, k, v and for p once rounded to bf16, with fp32
-    # accumulation, i.e. the compiled bf16 dot's numbers up to summation order. (The interpreter rounds fp32 → bf16
-    # toward zero where the GPU rounds to nearest, so interpreted bf16 errors are about twice the GPU's.)
-    upcast = target.interpreting() and q.dtype == torch.bfloat16
-    precision = _FP32_PRECISION if (q.dtype == torch.float32 or upcast) else None  # fp32 stays fp32 (no TF32)
     strides = [t.stride() for t in (q, k, v, o)]
     align = 16
     while align > 1 and any(s % align for st in strides for s in st[:3]):
@@ -299,12 +410,24 @@ def attention(
         *(x for st in strides for x in (st[0] // align, st[1] // align, st[2] // align, st[3])),
         H, N, M, float(scale) * _LOG2E,
     )
+    block_d = max(16, triton.next_power_of_2(D))
+    tf32 = q.dtype == torch.float32 and tf32_enabled()
+    if q.dtype == torch.float32 and (not tf32 or block_d > _TF32_MAX_BLOCK_D):
+        _launch_fp32(args, B * H, N, D, align, config, "tf32" if tf32 else "ieee")
+        return o
+    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584, unsupported there), so
+    # under it bf16 operands are upcast to fp32 first: exact for q, k, v and for p once rounded to bf16, with fp32
+    # accumulation, i.e. the compiled bf16 dot's numbers up to summation order. (The interpreter rounds fp32 → bf16
+    # toward zero where the GPU rounds to nearest, so interpreted bf16 errors are about twice the GPU's.)
+    upcast = target.interpreting() and q.dtype == torch.bfloat16
+    # fp32 here only with TF32 allowed (tf32_enabled): tensor cores on operands rounded to 10 mantissa bits
+    precision = "ieee" if upcast else ("tf32" if q.dtype == torch.float32 else None)
     meta = {"D": D, "BLOCK_D": block_d, "MASK_D": block_d != D, "DOT_PRECISION": precision, "DOT_UPCAST": upcast,
             "ALIGN": align}
     if config is None and target.interpreting():  # every launch is interpreted, CUDA tensors included: never tune
         config = _INTERPRET_CONFIG
     elif config is None and not _AUTOTUNE:
-        config = _default_config(M, block_d, q.element_size())
+        config = _default_config(M, block_d, q.element_size(), target.arch(q))
     if config is None:
         def grid(cfg):
             return (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
@@ -315,3 +438,29 @@ def attention(
         _attention_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                 num_stages=config.num_stages)
     return o
+
+
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t in a fresh (aligned) allocation."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+# TF32 on the tensor-core kernel up to this padded head dim; wider fp32 heads spill there (sm_90, 32×32 tiles on 8
+# warps: 500 B) and take the sliced fp32 kernel's dots in TF32 instead
+_TF32_MAX_BLOCK_D = 128
+
+
+def tf32_enabled() -> bool:
+    """fp32 attention on TF32 tensor cores only when asked for, the way torch's own fp32 matmuls are:
+    ``torch.set_float32_matmul_precision("high")`` (or "medium"). TF32 rounds q, k, p and v to 10 mantissa bits
+    (relative error ≈ 2⁻¹¹ per operand) with fp32 accumulation. The default ("highest") keeps exact fp32."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _launch_fp32(args, bh: int, n: int, d: int, align: int, config: triton.Config | None, precision: str) -> None:
+    if config is None:
+        config = _INTERPRET_FP32_CONFIG if target.interpreting() else _fp32_config(d)
+    kw = config.kwargs
+    grid = (triton.cdiv(n, kw["BLOCK_N"]), bh, triton.cdiv(d, kw["BLOCK_DV"]))
+    _attention_fp32_kernel[grid](*args, D=d, ALIGN=align, **kw, DOT_PRECISION=precision, num_warps=config.num_warps,
+                                 num_stages=config.num_stages)

@@ -50,7 +50,7 @@ ARCHS = {
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------- capture
@@ -156,7 +156,7 @@ def capturing(arch: int) -> Iterator[list[Launch]]:
     _driver.set_active(_StandInDriver(arch))
     _jit.JITFunction._do_compile, _autotuner.Autotuner._bench = do_compile, bench
     try:
-        with target.planning_for(ARCHS[arch]["sms"]):
+        with target.planning_for(arch, ARCHS[arch]["sms"]):
             yield launches
     finally:
         _jit.JITFunction._do_compile, _autotuner.Autotuner._bench = saved
@@ -189,12 +189,17 @@ def _attention_cases(dtypes, head_dims, shapes, misaligned: bool) -> list[Case]:
                 return base[..., 1:] if offset else base
 
             q, k, v = make(n), make(m), make(m)
-            attn.attention(q, k, v, d ** -0.5)  # the autotuner's pruned list
-            autotune, attn._AUTOTUNE = attn._AUTOTUNE, False
+            precision = torch.get_float32_matmul_precision()
+            autotune = attn._AUTOTUNE
             try:
+                # "tf32": fp32 with TF32 allowed (the tensor-core kernel); "fp32": exact (the CUDA-core kernel)
+                torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+                attn.attention(q, k, v, d ** -0.5)  # the autotuner's pruned list
+                attn._AUTOTUNE = False
                 attn.attention(q, k, v, d ** -0.5)  # the heuristic default
             finally:
                 attn._AUTOTUNE = autotune
+                torch.set_float32_matmul_precision(precision)
         return go
 
     cases = []
@@ -270,20 +275,25 @@ def _step_cases(dtypes, full: bool) -> list[Case]:
     return cases
 
 
+FAMILIES = ("attention", "group_norm_silu", "ddim_step", "ddpm_step")
 SELF_SHAPES = [("self N=1024", 1024, 1024), ("self N=4096", 4096, 4096)]
 CROSS_SHAPES = [("cross N=4096 M=77", 4096, 77), ("cross N=4096 M=1", 4096, 1)]
 GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 2560, 8, 8), (2, 320, 8, 8)]
 
 
-def cases(full: bool) -> list[Case]:
-    """The host calls to capture. The fast subset keeps one shape per code path the launchers distinguish."""
+def cases(full: bool, families=None) -> list[Case]:
+    """The host calls to capture (only those of ``families`` when given). The fast subset keeps one shape per code
+    path the launchers distinguish."""
+    if families:
+        return [c for c in cases(full) if c.family in families]
     if full:
-        return (_attention_cases(("fp32", "fp16", "bf16"), (16, 40, 64, 80, 128, 160), SELF_SHAPES + CROSS_SHAPES,
-                                 misaligned=True)
+        return (_attention_cases(("fp32", "tf32", "fp16", "bf16"), (16, 40, 64, 80, 128, 160),
+                                 SELF_SHAPES + CROSS_SHAPES, misaligned=True)
                 + _group_norm_cases(("fp32", "fp16", "bf16"), GN_SHAPES)
                 + _step_cases(("fp32", "fp16", "bf16"), full=True))
     return (_attention_cases(("fp16",), (64,), SELF_SHAPES[1:2] + CROSS_SHAPES[:1], misaligned=False)
-            + _attention_cases(("fp32",), (40,), SELF_SHAPES[:1], misaligned=False)
+            + _attention_cases(("fp32",), (40, 160), SELF_SHAPES[:1], misaligned=False)
+            + _attention_cases(("tf32",), (64,), CROSS_SHAPES[:1], misaligned=False)
             + _attention_cases(("bf16",), (160,), CROSS_SHAPES[:1], misaligned=True)
             + _group_norm_cases(("fp16",), [GN_SHAPES[0], GN_SHAPES[4]])
             + _step_cases(("fp16",), full=False)[:4])
@@ -383,18 +393,23 @@ def problems(results: list[Result]) -> list[str]:
         if r.spill_stores or r.spill_loads:
             out.append(f"{where}: spills {r.spill_stores} B stores / {r.spill_loads} B loads "
                        f"({r.registers} registers, {r.stack} B stack)")
-        if r.launch.kernel == "_attention_kernel" and _dot_dtype(r.launch) in ("fp16", "bf16") and not r.tensor_cores:
-            out.append(f"{where}: no tensor-core instruction (wgmma / mma.sync) in fp16/bf16 attention")
+        if r.launch.kernel == "_attention_kernel" and _dot_dtype(r.launch) in ("fp16", "bf16", "tf32") \
+                and not r.tensor_cores:
+            out.append(f"{where}: no tensor-core instruction (wgmma / mma.sync) in fp16/bf16/TF32 attention")
     return out
 
 
 def _dot_dtype(launch: Launch) -> str:
+    """The first pointer's element type ("fp16", ...), or "tf32" for fp32 attention on TF32 tensor cores."""
+    if launch.named_constexprs().get("DOT_PRECISION") == "tf32":
+        return "tf32"
     ty = next(iter(launch.signature.values()))  # Q's pointer type, e.g. "*fp16"
     return ty.lstrip("*")
 
 
-def run_check(full: bool, archs=(90, 80), progress: Callable[[str], None] | None = None) -> list[Result]:
-    launches = capture(cases(full), archs)
+def run_check(full: bool, archs=(90, 80), progress: Callable[[str], None] | None = None,
+              families=None) -> list[Result]:
+    launches = capture(cases(full, families), archs)
     results = []
     for i, launch in enumerate(launches):
         results.append(compile_launch(launch))
@@ -446,11 +461,12 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="default: 90 and 80")
     parser.add_argument("--write", metavar="PATH", help="write the markdown report here (e.g. docs/kernels.md)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="only these kernel families")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     archs = tuple(args.arch) if args.arch else (90, 80)
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    results = run_check(args.full, archs, progress)
+    results = run_check(args.full, archs, progress, args.family)
     if args.write:
         from fastdiff.files import write_text_atomic
 

@@ -35,6 +35,9 @@ SINGLE_PASS_MAX = 8192  # padded group elements kept in registers by one program
 SPLIT_TILE = 4096  # elements per tile in the split path
 MAX_PARTIALS = 64  # most chunks (partials) per group: every apply program re-reads its group's partials
 TARGET_PROGRAMS = None  # programs the split path aims for; None → 8 per SM on CUDA, 8 under the interpreter
+# an explicit register budget: without one, the ptxas of Triton 3.6 (CUDA 12.8) aims at 40-64 registers for some
+# tiles and spills 4-8 B; the kernels need at most 80 (docs/kernels.md). 128 × 16 warps fills the register file.
+MAXNREG = 128
 
 
 # --------------------------------------------------------------------------------------------- device helpers
@@ -342,6 +345,7 @@ def group_norm_silu(
         _group_norm_silu_kernel[(groups,)](
             x, y, w, b, num_groups, cpg, rows, cols, row_stride, sample_stride, group_stride, eps,
             **flags, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=cols == block_l, num_warps=_num_warps(block_r * block_l),
+            maxnreg=MAXNREG,
         )
         return y
 
@@ -362,10 +366,11 @@ def group_norm_silu(
     else:
         ws = torch.empty((3, groups, chunks), dtype=torch.float32, device=x.device)
         _group_norm_stats_kernel[(groups, chunks)](
-            x, ws, *shape_args, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=even_l, num_warps=num_warps,
+            x, ws, *shape_args, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=even_l, num_warps=num_warps, maxnreg=MAXNREG,
         )
     _group_norm_silu_apply_kernel[(groups, chunks)](
         x, y, w, b, ws, *shape_args, eps, **flags, FUSED_STATS=chunks == 1,
         BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=even_l, BLOCK_S=triton.next_power_of_2(chunks), num_warps=num_warps,
+        maxnreg=MAXNREG,
     )
     return y

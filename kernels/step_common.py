@@ -171,6 +171,11 @@ def alpha_roots_host(alpha_prod_t: float) -> tuple[float, float, float, float]:
     return sqrt_alpha, sqrt_beta, 1.0 / sqrt_alpha, 1.0 / sqrt_beta
 
 
+# an explicit register budget: without one, the ptxas of Triton 3.6 (CUDA 12.8) aims at 32 registers for some step
+# variants and spills 4 B; the kernels need at most 46 (docs/kernels.md). Ignored by the interpreter.
+MAXNREG = 64
+
+
 def _block_size(n_elements: int, sample: torch.Tensor) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps). Interpreter: small blocks, so small test tensors span several programs."""
     if not target.compiled_gpu(sample):
@@ -210,7 +215,7 @@ def launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
     kernel[grid](
         sample, model_output, noise if noise is not None else sample, alpha_t, alpha_prev, prev, x0,
         n_elements, per_sample_numel, *scalars,
-        PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK_SIZE=block, num_warps=num_warps, **constexprs,
+        PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK_SIZE=block, num_warps=num_warps, maxnreg=MAXNREG, **constexprs,
     )
     return prev, x0
 

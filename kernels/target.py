@@ -1,5 +1,5 @@
 """The GPU a launch is sized for: every host function asks here, not torch, whether a launch runs compiled on a
-GPU and how many SMs that GPU has.
+GPU, which compute capability and how many SMs that GPU has.
 
 Normally that is the tensor's own device (``tensor.is_cuda`` and not under Triton's interpreter). Inside
 :func:`planning_for` the answer is a named GPU instead, so the AOT compile check (:mod:`fastdiff.kernels.compile_check`)
@@ -17,17 +17,17 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read at import, as Triton itself does
 
-_planned_sm_count: int | None = None  # set inside planning_for()
+_planned: tuple[int, int] | None = None  # (arch, sm_count), set inside planning_for()
 
 
 def interpreting() -> bool:
     """True when Triton's interpreter runs every launch (TRITON_INTERPRET=1 when fastdiff's kernels were imported)."""
-    return INTERPRET and _planned_sm_count is None
+    return INTERPRET and _planned is None
 
 
 def compiled_gpu(t: torch.Tensor) -> bool:
     """Is the launch on ``t`` a compiled kernel on a GPU (rather than interpreted)?"""
-    return _planned_sm_count is not None or (t.is_cuda and not INTERPRET)
+    return _planned is not None or (t.is_cuda and not INTERPRET)
 
 
 @functools.cache
@@ -37,20 +37,40 @@ def _cuda_sm_count(device_index: int) -> int:
 
 def sm_count(t: torch.Tensor) -> int:
     """Streaming multiprocessors of the GPU that launches on ``t`` run on (only meaningful when compiled_gpu(t))."""
-    if _planned_sm_count is not None:
-        return _planned_sm_count
-    return _cuda_sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    if _planned is not None:
+        return _planned[1]
+    return _cuda_sm_count(_index(t))
+
+
+@functools.cache
+def _cuda_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def arch(t: torch.Tensor) -> int | None:
+    """Compute capability of the GPU that launches on ``t`` run on, as 10·major + minor (90 for H100/H200, 80 for
+    A100); None when the launch is not compiled for a GPU (the interpreter)."""
+    if _planned is not None:
+        return _planned[0]
+    return _cuda_arch(_index(t)) if compiled_gpu(t) else None
+
+
+def _index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 @contextlib.contextmanager
-def planning_for(sm_count: int) -> Iterator[None]:
-    """Within this block, host functions size launches for a compiled GPU with ``sm_count`` SMs, whatever device
-    their tensors are on (the launches themselves are for the caller to intercept; see compile_check)."""
-    global _planned_sm_count
-    if isinstance(sm_count, bool) or not isinstance(sm_count, int) or sm_count < 1:
-        raise ValueError(f"sm_count must be a positive int, got {sm_count!r}")
-    previous, _planned_sm_count = _planned_sm_count, sm_count
+def planning_for(arch: int, sm_count: int) -> Iterator[None]:
+    """Within this block, host functions size launches for a compiled GPU of compute capability ``arch`` (e.g. 90)
+    with ``sm_count`` SMs, whatever device their tensors are on (the launches themselves are for the caller to
+    intercept; see compile_check)."""
+    global _planned
+    for name, value in (("arch", arch), ("sm_count", sm_count)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    previous, _planned = _planned, (arch, sm_count)
     try:
         yield
     finally:
-        _planned_sm_count = previous
+        _planned = previous

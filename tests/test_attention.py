@@ -122,6 +122,10 @@ def _layout(kind, shape, dtype, device):
         q = torch.randn(b, h, n, 2 * d).to(dtype).to(device)[..., ::2]
         k = torch.randn(b, h, m, 2 * d).to(dtype).to(device)[..., ::2]
         v = torch.randn(b, h, m, 2 * d).to(dtype).to(device)[..., 1::2]
+    elif kind == "offset":  # views one element into a wider buffer: data pointers off a 16-byte boundary
+        q = torch.randn(b, h, n, d + 1).to(dtype).to(device)[..., 1:]
+        k = torch.randn(b, h, m, d + 1).to(dtype).to(device)[..., 1:]
+        v = torch.randn(b, h, m, d + 1).to(dtype).to(device)[..., 1:]
     elif kind == "k_dm":  # k stored as (B, H, D, M) and transposed: stride(M) = 1
         q = torch.randn(b, h, n, d).to(dtype).to(device)
         k = torch.randn(b, h, d, m).to(dtype).to(device).transpose(2, 3)
@@ -132,7 +136,7 @@ def _layout(kind, shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", ["bnhd", "expand", "strided_d", "k_dm"])
+@pytest.mark.parametrize("kind", ["bnhd", "expand", "strided_d", "offset", "k_dm"])
 def test_kernel_any_strides(device, monkeypatch, kind, dtype):
     shape = (2, 2, 70, 77, 40)
     q, k, v = _layout(kind, shape, dtype, device)
@@ -174,21 +178,100 @@ def test_kernel_exact_ties(device, monkeypatch, dtype):
     assert_rel_close(out, expected, KERNEL_TOL[dtype], f"attention ties {dtype}")
 
 
-@pytest.mark.parametrize("d, dtype", [(40, torch.float16), (160, torch.float16), (160, torch.float32)],
-                         ids=["D40-fp16", "D160-fp16", "D160-fp32"])
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_kernel_every_tuned_config(device, monkeypatch, d, dtype):
-    """Each config the autotuner may pick for this shape gives the right answer (and, on a GPU, compiles)."""
+    """Each config the autotuner may pick for this shape, on any GPU generation (sm_80 and sm_90 rules, and none),
+    gives the right answer (and, on a GPU, compiles)."""
     kernels = dispatch.load_kernels("attention")
     q, k, v = _inputs((1, 2, 130, 77, d), dtype, device)
     expected = _oracle(q, k, v, 0.2)
     block_d = max(16, 1 << (d - 1).bit_length())
-    configs = kernels._candidates(kernels._CONFIGS, 77, block_d, q.element_size())
-    assert configs
-    for config in configs:
+    configs = {}
+    for arch in (None, 80, 90):
+        chosen = kernels._candidates(kernels._CONFIGS, 77, block_d, q.element_size(), arch)
+        assert chosen
+        configs.update({str(c): c for c in chosen})
+    for config in configs.values():
         poison_empty(monkeypatch)
         out = kernels.attention(q, k, v, 0.2, config=config)
         monkeypatch.undo()
         assert_rel_close(out, expected, KERNEL_TOL[dtype], f"attention D={d} {dtype} config {config}")
+
+
+@pytest.mark.parametrize("d", [16, 40, 64, 160])
+def test_fp32_kernel_config(device, monkeypatch, d):
+    """Exact fp32 runs on its own kernel (head-dim slices, column blocks), with the config the host picks for each
+    head dim on a GPU and the interpreter's (several slices and column blocks)."""
+    kernels = dispatch.load_kernels("attention")
+    q, k, v = _inputs((1, 2, 70, 77, d), torch.float32, device)
+    expected = _oracle(q, k, v, 0.2)
+    for config in (kernels._fp32_config(d), kernels._INTERPRET_FP32_CONFIG):
+        poison_empty(monkeypatch)
+        out = kernels.attention(q, k, v, 0.2, config=config)
+        monkeypatch.undo()
+        assert_rel_close(out, expected, KERNEL_TOL[torch.float32], f"attention fp32 D={d} config {config}")
+
+
+def test_fp32_takes_tf32_only_when_torch_allows_it(device, monkeypatch):
+    """torch.set_float32_matmul_precision("high") is the opt-in: fp32 then runs the tensor-core kernel with TF32
+    dots (10-bit mantissa operands, fp32 accumulation: ≈ 1e-3 relative error); "highest" (the default) keeps exact
+    fp32 on the CUDA-core kernel."""
+    kernels = dispatch.load_kernels("attention")
+    q, k, v = _inputs((1, 2, 70, 77, 64), torch.float32, device)
+    expected = _oracle(q, k, v, 0.2)
+    calls = []
+    original = kernels._launch_fp32
+    monkeypatch.setattr(kernels, "_launch_fp32", lambda *a: (calls.append(a), original(*a)))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert kernels.tf32_enabled()
+        out = kernels.attention(q, k, v, 0.2)
+        assert not calls
+        assert_rel_close(out, expected, 5e-3, "attention fp32 with TF32")
+        torch.set_float32_matmul_precision("highest")
+        assert not kernels.tf32_enabled()
+        out = kernels.attention(q, k, v, 0.2)
+        assert len(calls) == 1
+        assert_rel_close(out, expected, KERNEL_TOL[torch.float32], "attention fp32 exact")
+        torch.set_float32_matmul_precision("high")  # a head too wide for the tensor-core kernel: sliced, in TF32
+        q, k, v = _inputs((1, 2, 70, 77, 160), torch.float32, device)
+        out = kernels.attention(q, k, v, 0.2)
+        assert len(calls) == 2 and calls[-1][-1] == "tf32"
+        assert_rel_close(out, _oracle(q, k, v, 0.2), 5e-3, "attention fp32 D=160 with TF32")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_misaligned_inputs_are_copied_once_aligned(device, monkeypatch):
+    kernels = dispatch.load_kernels("attention")
+    q, k, v = _layout("offset", (1, 2, 40, 77, 64), torch.float16, device)
+    assert all(t.data_ptr() % 16 for t in (q, k, v))
+    copies = []
+    original = kernels._aligned_copy
+    monkeypatch.setattr(kernels, "_aligned_copy", lambda t: copies.append(t) or original(t))
+    out = kernels.attention(q, k, v, 0.2)
+    assert len(copies) == 3
+    assert_rel_close(out, _oracle(q, k, v, 0.2), KERNEL_TOL[torch.float16], "attention misaligned")
+    copies.clear()
+    kernels.attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.2)
+    assert not copies  # fresh allocations are aligned: no copy
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("d", [16, 40, 64, 80, 128, 160])
+def test_arch_rules_leave_a_config(arch, d):
+    """Every head dim, key length and dtype keeps at least one config under each GPU generation's register rule."""
+    kernels = dispatch.load_kernels("attention")
+    block_d = max(16, 1 << (d - 1).bit_length())
+    for m in (1, 77, 4096):
+        for itemsize in (2, 4):
+            chosen = kernels._candidates(kernels._CONFIGS, m, block_d, itemsize, arch)
+            assert chosen and all(kernels._fits_arch(c, block_d, itemsize, arch) for c in chosen)
+    if arch == 80 and block_d == 256:
+        assert [str(c) for c in kernels._candidates(kernels._CONFIGS, 77, 256, 2, 80)] == [
+            str(c) for c in kernels._CONFIGS if c.kwargs == {"BLOCK_N": 32, "BLOCK_M": 32} and c.num_warps == 8]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter never autotunes")

@@ -394,7 +394,7 @@ def test_manifest_records_the_cpu_code_path_and_a_resume_on_another_warns(model_
     generate(model_dir, NUM, out, batch=BATCH, progress=False)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["cpu_code_path"] == cpu_code_path()
-    assert set(manifest["cpu_code_path"]) == {"aten", "onednn", "native", "torch", "machine"}
+    assert set(manifest["cpu_code_path"]) == {"aten", "onednn", "native", "rows_matmul", "mkl", "torch", "machine"}
     assert manifest["cpu_code_path"]["aten"] == torch.backends.cpu.get_cpu_capability()
     # as if the folder had been started on an AVX2 machine: resuming there warns, naming what differs
     manifest["cpu_code_path"]["onednn"] = "AVX2"
