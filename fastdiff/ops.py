@@ -53,12 +53,19 @@ def _call(op, *args):
 
 
 def _run(op: str, device: torch.device, backend: str, family: str, *args):
-    """Inside a custom op: pick the path, count it, run the reference or the Triton host function."""
+    """Inside a custom op: pick the path, count it, run the reference or the Triton host function.
+
+    A CUDA launch runs with the tensors' device current (Triton launches on the current device and its current
+    stream): tensors on cuda:1 while cuda:0 is current would otherwise fail or run unordered with their producers."""
     path = dispatch.select(op, device, backend)
     dispatch.record(op, path)
     if path == "torch":
         return getattr(reference, op)(*args)
-    return getattr(dispatch.load_kernels(family), op)(*args)
+    host = getattr(dispatch.load_kernels(family), op)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return host(*args)
+    return host(*args)
 
 
 # --------------------------------------------------------------------------------------------- group_norm_silu

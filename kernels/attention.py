@@ -108,7 +108,7 @@ def _attention_tile(
 
 # H, N and M are not specialised (N % 16, M == 1, ...): one compiled kernel per dtype, head dim and config serves every
 # sequence length, which keeps first-call compile (and autotune) time down
-@triton.jit(do_not_specialize=["H", "N", "M"])
+@triton.jit(do_not_specialize=["H", "N", "M", "BH_START"])
 def _attention_kernel(
     Q,  # (B, H, N, D) any strides
     K,  # (B, H, M, D) any strides
@@ -121,6 +121,7 @@ def _attention_kernel(
     H,  # heads
     N,  # query length
     M,  # key/value length
+    BH_START,  # the first (batch, head) of this launch: B·H beyond the grid's 65,535 runs in slices
     qk_scale,  # scale · log2(e), fp32
     D: tl.constexpr,  # head dim
     BLOCK_D: tl.constexpr,  # next power of two ≥ D (≥ 16)
@@ -148,7 +149,7 @@ def _attention_kernel(
 
     # grid: (cdiv(N, BLOCK_N), B * H); neighbouring programs share one (b, h), so its K/V stay in L2
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + BH_START
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -189,7 +190,7 @@ def _attention_kernel(
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
 
 
-@triton.jit(do_not_specialize=["H", "N", "M"])
+@triton.jit(do_not_specialize=["H", "N", "M", "BH_START"])
 def _attention_fp32_kernel(
     Q, K, V, O,  # as _attention_kernel, all fp32
     stride_qb, stride_qh, stride_qn, stride_qd,  # b, h, seq strides in units of ALIGN elements; d in elements
@@ -197,6 +198,7 @@ def _attention_fp32_kernel(
     stride_vb, stride_vh, stride_vm, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     H, N, M,
+    BH_START,  # as _attention_kernel
     qk_scale,  # scale · log2(e)
     D: tl.constexpr,  # head dim
     ALIGN: tl.constexpr,
@@ -227,7 +229,7 @@ def _attention_fp32_kernel(
     stride_on *= ALIGN
 
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + BH_START
     pid_dv = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -321,8 +323,8 @@ def _fits_arch(conf: triton.Config, block_d: int, itemsize: int, arch: int | Non
     sm_90 (wgmma reads k and v from shared memory): the fp32 scores and accumulator, (BLOCK_N·(BLOCK_D + BLOCK_M))
     values over the threads, at most 96 per thread (128 spills at D = 128 or sits at 248 registers). sm_80 (mma.sync
     holds every operand in registers): at D > 64 every 4-warp config with 64 or more rows spills, so 8 warps or
-    32-row tiles; at D > 128 only the 32×32 tile on 8 warps stays clear. TF32 counts its head dim twice (fp32
-    operands). None (the interpreter): no rule."""
+    32-row tiles (not 64×32); at D > 128 only the 32×32 tile on 8 warps stays clear. TF32 counts its head dim twice
+    (fp32 operands). None (the interpreter): no rule."""
     if arch is None:
         return True
     bn, bm, warps = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"], conf.num_warps
@@ -331,8 +333,8 @@ def _fits_arch(conf: triton.Config, block_d: int, itemsize: int, arch: int | Non
         return bn * (block_d + bm) <= 96 * 32 * warps
     if block_d > 128:
         return bn == 32 and bm == 32 and warps == 8
-    if block_d > 64:
-        return bm <= 64 and (warps == 8 or bn == 32)
+    if block_d > 64:  # 64×32 on 8 warps sits at 255 registers and spills 12 B at D = 80 with Triton 3.6
+        return bm <= 64 and (warps == 8 or bn == 32) and (bn, bm) != (64, 32)
     return True
 
 
@@ -402,18 +404,21 @@ def attention(
     q, k, v = (t if t.data_ptr() % 16 == 0 else _aligned_copy(t) for t in (q, k, v))
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     strides = [t.stride() for t in (q, k, v, o)]
-    align = 16
+    _check_int32_span(strides, (N, M, M, N), D)
+    # the largest power of two ≤ 16 dividing every b, h, seq stride (the kernel multiplies them back in int32);
+    # 1 when a stride is ≥ 2³¹ (passed as is, it is then a 64-bit argument)
+    align = 16 if all(abs(s) < _INT32 for st in strides for s in st[:3]) else 1
     while align > 1 and any(s % align for st in strides for s in st[:3]):
         align //= 2
-    args = (
-        q, k, v, o,
-        *(x for st in strides for x in (st[0] // align, st[1] // align, st[2] // align, st[3])),
-        H, N, M, float(scale) * _LOG2E,
-    )
+    head = (q, k, v, o, *(x for st in strides for x in (st[0] // align, st[1] // align, st[2] // align, st[3])),
+            H, N, M)
+    tail = (float(scale) * _LOG2E,)
+    bh_slices = [(start, min(MAX_GRID_Y, B * H - start)) for start in range(0, B * H, MAX_GRID_Y)]
     block_d = max(16, triton.next_power_of_2(D))
     tf32 = q.dtype == torch.float32 and tf32_enabled()
     if q.dtype == torch.float32 and (not tf32 or block_d > _TF32_MAX_BLOCK_D):
-        _launch_fp32(args, B * H, N, D, align, config, "tf32" if tf32 else "ieee")
+        for start, count in bh_slices:
+            _launch_fp32((*head, start, *tail), count, N, D, align, config, "tf32" if tf32 else "ieee")
         return o
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584, unsupported there), so
     # under it bf16 operands are upcast to fp32 first: exact for q, k, v and for p once rounded to bf16, with fp32
@@ -428,16 +433,43 @@ def attention(
         config = _INTERPRET_CONFIG
     elif config is None and not _AUTOTUNE:
         config = _default_config(M, block_d, q.element_size(), target.arch(q))
-    if config is None:
-        def grid(cfg):
-            return (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
+    elif config is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # never benchmark inside a user's CUDA-graph capture: the tuned config if this shape was seen, else the default
+        config = _tuned_config(N, M, block_d, q.dtype) or _default_config(M, block_d, q.element_size(), target.arch(q))
+    for start, count in bh_slices:
+        args = (*head, start, *tail)
+        if config is None:
+            def grid(cfg, count=count):
+                return (triton.cdiv(N, cfg["BLOCK_N"]), count)
 
-        _attention_kernel_tuned[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), B * H)
-        _attention_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                num_stages=config.num_stages)
+            _attention_kernel_tuned[grid](*args, **meta)
+        else:
+            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), count)
+            _attention_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
     return o
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (B·H and the output-column blocks)
+_INT32 = 2**31
+
+
+def _check_int32_span(strides, lengths, d: int) -> None:
+    """Offsets inside one (batch, head) are 32-bit in the kernels: each of q, k, v, o must span < 2³¹ elements there
+    (a ValueError naming the tensor, before any launch; the reference path has no such limit)."""
+    for name, st, n in zip(("q", "k", "v", "output"), strides, lengths):
+        span = (n - 1) * abs(st[2]) + (d - 1) * abs(st[3])
+        if span >= _INT32:
+            raise ValueError(f"attention: one (batch, head) of {name} spans {span + 1} elements (sequence {n} × "
+                             f"stride {st[2]}); the Triton kernel addresses at most 2^31 - 1 inside a head: use "
+                             f"backend='torch' or split the sequence")
+
+
+def _tuned_config(n: int, m: int, block_d: int, dtype: torch.dtype) -> triton.Config | None:
+    """The autotuner's choice for this call if it has made one (its cache key: N, M, BLOCK_D, then the dtype of each
+    tensor argument), else None."""
+    cache = getattr(_attention_kernel_tuned, "cache", {})
+    return cache.get((n, m, block_d, *(str(dtype),) * 4))
 
 
 def _aligned_copy(t: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,22 @@ def test_capturing_refuses_unknown_archs_and_the_interpreter():
         with pytest.raises(RuntimeError, match="without TRITON_INTERPRET"):
             with cc.capturing(90):
                 pass
+
+
+def test_tuned_config_matches_the_autotuners_own_cache_key(tmp_path):
+    """Inside a CUDA-graph capture attention reads the autotuner's choice from its cache instead of tuning; the key
+    it builds must be the one this Triton version's autotuner stores (checked with the autotuner run for real, its
+    benchmark replaced by the capture)."""
+    proc = _python("""
+        import torch
+        from fastdiff.kernels import attention, compile_check as cc
+        with cc.capturing(90) as launches:
+            launches.case["name"] = "autotune"
+            q = torch.empty(1, 2, 300, 64, dtype=torch.float16)
+            k = torch.empty(1, 2, 77, 64, dtype=torch.float16)
+            attention.attention(q, k, k, 0.1)
+            chosen = attention._tuned_config(300, 77, 64, torch.float16)
+            print(chosen is not None and chosen in attention._CONFIGS)
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"

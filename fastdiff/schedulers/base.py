@@ -109,8 +109,16 @@ def randn_tensor(shape, generator: Generator = None, device=None, dtype: torch.d
         if len(generators) != shape[0]:
             raise ValueError(f"generator is a list of {len(generators)} but the batch has {shape[0]} samples")
         rows = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generators]
-        return torch.cat(rows).to(device)
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+        return _to_device(torch.cat(rows), device)
+    return _to_device(torch.randn(shape, generator=generator, device=draw_device, dtype=dtype), device)
+
+
+def _to_device(noise: Tensor, device: torch.device) -> Tensor:
+    """Noise drawn on the CPU, moved to ``device``. To a GPU through pinned memory, without blocking: a plain copy
+    from pageable memory makes the host wait for the GPU queue to drain at every sampler step."""
+    if device.type == "cuda" and noise.device.type == "cpu":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def randn_like(like: Tensor, generator: Generator = None) -> Tensor:
