@@ -121,6 +121,9 @@ class Pipeline:
         """Move every model to ``device`` and/or cast it to ``dtype`` (fp32/fp16/bf16); returns self.
 
         On CPU, sampling switches convolutional models to channels_last (see :meth:`_prefer_channels_last`).
+        CUDA graphs (:meth:`enable_cuda_graph`) read the weights and inputs at their old addresses. A move or cast
+        on CUDA empties the graph cache, so the graphs are captured again. A move off CUDA drops the cache, because
+        graphs exist only on CUDA: call :meth:`enable_cuda_graph` again after moving back.
         """
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
@@ -132,7 +135,11 @@ class Pipeline:
             m.to(device=device, dtype=dtype)
             m.eval()
         if self._cuda_graphs is not None:
-            self._cuda_graphs.clear()
+            self._cuda_graphs.clear()  # the graphs read the old addresses
+            if self.device.type != "cuda":
+                logger.info("fastdiff: CUDA graphs dropped: the pipeline moved to %s (call enable_cuda_graph() "
+                            "again on CUDA)", self.device)
+                self._cuda_graphs = None
         self._channels_last = False
         return self
 
@@ -174,10 +181,14 @@ class Pipeline:
 
     # ----------------------------------------------------------------- CUDA graphs
     def enable_cuda_graph(self, max_graphs: int = 8):
-        """Capture one denoising step per (shape, dtype) in a CUDA graph and replay it (an LRU of ``max_graphs``).
+        """Capture one denoising step per (shape, dtype) in a CUDA graph and replay it (an LRU of ``max_graphs``, all
+        in one memory pool); see :mod:`fastdiff.pipelines.cuda_graph`.
 
-        Weights updated in place (``load_state_dict`` into the same tensors) are seen by the next replay. On a CPU
-        pipeline this does nothing but log a line. Returns self.
+        Weights updated in place (``load_state_dict`` into the same tensors) are seen by the next replay. Weights
+        replaced (``.half()``, ``load_state_dict(assign=True)``, an adapter module or hook) are noticed at the next
+        call, and that model's graphs are captured again. With DDIM/DDPM each guidance scale gets its own graph: the
+        fused step takes the scale as a Python float. On a CPU pipeline this does nothing but log a line, and
+        :meth:`to` a non-CUDA device turns the graphs off. Returns self.
         """
         max_graphs = check_positive_int("max_graphs", max_graphs)
         if self.device.type != "cuda":
@@ -191,6 +202,9 @@ class Pipeline:
         return self
 
     def disable_cuda_graph(self):
+        """Drop the captured graphs (their memory pool is freed with them) and sample eagerly again. Returns self."""
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.clear()
         self._cuda_graphs = None
         return self
 

@@ -190,22 +190,26 @@ class DiffusionPipeline(Pipeline):
         if cfg:
             step_kwargs["guidance_scale"] = float(guidance_scale)
 
-        # 3. the denoising loop
+        # 3. the denoising loop; CUDA graphs only on CUDA, the model's fingerprint checked once per call (its graphs
+        #    are captured again if its weights or modules were replaced since)
+        graphs = self._cuda_graphs if device.type == "cuda" else None
+        if graphs is not None:
+            graphs.check(self.unet)
         timesteps = self.scheduler.timesteps.tolist()  # one host copy, not one sync per step
         first_bad = None if device.type == "cpu" else torch.full((), -1, device=device, dtype=torch.int64)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.float32)
-            if self._cuda_graphs is not None and hasattr(self.scheduler, "fused_step"):
+            if graphs is not None and hasattr(self.scheduler, "fused_step"):
                 # DDIM/DDPM: the UNet call and the fused update replay as one graph
                 plan = self.scheduler.fused_step(t, latents, **{k: v for k, v in step_kwargs.items()
                                                                  if k != "guidance_scale"})
-                latents = self._cuda_graphs.run_step(self.unet, plan, step_kwargs.get("guidance_scale"), model_in,
-                                                     t_batch, model_labels, model_context, latents)
+                latents = graphs.run_step(self.unet, plan, step_kwargs.get("guidance_scale"), model_in, t_batch,
+                                          model_labels, model_context, latents)
             else:
-                if self._cuda_graphs is not None:
-                    out = self._cuda_graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
+                if graphs is not None:
+                    out = graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
                 else:
                     out = self.unet(model_in, t_batch, class_labels=model_labels, context=model_context)
                 latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
