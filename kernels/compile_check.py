@@ -11,7 +11,8 @@ config"); attention's heuristic default (FASTDIFF_AUTOTUNE=0) is asked for too. 
 compiled with ``triton.compile`` for that target, and ptxas's own report gives registers, spills and stack.
 
 It fails (:func:`problems`) on a compile error, shared memory above the arch's per-block limit (227 KiB on sm_90,
-163 KiB on sm_80), any spill, and fp16/bf16 attention without tensor-core instructions (``wgmma`` or ``mma.sync``).
+163 KiB on sm_80), any spill, and fp16/bf16 (or TF32) attention without tensor-core instructions (``wgmma`` or
+``mma.sync``).
 
 Run::
 
@@ -28,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import json
 import re
 import sys
 import time
@@ -293,7 +295,7 @@ def cases(full: bool, families=None) -> list[Case]:
                 + _step_cases(("fp32", "fp16", "bf16"), full=True))
     return (_attention_cases(("fp16",), (64,), SELF_SHAPES[1:2] + CROSS_SHAPES[:1], misaligned=False)
             + _attention_cases(("fp32",), (40, 160), SELF_SHAPES[:1], misaligned=False)
-            + _attention_cases(("tf32",), (64,), CROSS_SHAPES[:1], misaligned=False)
+            + _attention_cases(("tf32",), (64, 128), CROSS_SHAPES[:1], misaligned=False)
             + _attention_cases(("bf16",), (160,), CROSS_SHAPES[:1], misaligned=True)
             + _group_norm_cases(("fp16",), [GN_SHAPES[0], GN_SHAPES[4]])
             + _step_cases(("fp16",), full=False)[:4])
@@ -330,6 +332,14 @@ class Result:
     @property
     def arch(self) -> int:
         return self.launch.target.arch
+
+    def to_row(self) -> dict:
+        """The result as a JSON-able dict (what ``--json`` writes and ``--report-from`` reads)."""
+        return {"kernel": self.launch.kernel, "case": self.launch.case, "arch": self.arch,
+                "dtype": _dot_dtype(self.launch), "config": self.launch.config(), "error": self.error,
+                "registers": self.registers, "spill_stores": self.spill_stores, "spill_loads": self.spill_loads,
+                "stack": self.stack, "shared": self.shared, "ctas_per_sm": self.ctas_per_sm(),
+                "tensor_cores": self.tensor_cores, "seconds": round(self.seconds, 2)}
 
     def ctas_per_sm(self) -> int | None:
         """Estimated resident blocks per SM from registers, shared memory, warps (occupancy calculator's rules)."""
@@ -381,20 +391,25 @@ def compile_launch(launch: Launch) -> Result:
 
 def problems(results: list[Result]) -> list[str]:
     """Every way a result breaks the rules: compile error, shared memory over the block limit, any spill,
-    fp16/bf16 attention without tensor cores."""
+    fp16/bf16/TF32 attention without tensor cores."""
+    return row_problems([r.to_row() for r in results])
+
+
+def row_problems(rows: list[dict]) -> list[str]:
+    """:func:`problems` of results in their JSON form."""
     out = []
-    for r in results:
-        where = f"{r.launch.kernel} sm_{r.arch} [{r.launch.config()}] ({r.launch.case})"
-        if r.error:
-            out.append(f"{where}: compile error: {r.error}")
+    for r in rows:
+        where = f"{r['kernel']} sm_{r['arch']} [{r['config']}] ({r['case']})"
+        if r["error"]:
+            out.append(f"{where}: compile error: {r['error']}")
             continue
-        if r.shared > ARCHS[r.arch]["smem_per_block"]:
-            out.append(f"{where}: {r.shared} B shared memory > the {ARCHS[r.arch]['smem_per_block']} B block limit")
-        if r.spill_stores or r.spill_loads:
-            out.append(f"{where}: spills {r.spill_stores} B stores / {r.spill_loads} B loads "
-                       f"({r.registers} registers, {r.stack} B stack)")
-        if r.launch.kernel == "_attention_kernel" and _dot_dtype(r.launch) in ("fp16", "bf16", "tf32") \
-                and not r.tensor_cores:
+        if r["shared"] > ARCHS[r["arch"]]["smem_per_block"]:
+            out.append(f"{where}: {r['shared']} B shared memory > the {ARCHS[r['arch']]['smem_per_block']} B block "
+                       "limit")
+        if r["spill_stores"] or r["spill_loads"]:
+            out.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads "
+                       f"({r['registers']} registers, {r['stack']} B stack)")
+        if r["kernel"].startswith("_attention") and r["dtype"] in ("fp16", "bf16", "tf32") and not r["tensor_cores"]:
             out.append(f"{where}: no tensor-core instruction (wgmma / mma.sync) in fp16/bf16/TF32 attention")
     return out
 
@@ -422,35 +437,58 @@ def run_check(full: bool, archs=(90, 80), progress: Callable[[str], None] | None
 
 
 # ----------------------------------------------------------------------------------------------- report
-def markdown(results: list[Result], command: str) -> str:
+def markdown(rows: list[dict], command: str, triton_version: str) -> str:
+    """The report: a summary per kernel, arch and dtype, then every distinct compile result (launches that compile
+    to the same registers, spills, stack, shared memory and MMA under one config are one row, with their count and
+    the first case that made them), then the problems."""
     lines = [
         "# Triton kernels: what the compiler makes of them",
         "",
-        f"Written by `{command}` (triton {triton.__version__}): every launch fastdiff's host code can make for the",
-        "representative shapes in `fastdiff/kernels/compile_check.py`, compiled for sm_90 (H200) and sm_80 (A100)",
-        "without a GPU; registers, spills and stack from ptxas, shared memory per block from Triton, CTAs per SM",
-        "estimated from registers, shared memory and warps. Tensor cores: the MMA instruction in the PTX.",
+        f"Written by `{command}` (triton {triton_version}): every launch fastdiff's host code can make for the",
+        "representative shapes in `fastdiff/kernels/compile_check.py` (attention D 16–160, self N 1024/4096, cross",
+        "M = 77 and M = 1, offset views; GroupNorm C 320–2560, NCHW and channels_last; every DDIM/DDPM step variant;",
+        "fp32, TF32, fp16, bf16), compiled for sm_90 (H200) and sm_80 (A100) without a GPU. Registers, spills and",
+        "stack from ptxas; shared memory per block from Triton; CTAs per SM estimated from registers (65,536 per SM),",
+        "shared memory (228 / 164 KiB per SM) and warps (64 per SM); tensor cores: the MMA instruction in the PTX.",
         "",
+        "## Summary",
+        "",
+        "| kernel | arch | dtype | launches | configs | registers | max spill (B) | max shared (KiB) | CTAs/SM | "
+        "tensor cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_kernel: dict[str, list[Result]] = {}
-    for r in results:
-        by_kernel.setdefault(r.launch.kernel, []).append(r)
-    for kernel, rs in by_kernel.items():
-        lines += [f"## {kernel}", "",
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], -r["arch"], r["dtype"]), []).append(r)
+    for (kernel, neg_arch, dtype), rs in sorted(groups.items()):
+        ok = [r for r in rs if not r["error"]]
+        regs = sorted(r["registers"] for r in ok)
+        cores = ", ".join(sorted({r["tensor_cores"] for r in ok if r["tensor_cores"]})) or "-"
+        lines.append(f"| {kernel} | sm_{-neg_arch} | {dtype} | {len(rs)} | {len({r['config'] for r in rs})} | "
+                     + (f"{regs[0]}–{regs[-1]} | {max(r['spill_stores'] for r in ok)} | "
+                        f"{max(r['shared'] for r in ok) / 1024:.1f} | {min(r['ctas_per_sm'] for r in ok)}–"
+                        f"{max(r['ctas_per_sm'] for r in ok)} | {cores} |" if ok else "errors only | | | | |"))
+    by_kernel: dict[str, dict[tuple, list[dict]]] = {}
+    for r in rows:
+        key = (-r["arch"], r["dtype"], r["config"], r["error"], r["registers"], r["spill_stores"], r["stack"],
+               r["shared"], r["tensor_cores"])
+        by_kernel.setdefault(r["kernel"], {}).setdefault(key, []).append(r)
+    for kernel in sorted(by_kernel):
+        lines += ["", f"## {kernel}", "",
                   "| arch | dtype | config | registers | spill (B) | stack (B) | shared (KiB) | CTAs/SM | tensor cores "
-                  "| first case |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rs, key=lambda r: (-r.arch, _dot_dtype(r.launch), r.launch.config())):
-            if r.error:
-                lines.append(f"| sm_{r.arch} | {_dot_dtype(r.launch)} | {r.launch.config()} | error: {r.error} |"
-                             " | | | | | |")
+                  "| launches | first case |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key, rs in sorted(by_kernel[kernel].items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+            r = rs[0]
+            if r["error"]:
+                lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['config']} | error: {r['error']} | | | | | | "
+                             f"{len(rs)} | {r['case']} |")
                 continue
-            lines.append(f"| sm_{r.arch} | {_dot_dtype(r.launch)} | {r.launch.config()} | {r.registers} | "
-                         f"{r.spill_stores} | {r.stack} | {r.shared / 1024:.1f} | {r.ctas_per_sm()} | "
-                         f"{r.tensor_cores or '-'} | {r.launch.case} |")
-        lines.append("")
-    found = problems(results)
-    lines += ["## Problems", ""] + ([f"- {p}" for p in found] if found else ["None."]) + [""]
+            lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['config']} | {r['registers']} | {r['spill_stores']} | "
+                         f"{r['stack']} | {r['shared'] / 1024:.1f} | {r['ctas_per_sm']} | {r['tensor_cores'] or '-'} | "
+                         f"{len(rs)} | {r['case']} |")
+    found = row_problems(rows)
+    lines += ["", "## Problems", ""] + ([f"- {p}" for p in found] if found else ["None."]) + [""]
     return "\n".join(lines)
 
 
@@ -462,26 +500,30 @@ def main(argv=None) -> int:
     parser.add_argument("--write", metavar="PATH", help="write the markdown report here (e.g. docs/kernels.md)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     parser.add_argument("--family", action="append", choices=FAMILIES, help="only these kernel families")
+    parser.add_argument("--report-from", metavar="JSON", help="no compiling: report an earlier --json output")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     archs = tuple(args.arch) if args.arch else (90, 80)
-    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    results = run_check(args.full, archs, progress, args.family)
+    version = triton.__version__
+    if args.report_from:  # no compiling: the report of an earlier run's JSON
+        with open(args.report_from) as f:
+            saved = json.load(f)
+        rows, version, args.full = saved["results"], saved["triton"], saved.get("full", False)
+    else:
+        progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        rows = [r.to_row() for r in run_check(args.full, archs, progress, args.family)]
     if args.write:
         from fastdiff.files import write_text_atomic
 
         command = f"python -m fastdiff.kernels.compile_check{' --full' if args.full else ''} --write {args.write}"
-        write_text_atomic(args.write, markdown(results, command))
+        write_text_atomic(args.write, markdown(rows, command, version))
     if args.json:
         from fastdiff.files import write_json_atomic
 
-        write_json_atomic(args.json, [
-            {"kernel": r.launch.kernel, "case": r.launch.case, "arch": r.arch, "dtype": _dot_dtype(r.launch),
-             "config": r.launch.config(), "error": r.error, "registers": r.registers, "spill_stores": r.spill_stores,
-             "spill_loads": r.spill_loads, "stack": r.stack, "shared": r.shared, "ctas_per_sm": r.ctas_per_sm(),
-             "tensor_cores": r.tensor_cores, "seconds": round(r.seconds, 2)} for r in results])
-    found = problems(results)
-    print(f"{len(results)} compiles ({', '.join(f'sm_{a}' for a in archs)}), {len(found)} problems")
+        write_json_atomic(args.json, {"triton": version, "full": args.full, "results": rows})
+    found = row_problems(rows)
+    arch_names = ", ".join(f"sm_{a}" for a in sorted({r["arch"] for r in rows}, reverse=True))
+    print(f"{len(rows)} compiles ({arch_names}), {len(found)} problems")
     for p in found:
         print(f"  {p}")
     return 1 if found else 0

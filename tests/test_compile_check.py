@@ -25,7 +25,7 @@ pytest.importorskip("triton.backends.nvidia")
 from fastdiff.kernels import compile_check as cc  # noqa: E402  (after the importorskip)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {"_attention_kernel", "_group_norm_silu_kernel", "_group_norm_stats_kernel",
+FAMILIES = {"_attention_kernel", "_attention_fp32_kernel", "_group_norm_silu_kernel", "_group_norm_stats_kernel",
             "_group_norm_silu_apply_kernel", "_ddim_step_kernel", "_ddpm_step_kernel"}
 
 
@@ -45,7 +45,11 @@ def _check(tmp_path, *args, timeout: int = 900):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "-m", "fastdiff.kernels.compile_check", "-q", "--json", str(out), *args],
                           cwd=tmp_path, env=_compiler_env(), capture_output=True, text=True, timeout=timeout)
-    return proc, (json.loads(out.read_text()) if out.exists() else None)
+    if not out.exists():
+        return proc, None
+    saved = json.loads(out.read_text())
+    assert saved["triton"] == triton.__version__
+    return proc, saved["results"]
 
 
 def _assert_clean(proc, results):
@@ -57,8 +61,10 @@ def _assert_clean(proc, results):
         assert r["error"] is None and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["shared"] <= cc.ARCHS[r["arch"]]["smem_per_block"], r
         assert r["ctas_per_sm"] >= 1, r
-        if r["kernel"] == "_attention_kernel" and r["dtype"] in ("fp16", "bf16"):
-            assert r["tensor_cores"] == ("wgmma" if r["arch"] == 90 else "mma.sync") or r["tensor_cores"], r
+        if r["kernel"].startswith("_attention") and r["dtype"] in ("fp16", "bf16", "tf32"):
+            assert r["tensor_cores"] in ("wgmma", "mma.sync"), r
+            if r["arch"] == 80:
+                assert r["tensor_cores"] == "mma.sync", r  # no wgmma before Hopper
 
 
 def test_fast_subset_compiles_clean_for_sm90_and_sm80(tmp_path):
@@ -136,7 +142,7 @@ def test_check_fails_on_a_planted_compile_error(tmp_path):
 def _result(kernel="_attention_kernel", dtype="fp16", arch=90, **fields):
     launch = SimpleNamespace(kernel=kernel, signature={"Q": f"*{dtype}"}, case="synthetic",
                              target=SimpleNamespace(arch=arch), options=SimpleNamespace(num_warps=4, num_stages=2),
-                             config=lambda: "BLOCK_N=64, BLOCK_M=64, warps=4, stages=2")
+                             config=lambda: "BLOCK_N=64, BLOCK_M=64, warps=4, stages=2", named_constexprs=dict)
     base = {"registers": 128, "spill_stores": 0, "spill_loads": 0, "stack": 0, "shared": 1024, "tensor_cores": "wgmma"}
     return cc.Result(launch, **{**base, **fields})
 
@@ -191,3 +197,18 @@ def test_tuned_config_matches_the_autotuners_own_cache_key(tmp_path):
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_report_from_saved_results(tmp_path):
+    """--report-from writes the markdown of an earlier run without compiling: a summary per kernel, arch and dtype,
+    one row per distinct compile result with its launch count, and the problems."""
+    rows = [_result(registers=r).to_row() for r in (128, 128, 200)] + [_result(spill_stores=16).to_row()]
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"triton": "9.9.9", "results": rows}))
+    report = tmp_path / "kernels.md"
+    assert cc.main(["--report-from", str(saved), "--write", str(report)]) == 1  # the planted spill is a problem
+    text = report.read_text()
+    assert "(triton 9.9.9)" in text
+    assert "| _attention_kernel | sm_90 | fp16 | 4 | 1 | 128–200 | 16 |" in text
+    assert "| 2 | synthetic |" in text  # the two identical results are one row
+    assert "## Problems" in text and "spills 16 B stores" in text
