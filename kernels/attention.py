@@ -329,8 +329,8 @@ def _fits_arch(conf: triton.Config, block_d: int, itemsize: int, arch: int | Non
         return True
     bn, bm, warps = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"], conf.num_warps
     block_d = block_d * itemsize // 2  # TF32 (fp32 operands) holds twice the bytes of fp16 per head-dim column
-    if arch >= 90:
-        return bn * (block_d + bm) <= 96 * 32 * warps
+    if arch >= 90:  # TF32 past D = 64 also wants 8 warps (32×32 on 4 warps spills 8 B at D = 80 and 128)
+        return bn * (block_d + bm) <= 96 * 32 * warps and (itemsize < 4 or block_d <= 128 or warps == 8)
     if block_d > 128:
         return bn == 32 and bm == 32 and warps == 8
     if block_d > 64:  # 64×32 on 8 warps sits at 255 registers and spills 12 B at D = 80 with Triton 3.6
