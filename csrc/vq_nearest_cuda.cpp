@@ -1,6 +1,9 @@
 // The thin torch binding of the CUDA kernels (csrc/cuda/): validates, allocates, picks the stream, launches.
 // Compiled only where torch was built with CUDA (setup.py's CUDAExtension, or the just-in-time build when
-// torch.cuda is available); the kernels themselves need only the CUDA toolkit.
+// torch.cuda is available); the kernels themselves need only the CUDA toolkit. It is also built on its own, with
+// csrc/cuda/*.cu only, where the extension that loaded has no CUDA kernels but CUDA is usable (fastdiff/native.py,
+// _jit_build_cuda): that library is linked against the loaded one, which defines the operator and
+// check_vq_inputs, so this file must neither define the operator nor anything else the CPU build defines.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -13,6 +13,12 @@ from, in order (first use in a process decides, once):
    lock makes concurrent processes wait for one build. ``FASTDIFF_NO_JIT=1`` turns this step off;
 3. nothing: the ops run the PyTorch reference after one logged warning (``backend="native"`` raises).
 
+CUDA kernels: where CUDA devices are usable at run time but the extension that loaded has no CUDA kernel for
+``vq_nearest`` (a ``fastdiff._C`` built where nvcc or a CUDA torch was missing, or a just-in-time build whose CUDA part
+failed), the CUDA sources alone are built just in time, linked against that extension, into the same cache and loaded
+next to it (:func:`_jit_build_cuda`): once per process, logged, skipped under ``FASTDIFF_NO_JIT=1``. A failure is
+logged once and leaves what loaded (CUDA tensors then run the reference); :func:`status` says which happened.
+
 ``FASTDIFF_NATIVE=0`` skips the extension altogether. ``DEBUG=1`` builds the JIT copy with ``-O0 -g``.
 ``FASTDIFF_CPU_ISA`` caps the CPU micro-kernels of both ops (:data:`CPU_ISA_VALUES`, any case): the C++ side reads
 it on every call and compares it exactly, so :func:`cpu_isa` checks it, raises ValueError on any other value and
@@ -48,6 +54,8 @@ _origin = ""                    # where the loaded extension came from
 _error = ""                     # why it could not be loaded
 _fake_registered = False
 _kernels: dict[tuple[str, str], bool] = {}  # (op, device type) -> the loaded extension has it (plain dict: traceable)
+_library = ""                   # the loaded extension's shared library (what the CUDA-only build links against)
+_cuda_jit: Optional[str] = None  # the CUDA-only JIT build: None not tried, else what happened (for status())
 OPS = ("vq_nearest", "rows_matmul")  # the operators fastdiff._C may register (torch.ops.fastdiff.<op>)
 CPU_ISA_VALUES = ("auto", "avx512", "avx2", "generic")  # FASTDIFF_CPU_ISA: "auto" (or unset, or empty) is no cap
 
@@ -103,10 +111,24 @@ def nvcc_flags() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- loading
-def _cuda_build_possible() -> bool:
+def _cuda_runtime_available() -> bool:
+    """CUDA devices usable here (ROCm's torch.cuda excluded: the CUDA sources are not hipified)."""
+    return torch.version.hip is None and torch.cuda.is_available()
+
+
+def _cuda_toolchain_problem() -> str:
+    """Why CUDA sources cannot be compiled here ("" when they can): torch without CUDA, or no CUDA toolkit."""
     from torch.utils import cpp_extension
 
-    return torch.version.cuda is not None and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is None:
+        return "torch was built without CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)"
+    return ""
+
+
+def _cuda_build_possible() -> bool:
+    return _cuda_runtime_available() and not _cuda_toolchain_problem()
 
 
 @contextlib.contextmanager
@@ -130,25 +152,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDIFF_CACHE") or Path.home() / ".cache" / "fastdiff").expanduser()
 
 
-def _jit_build() -> str:
-    """Build (or reuse) the extension from SOURCE_DIR, load it, and return the shared library's path."""
-    from torch.utils import cpp_extension
-
-    sources = cpu_sources()
-    if not (SOURCE_DIR / "ops.cpp").is_file():
-        raise RuntimeError(f"the C++ sources are not installed (looked in {SOURCE_DIR})")
-    with_cuda = _cuda_build_possible()
-    if with_cuda:
-        sources += cuda_sources()
-    cflags = cxx_flags(with_cuda)
-    cuda_flags = nvcc_flags() if with_cuda else None
-
+def _sources_digest():  # -> a hashlib sha256 object
+    """A sha256 over every C++/CUDA source and header under SOURCE_DIR (their relative paths and contents)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in SOURCE_DIR.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
         digest.update(path.relative_to(SOURCE_DIR).as_posix().encode() + b"\0" + path.read_bytes())
-    digest.update(repr((torch.__version__, sys.version, with_cuda, cflags, cuda_flags)).encode())
-    tag = digest.hexdigest()[:16]
-    name = f"fastdiff_C_{tag}"
+    return digest
+
+
+def _build_and_load(name: str, what: str, sources: list[Path], with_cuda: bool,
+                    extra_ldflags: Optional[list[str]] = None) -> str:
+    """Build ``name`` from ``sources`` into ``cache_dir()/name`` (or reuse that build), load it with
+    torch.ops.load_library and return the shared library's path. A file lock makes concurrent processes wait."""
+    from torch.utils import cpp_extension
+
     root = cache_dir()
     build_dir = root / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -161,14 +178,13 @@ def _jit_build() -> str:
                 return str(library)
             except OSError as exc:  # a broken earlier build: build again
                 logger.info("fastdiff: rebuilding %s (%s)", library, exc)
-        logger.warning("fastdiff: building the native extension (vq_nearest, rows_matmul) into %s (once; takes "
-                       "about a minute)", build_dir)
+        logger.warning("fastdiff: building %s into %s (once; takes a minute or more)", what, build_dir)
         cpp_extension.load(
             name=name,
             sources=[str(s) for s in sources],
-            extra_cflags=cflags,
-            extra_cuda_cflags=cuda_flags,
-            extra_ldflags=openmp_flags(),
+            extra_cflags=cxx_flags(with_cuda),
+            extra_cuda_cflags=nvcc_flags() if with_cuda else None,
+            extra_ldflags=openmp_flags() + (extra_ldflags or []),
             extra_include_paths=[str(SOURCE_DIR)],
             build_directory=str(build_dir),
             with_cuda=with_cuda,
@@ -176,6 +192,45 @@ def _jit_build() -> str:
             verbose=os.environ.get("FASTDIFF_VERBOSE_BUILD", "0") == "1",
         )
     return str(library)
+
+
+def _jit_build(with_cuda: Optional[bool] = None) -> str:
+    """Build (or reuse) the extension from SOURCE_DIR, load it, and return the shared library's path.
+
+    ``with_cuda``: include the CUDA sources (default: where :func:`_cuda_build_possible`)."""
+    sources = cpu_sources()
+    if not (SOURCE_DIR / "ops.cpp").is_file():
+        raise RuntimeError(f"the C++ sources are not installed (looked in {SOURCE_DIR})")
+    if with_cuda is None:
+        with_cuda = _cuda_build_possible()
+    if with_cuda:
+        sources += cuda_sources()
+    digest = _sources_digest()
+    digest.update(repr((torch.__version__, sys.version, with_cuda, cxx_flags(with_cuda),
+                        nvcc_flags() if with_cuda else None)).encode())
+    return _build_and_load(f"fastdiff_C_{digest.hexdigest()[:16]}", "the native extension (vq_nearest, rows_matmul)",
+                           sources, with_cuda)
+
+
+def _jit_build_cuda(base_library: str) -> str:
+    """Build (or reuse) the CUDA kernels alone (:func:`cuda_sources`: the binding and the .cu files) as a library
+    linked against ``base_library``, the loaded extension that defines the ops and ``check_vq_inputs``; load it (it
+    registers the CUDA implementation of ``fastdiff::vq_nearest``) and return its path. Raises on any failure."""
+    problem = _cuda_toolchain_problem()
+    if problem:
+        raise RuntimeError(problem)
+    sources = cuda_sources()
+    if not any(p.suffix == ".cu" for p in sources):
+        raise RuntimeError(f"the CUDA sources are not installed (looked in {SOURCE_DIR})")
+    base = Path(base_library).resolve()
+    stat = base.stat()
+    digest = _sources_digest()
+    digest.update(repr((torch.__version__, sys.version, cxx_flags(True), nvcc_flags(), str(base), stat.st_size,
+                        stat.st_mtime_ns)).encode())
+    # The base library as a link input: DT_NEEDED names it, so the loader reuses the copy already in the process
+    # (same file) and resolves fastdiff::check_vq_inputs from it although Python loaded it RTLD_LOCAL.
+    return _build_and_load(f"fastdiff_C_cuda_{digest.hexdigest()[:16]}", "the CUDA kernels of the native extension",
+                           sources, True, extra_ldflags=[str(base)])
 
 
 def _register_fake() -> None:
@@ -205,33 +260,98 @@ def _register_fake() -> None:
     _fake_registered = True
 
 
+def _import_prebuilt() -> str:
+    """Import ``fastdiff._C`` (the setup.py build) and return its file; raises whatever the import raises."""
+    return importlib.import_module("fastdiff._C").__file__
+
+
+def _has_dispatch_kernel(op: str, key: str) -> bool:
+    return hasattr(torch.ops.fastdiff, op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", key)
+
+
+def _refresh_kernels() -> None:
+    for op in OPS:
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            _kernels[op, device_type] = _has_dispatch_kernel(op, key)
+
+
+def _short(exc: BaseException, limit: int = 1500) -> str:
+    """``Type: message``, its middle cut where longer than ``limit`` (a compiler's output can be very long)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else f"{text[:limit // 3]} [...] {text[-(2 * limit) // 3:]}"
+
+
+def _cuda_failed(why: str, level: int = logging.WARNING) -> None:
+    """Record (for status()) and log, once per process, why the CUDA kernels are missing."""
+    global _cuda_jit
+    _cuda_jit = why
+    logger.log(level, "fastdiff: the native extension has no CUDA kernels: %s; fastdiff.ops.vq_nearest on CUDA "
+               "tensors runs the PyTorch reference", why)
+
+
+def _ensure_cuda_kernels() -> None:
+    """Where CUDA is usable but the loaded extension has no CUDA kernel for vq_nearest, build and load the CUDA
+    sources just in time (once per process: a failure is recorded and not retried)."""
+    global _cuda_jit
+    if _cuda_jit is not None or _kernels.get(("vq_nearest", "cuda"), False) or not _cuda_runtime_available():
+        return
+    if os.environ.get("FASTDIFF_NO_JIT", "0") == "1":
+        _cuda_jit = "none (the loaded extension has none; FASTDIFF_NO_JIT=1)"
+        return
+    problem = _cuda_toolchain_problem()
+    if problem:  # nothing to attempt: said once, quietly (the first CUDA call warns, quoting status())
+        _cuda_failed(f"no just-in-time CUDA build possible: {problem}", logging.INFO)
+        return
+    logger.info("fastdiff: %s has no CUDA kernels but CUDA is available: building them just in time", _origin)
+    try:
+        library = _jit_build_cuda(_library)
+    except Exception as exc:  # a compile or link error, no ninja, a load error...
+        _cuda_failed(f"just-in-time CUDA build failed: {_short(exc)}")
+        return
+    _refresh_kernels()
+    if not _kernels.get(("vq_nearest", "cuda"), False):
+        _cuda_failed(f"just-in-time CUDA build {library} registered no CUDA kernel for fastdiff::vq_nearest")
+        return
+    _cuda_jit = f"jit {library}"
+    logger.info("fastdiff: CUDA kernels loaded from %s", library)
+
+
 def _try_load() -> bool:
-    global _origin, _error
+    global _origin, _error, _library
     cpu_isa()  # a bad FASTDIFF_CPU_ISA raises here, before anything runs with it
     if os.environ.get("FASTDIFF_NATIVE", "1") == "0":
         _error = "disabled by FASTDIFF_NATIVE=0"
         return False
     try:
-        module = importlib.import_module("fastdiff._C")
-        _origin = f"prebuilt {module.__file__}"
+        _library = _import_prebuilt()
+        _origin = f"prebuilt {_library}"
     except Exception as prebuilt_exc:  # ImportError, or an extension built for another torch (undefined symbol)
         prebuilt = f"{type(prebuilt_exc).__name__}: {prebuilt_exc}"
         if os.environ.get("FASTDIFF_NO_JIT", "0") == "1":
             _error = f"fastdiff._C not importable ({prebuilt}) and FASTDIFF_NO_JIT=1"
             return False
+        with_cuda = _cuda_build_possible()
         try:
-            _origin = f"jit {_jit_build()}"
+            _library = _jit_build(with_cuda)
         except Exception as exc:  # no compiler, no ninja, no sources, a compile error...
-            _error = f"fastdiff._C not importable ({prebuilt}); JIT build failed: {type(exc).__name__}: {exc}"
-            return False
+            if not with_cuda:
+                _error = f"fastdiff._C not importable ({prebuilt}); JIT build failed: {_short(exc)}"
+                return False
+            # The CUDA part may be what failed: the C++ part alone still gives the CPU kernels.
+            _cuda_failed(f"just-in-time build with CUDA failed: {_short(exc)}")
+            try:
+                _library = _jit_build(False)
+            except Exception as cpu_exc:
+                _error = (f"fastdiff._C not importable ({prebuilt}); JIT build failed with CUDA ({_short(exc)}) "
+                          f"and without ({_short(cpu_exc)})")
+                return False
+        _origin = f"jit {_library}"
     if not hasattr(torch.ops.fastdiff, "vq_nearest"):
         _error = f"{_origin} loaded but registered no fastdiff::vq_nearest"
         return False
     _register_fake()
-    for op in OPS:
-        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            _kernels[op, device_type] = hasattr(torch.ops.fastdiff, op) and \
-                torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", key)
+    _refresh_kernels()
+    _ensure_cuda_kernels()
     return True
 
 
@@ -275,4 +395,5 @@ def status() -> str:
         return "not loaded yet (loads on the first native op call)"
     if not _loaded:
         return f"unavailable: {_error}"
-    return f"{_origin} ({torch.ops.fastdiff._native_info()})"
+    line = f"{_origin} ({torch.ops.fastdiff._native_info()})"
+    return f"{line}; CUDA kernels: {_cuda_jit}" if _cuda_jit else line

@@ -5,10 +5,15 @@
 //    tiles. For each codebook tile it computes the 128 x 128 dot products z.e as a small GEMM: both operands are
 //    staged through shared memory in kBK = 16-wide slabs along D (converted to fp32, transposed to [k][row]),
 //    and each of the 256 threads accumulates an 8 x 8 register tile in fp32 (rows ty + 16 i, columns tx + 16 j).
-//    The tile is folded at once into a per-row running (minimum, argmin) held in registers: distances
-//    ||e||^2 - 2 z.e, strict "<", and every thread sees its columns in increasing order, so ties keep the
-//    lowest index. The 16 threads sharing a row then reduce with warp shuffles on (distance, index), and the
-//    block writes one partial result per row for its slice. Nothing N x K is ever stored.
+//    The tile is folded at once into a per-row running (minimum, argmin): distances ||e||^2 - 2 z.e, strict "<",
+//    and every thread sees its columns in increasing order, so ties keep the lowest index. Between tiles that
+//    running pair lives in shared memory (each thread's own slots, 16 KiB per block), not in registers, so the
+//    kernel fits the 128 registers that kBlocksPerSm = 2 resident blocks of 256 threads allow with room to spare
+//    (ptxas 13.0: 101-104 registers unbounded, no spills even when capped at 120; with the pair in registers it
+//    took 126-130 and sm_90 fp32 spilled 200 bytes). 16 extra shared-memory loads and stores per thread per
+//    128-column tile are noise next to its 64 x D FMAs. The 16 threads sharing a row then reduce with warp shuffles
+//    on (distance, index), and the block writes one partial result per row for its slice. Nothing N x K is ever
+//    stored.
 // 3. vq_finalize_kernel: one warp per row reduces the slices' partials (lexicographic on (distance, index)),
 //    adds ||z||^2 and writes the int64 index and the fp32 distance.
 #include "vq_nearest_kernel.h"
@@ -28,6 +33,10 @@ constexpr int kBM = 128;  // rows of z per thread block
 constexpr int kBN = 128;  // codebook rows per tile
 constexpr int kBK = 16;   // slab width along D staged in shared memory
 constexpr int kThreadsX = 16, kThreadsY = 16, kThreads = kThreadsX * kThreadsY;
+// Resident blocks of vq_search_kernel per multiprocessor that the design (and vq_nearest_plan's split) counts on:
+// __launch_bounds__ caps the kernel at 65536 / (kThreads * kBlocksPerSm) = 128 registers per thread.
+// tests/test_native_cuda_build.py checks with ptxas that no instantiation spills at that bound (sm_80, sm_90).
+constexpr int kBlocksPerSm = 2;
 constexpr int kTM = kBM / kThreadsY, kTN = kBN / kThreadsX;  // 8 x 8 register tile per thread
 constexpr int kPad = 1;                                      // [k][row] stores stay (mostly) conflict-free
 constexpr int kWarpsPerBlock = 8;                            // for the warp-per-row kernels
@@ -75,7 +84,7 @@ __global__ void codebook_norms_kernel(const T* __restrict__ e,  // (K, D), row s
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     vq_search_kernel(const T* __restrict__ z,         // (N, D), row stride ldz
                      int64_t ldz,
                      const T* __restrict__ e,         // (K, D), row stride lde
@@ -94,12 +103,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n_begin = static_cast<int64_t>(split) * tiles_per_split * kBN;
   const int64_t n_end = min64(K, n_begin + tiles_per_split * kBN);
 
-  float best[kTM];
-  int32_t best_idx[kTM];
+  // The running (minimum, argmin) of each of this thread's kTM rows lives in shared memory between tiles (only this
+  // thread touches its slots: no barrier needed), which keeps 2 * kTM registers free during the tile's GEMM.
+  __shared__ float best_s[kTM][kThreads];
+  __shared__ int32_t best_is[kTM][kThreads];
 #pragma unroll
   for (int i = 0; i < kTM; ++i) {
-    best[i] = INFINITY;
-    best_idx[i] = static_cast<int32_t>(min64(n_begin, INT_MAX));
+    best_s[i][tid] = INFINITY;
+    best_is[i][tid] = static_cast<int32_t>(min64(n_begin, INT_MAX));
   }
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kBN) {
@@ -139,21 +150,35 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     // Fold the tile into the running minimum, columns in increasing order (j ascending, tiles ascending).
+    float e_sq[kTN];
 #pragma unroll
     for (int j = 0; j < kTN; ++j) {
       const int64_t col = n0 + tx + kThreadsX * j;
-      if (col < n_end) {
-        const float e_sq = esq[col];
+      e_sq[j] = col < n_end ? esq[col] : INFINITY;
+    }
 #pragma unroll
-        for (int i = 0; i < kTM; ++i) {
-          const float dist = fmaf(-2.0f, acc[i][j], e_sq);  // -2x is exact: e_sq - 2 z.e rounded once
-          if (dist < best[i]) {
-            best[i] = dist;
-            best_idx[i] = static_cast<int32_t>(col);
-          }
+    for (int i = 0; i < kTM; ++i) {
+      float b = best_s[i][tid];
+      int32_t bi = best_is[i][tid];
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) {
+        const float dist = fmaf(-2.0f, acc[i][j], e_sq[j]);  // -2x is exact: e_sq - 2 z.e rounded once
+        if (dist < b) {
+          b = dist;
+          bi = static_cast<int32_t>(n0 + tx + kThreadsX * j);
         }
       }
+      best_s[i][tid] = b;
+      best_is[i][tid] = bi;
     }
+  }
+
+  float best[kTM];
+  int32_t best_idx[kTM];
+#pragma unroll
+  for (int i = 0; i < kTM; ++i) {
+    best[i] = best_s[i][tid];
+    best_idx[i] = best_is[i][tid];
   }
 
   // The 16 threads of a row group are 16 consecutive lanes (tid = ty * 16 + tx): xor offsets < 16 stay inside.
@@ -255,8 +280,8 @@ VqPlan vq_nearest_plan(int64_t N, int64_t K, int64_t D, int sm_count) {
   (void)D;
   const int64_t tiles = std::max<int64_t>(ceil_div(K, kBN), 1);
   const int64_t row_blocks = std::max<int64_t>(ceil_div(N, kBM), 1);
-  // Aim for at least two thread blocks per multiprocessor: split the codebook when there are few row blocks.
-  const int64_t target = 2 * std::max(sm_count, 1);
+  // Aim for kBlocksPerSm thread blocks per multiprocessor: split the codebook when there are few row blocks.
+  const int64_t target = kBlocksPerSm * static_cast<int64_t>(std::max(sm_count, 1));
   int64_t splits = row_blocks >= target ? 1 : std::min(tiles, ceil_div(target, row_blocks));
   splits = std::min<int64_t>(splits, kMaxSplits);
   splits = ceil_div(tiles, ceil_div(tiles, splits));  // no empty slices
