@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, sized for one device command (10 minutes) on an H200:
-#   1. smoke (≤ 1 min): one launch of every kernel family against the reference (benchmarks/gpu_smoke.py), so a
-#      driver/toolchain/Triton mismatch shows in seconds;
+#   1. smoke (≤ 1 min, no just-in-time build): one launch of every kernel family against the reference
+#      (benchmarks/gpu_smoke.py), so a driver/toolchain/Triton mismatch shows in seconds;
 #   2. build the native extension in place (CPU + CUDA), if Python's headers are there (csrc/ops.cpp needs Python.h);
 #   3. the CUDA tests; 4. the GPU benchmarks; 5. the ratio table with the roofline columns, printed last.
 # Every step has its own time limit, so a slow one cannot eat the next one's time. Installs nothing (needs torch with
@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 echo "== 1. smoke: one launch per kernel family vs the reference $(elapsed)"
-timeout 60 $PY benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.txt" | grep -v "^  File\|^    " || status=1
+FASTDIFF_NO_JIT=1 timeout 60 $PY benchmarks/gpu_smoke.py 2>&1 | tee "$OUT/smoke.txt" | grep -v "^  File\|^    " || status=1
 
 echo "== 2. build the native extension (CPU + CUDA) in place $(elapsed)"
 if $PY -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then

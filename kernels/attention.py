@@ -106,6 +106,23 @@ def _attention_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def _head(
+    P,  # base pointer of a (B, H, seq, D) tensor
+    stride_b,  # batch stride in units of ALIGN elements
+    stride_h,  # head stride in units of ALIGN elements
+    pid_bh,  # b · H + h
+    H,
+    ALIGN: tl.constexpr,
+):
+    """P moved to the start of (batch, head) pid_bh, offsets in int64. The b, h and seq strides arrive divided by
+    ALIGN and are multiplied back here: that tells the compiler rows start ALIGN elements apart, so heads of D = 40
+    (row stride 40, not a multiple of 16) still load as 16-byte vectors."""
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    return P + off_b * (stride_b * ALIGN) + off_h * (stride_h * ALIGN)
+
+
 # H, N and M are not specialised (N % 16, M == 1, ...): one compiled kernel per dtype, head dim and config serves every
 # sequence length, which keeps first-call compile (and autotune) time down
 @triton.jit(do_not_specialize=["H", "N", "M", "BH_START"])
@@ -132,30 +149,17 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,  # query rows per program
     BLOCK_M: tl.constexpr,  # keys per tile
 ):
-    # multiplying the strides back by ALIGN tells the compiler that rows start ALIGN elements apart, so heads of
-    # D = 40 (row stride 40, not a multiple of 16) still load as 16-byte vectors
-    stride_qb *= ALIGN
-    stride_qh *= ALIGN
-    stride_qn *= ALIGN
-    stride_kb *= ALIGN
-    stride_kh *= ALIGN
-    stride_km *= ALIGN
-    stride_vb *= ALIGN
-    stride_vh *= ALIGN
-    stride_vm *= ALIGN
-    stride_ob *= ALIGN
-    stride_oh *= ALIGN
-    stride_on *= ALIGN
-
     # grid: (cdiv(N, BLOCK_N), B * H); neighbouring programs share one (b, h), so its K/V stay in L2
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1) + BH_START
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
+    Q = _head(Q, stride_qb, stride_qh, pid_bh, H, ALIGN)
+    K = _head(K, stride_kb, stride_kh, pid_bh, H, ALIGN)
+    V = _head(V, stride_vb, stride_vh, pid_bh, H, ALIGN)
+    O = _head(O, stride_ob, stride_oh, pid_bh, H, ALIGN)
+    stride_qn *= ALIGN
+    stride_km *= ALIGN
+    stride_vm *= ALIGN
+    stride_on *= ALIGN
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -215,28 +219,17 @@ def _attention_fp32_kernel(
     slices of the head dim (q and k slices re-read from L1/L2 for each key tile), and each program writes BLOCK_DV
     output columns (grid axis 2), recomputing the scores for each slice of columns: registers stay bounded at any D,
     at the price of cdiv(D, BLOCK_DV) passes over q·kᵀ. fp16/bf16 (tensor cores) are the fast path."""
-    stride_qb *= ALIGN
-    stride_qh *= ALIGN
-    stride_qn *= ALIGN
-    stride_kb *= ALIGN
-    stride_kh *= ALIGN
-    stride_km *= ALIGN
-    stride_vb *= ALIGN
-    stride_vh *= ALIGN
-    stride_vm *= ALIGN
-    stride_ob *= ALIGN
-    stride_oh *= ALIGN
-    stride_on *= ALIGN
-
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1) + BH_START
     pid_dv = tl.program_id(2)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
+    Q = _head(Q, stride_qb, stride_qh, pid_bh, H, ALIGN)
+    K = _head(K, stride_kb, stride_kh, pid_bh, H, ALIGN)
+    V = _head(V, stride_vb, stride_vh, pid_bh, H, ALIGN)
+    O = _head(O, stride_ob, stride_oh, pid_bh, H, ALIGN)
+    stride_qn *= ALIGN
+    stride_km *= ALIGN
+    stride_vm *= ALIGN
+    stride_on *= ALIGN
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)

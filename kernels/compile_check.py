@@ -298,7 +298,17 @@ def cases(full: bool, families=None) -> list[Case]:
             + _attention_cases(("tf32",), (64, 128), CROSS_SHAPES[:1], misaligned=False)
             + _attention_cases(("bf16",), (160,), CROSS_SHAPES[:1], misaligned=True)
             + _group_norm_cases(("fp16",), [GN_SHAPES[0], GN_SHAPES[4]])
-            + _step_cases(("fp16",), full=False)[:4])
+            + _fast_steps())
+
+
+def _fast_steps() -> list[Case]:
+    """Per step op, the plainest variant and the one with every option on (guidance, noise, clip, per-sample ᾱ)."""
+    steps = _step_cases(("fp16",), full=False)
+    out = []
+    for op in ("ddim_step", "ddpm_step"):
+        mine = [c for c in steps if c.family == op]
+        out += [mine[0], mine[-1]]
+    return out
 
 
 def capture(case_list: list[Case], archs=(90, 80)) -> list[Launch]:
