@@ -199,6 +199,27 @@ def test_kernel_every_tuned_config(device, monkeypatch, d, dtype):
         assert_rel_close(out, expected, KERNEL_TOL[dtype], f"attention D={d} {dtype} config {config}")
 
 
+@pytest.mark.parametrize("d", [40, 128])
+def test_kernel_every_tf32_config(device, monkeypatch, d):
+    """fp32 with TF32 allowed: each config the autotuner may pick on sm_80 / sm_90 (or with no arch rule) runs the
+    tensor-core kernel and stays within TF32's error."""
+    kernels = dispatch.load_kernels("attention")
+    q, k, v = _inputs((1, 2, 70, 77, d), torch.float32, device)
+    expected = _oracle(q, k, v, 0.2)
+    block_d = max(16, 1 << (d - 1).bit_length())
+    configs = {str(c): c for arch in (None, 80, 90)
+               for c in kernels._candidates(kernels._CONFIGS, 77, block_d, 4, arch)}
+    monkeypatch.setattr(kernels, "_launch_fp32", lambda *a: pytest.fail("TF32 at D ≤ 128 takes the tensor-core kernel"))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        for config in configs.values():
+            out = kernels.attention(q, k, v, 0.2, config=config)
+            assert_rel_close(out, expected, 5e-3, f"attention TF32 D={d} config {config}")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize("d", [16, 40, 64, 160])
 def test_fp32_kernel_config(device, monkeypatch, d):
     """Exact fp32 runs on its own kernel (head-dim slices, column blocks), with the config the host picks for each
