@@ -111,16 +111,17 @@ def _head(
     P,  # base pointer of a (B, H, seq, D) tensor
     stride_b,  # batch stride in units of ALIGN elements
     stride_h,  # head stride in units of ALIGN elements
+    stride_s,  # sequence stride in units of ALIGN elements
     pid_bh,  # b · H + h
     H,
     ALIGN: tl.constexpr,
 ):
-    """P moved to the start of (batch, head) pid_bh, offsets in int64. The b, h and seq strides arrive divided by
-    ALIGN and are multiplied back here: that tells the compiler rows start ALIGN elements apart, so heads of D = 40
-    (row stride 40, not a multiple of 16) still load as 16-byte vectors."""
+    """(P moved to the start of (batch, head) pid_bh with int64 offsets, the sequence stride in elements). The b, h and
+    seq strides arrive divided by ALIGN and are multiplied back here: that tells the compiler rows start ALIGN
+    elements apart, so heads of D = 40 (row stride 40, not a multiple of 16) still load as 16-byte vectors."""
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    return P + off_b * (stride_b * ALIGN) + off_h * (stride_h * ALIGN)
+    return P + off_b * (stride_b * ALIGN) + off_h * (stride_h * ALIGN), stride_s * ALIGN
 
 
 # H, N and M are not specialised (N % 16, M == 1, ...): one compiled kernel per dtype, head dim and config serves every
@@ -152,14 +153,10 @@ def _attention_kernel(
     # grid: (cdiv(N, BLOCK_N), B * H); neighbouring programs share one (b, h), so its K/V stay in L2
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1) + BH_START
-    Q = _head(Q, stride_qb, stride_qh, pid_bh, H, ALIGN)
-    K = _head(K, stride_kb, stride_kh, pid_bh, H, ALIGN)
-    V = _head(V, stride_vb, stride_vh, pid_bh, H, ALIGN)
-    O = _head(O, stride_ob, stride_oh, pid_bh, H, ALIGN)
-    stride_qn *= ALIGN
-    stride_km *= ALIGN
-    stride_vm *= ALIGN
-    stride_on *= ALIGN
+    Q, stride_qn = _head(Q, stride_qb, stride_qh, stride_qn, pid_bh, H, ALIGN)
+    K, stride_km = _head(K, stride_kb, stride_kh, stride_km, pid_bh, H, ALIGN)
+    V, stride_vm = _head(V, stride_vb, stride_vh, stride_vm, pid_bh, H, ALIGN)
+    O, stride_on = _head(O, stride_ob, stride_oh, stride_on, pid_bh, H, ALIGN)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -222,14 +219,10 @@ def _attention_fp32_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1) + BH_START
     pid_dv = tl.program_id(2)
-    Q = _head(Q, stride_qb, stride_qh, pid_bh, H, ALIGN)
-    K = _head(K, stride_kb, stride_kh, pid_bh, H, ALIGN)
-    V = _head(V, stride_vb, stride_vh, pid_bh, H, ALIGN)
-    O = _head(O, stride_ob, stride_oh, pid_bh, H, ALIGN)
-    stride_qn *= ALIGN
-    stride_km *= ALIGN
-    stride_vm *= ALIGN
-    stride_on *= ALIGN
+    Q, stride_qn = _head(Q, stride_qb, stride_qh, stride_qn, pid_bh, H, ALIGN)
+    K, stride_km = _head(K, stride_kb, stride_kh, stride_km, pid_bh, H, ALIGN)
+    V, stride_vm = _head(V, stride_vb, stride_vh, stride_vm, pid_bh, H, ALIGN)
+    O, stride_on = _head(O, stride_ob, stride_oh, stride_on, pid_bh, H, ALIGN)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
