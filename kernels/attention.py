@@ -11,8 +11,10 @@ Layers (STYLE.md): the private ``_attention_kernel``; the host function :func:`a
 
 Unlike the norm kernels, q, k and v are NOT upcast to fp32 on load: ``tl.dot`` takes fp16/bf16 operands in their
 native precision (tensor cores) and accumulates in fp32; the probabilities are rounded to v's dtype for the second
-dot, as every flash-attention kernel does. fp32 inputs use ``input_precision="ieee"`` (no TF32), so fp32 keeps fp32
-accuracy (on a GPU that dot runs on the CUDA cores: correct, not fast; fp16/bf16 are the fast path).
+dot, as every flash-attention kernel does. fp32 inputs keep fp32 accuracy by default: they run on
+``_attention_fp32_kernel``, exact ("ieee") dots on the CUDA cores, sliced so its registers stay bounded (correct,
+not fast; fp16/bf16 are the fast path). With TF32 allowed (:func:`tf32_enabled`) fp32 runs on the tensor-core kernel
+with TF32 dots (heads wider than 128: the sliced kernel's dots in TF32).
 """
 
 from __future__ import annotations
@@ -289,17 +291,26 @@ _CONFIGS = [c for c in _CONFIGS if _keep(c)]
 
 
 _SMEM_BYTES = 160 * 1024  # shared-memory budget per program: fits an A100 (164 KiB), leaves room on Hopper (227 KiB)
+# smaller budgets of other generations (per-block maximum, opt-in): sm_86/89 99 KiB, sm_75 64 KiB
+_SMEM_BYTES_BY_ARCH = {75: 64 * 1024, 86: 96 * 1024, 89: 96 * 1024}
+
+
+def _smem_budget(arch: int | None) -> int:
+    """Shared memory one program may use on compute capability ``arch`` (None: the A100/H100 budget)."""
+    if arch is None or arch in (80, 87) or arch >= 90:
+        return _SMEM_BYTES
+    return _SMEM_BYTES_BY_ARCH.get(arch, 64 * 1024 if arch < 80 else 96 * 1024)
 _ACC_REGS = 96  # fp32 accumulator registers per thread, at most (128 spilled in sm_90 builds at D = 128 and 256)
 
 
-def _fits(conf: triton.Config, block_d: int, itemsize: int) -> bool:
+def _fits(conf: triton.Config, block_d: int, itemsize: int, arch: int | None = None) -> bool:
     """Rough resource estimate: the q tile plus num_stages buffers of k and v in shared memory, and the fp32
     accumulator spread over the threads. (The autotuner also skips configs that fail to compile for lack of
     resources; this keeps it from compiling them at all.)"""
     bn, bm = conf.kwargs["BLOCK_N"], conf.kwargs["BLOCK_M"]
     smem = itemsize * block_d * (bn + 2 * bm * conf.num_stages)
     regs = bn * block_d // (32 * conf.num_warps)
-    return smem <= _SMEM_BYTES and regs <= _ACC_REGS
+    return smem <= _smem_budget(arch) and regs <= _ACC_REGS
 
 
 def _fits_arch(conf: triton.Config, block_d: int, itemsize: int, arch: int | None) -> bool:
@@ -330,9 +341,11 @@ def _candidates(configs, m: int, block_d: int, itemsize: int, arch: int | None =
     and 8 warps on 64 rows only for short M or wide heads (D > 128), or when nothing else fits."""
     m_tile = max(32, triton.next_power_of_2(m))
     wide = block_d > 128
-    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= m_tile and _fits(c, block_d, itemsize)
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= m_tile and _fits(c, block_d, itemsize, arch)
                and _fits_arch(c, block_d, itemsize, arch)]
-    smallest = min(fitting or configs, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.num_stages))
+    # the last resort when nothing fits: the smallest tile the arch's register rule allows (else the smallest)
+    last = fitting or [c for c in configs if _fits_arch(c, block_d, itemsize, arch)] or configs
+    smallest = min(last, key=lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"], c.num_stages))
     preferred = [
         c for c in fitting
         if c.kwargs["BLOCK_N"] != 32
@@ -378,9 +391,10 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v. q: (B, H, N, D); k, v: (B, H, M, D), any strides → (B, H, N, D) contiguous, q's dtype.
 
-    ``config`` forces one ``triton.Config`` (BLOCK_N, BLOCK_M, warps, stages; tests use it to check every tuned
-    config); None means the interpreter's fixed config, the autotuner, or with FASTDIFF_AUTOTUNE=0 a heuristic one.
-    Validates nothing (``fastdiff.ops.attention`` does).
+    ``config`` forces one ``triton.Config`` (tests use it to check every tuned config): BLOCK_N, BLOCK_M, warps,
+    stages for the tensor-core kernel (fp16/bf16, TF32 up to D = 128); for the sliced fp32 kernel (exact fp32, TF32
+    past D = 128) BLOCK_DK and BLOCK_DV too (see :func:`_fp32_config`). None means the interpreter's fixed config,
+    the autotuner, or with FASTDIFF_AUTOTUNE=0 a heuristic one. Validates nothing (``fastdiff.ops.attention`` does).
     """
     B, H, N, D = q.shape
     M = k.shape[2]
@@ -401,7 +415,8 @@ def attention(
     tail = (float(scale) * _LOG2E,)
     bh_slices = [(start, min(MAX_GRID_Y, B * H - start)) for start in range(0, B * H, MAX_GRID_Y)]
     block_d = max(16, triton.next_power_of_2(D))
-    tf32 = q.dtype == torch.float32 and tf32_enabled()
+    arch = target.arch(q)
+    tf32 = q.dtype == torch.float32 and tf32_enabled() and (arch is None or arch >= 80)  # TF32 cores: sm_80 on
     if q.dtype == torch.float32 and (not tf32 or block_d > _TF32_MAX_BLOCK_D):
         for start, count in bh_slices:
             _launch_fp32((*head, start, *tail), count, N, D, align, config, "tf32" if tf32 else "ieee")
@@ -418,10 +433,10 @@ def attention(
     if config is None and target.interpreting():  # every launch is interpreted, CUDA tensors included: never tune
         config = _INTERPRET_CONFIG
     elif config is None and not _AUTOTUNE:
-        config = _default_config(M, block_d, q.element_size(), target.arch(q))
+        config = _default_config(M, block_d, q.element_size(), arch)
     elif config is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
         # never benchmark inside a user's CUDA-graph capture: the tuned config if this shape was seen, else the default
-        config = _tuned_config(N, M, block_d, q.dtype) or _default_config(M, block_d, q.element_size(), target.arch(q))
+        config = _tuned_config(N, M, block_d, q.dtype) or _default_config(M, block_d, q.element_size(), arch)
     for start, count in bh_slices:
         args = (*head, start, *tail)
         if config is None:
@@ -469,10 +484,16 @@ _TF32_MAX_BLOCK_D = 128
 
 
 def tf32_enabled() -> bool:
-    """fp32 attention on TF32 tensor cores only when asked for, the way torch's own fp32 matmuls are:
-    ``torch.set_float32_matmul_precision("high")`` (or "medium"). TF32 rounds q, k, p and v to 10 mantissa bits
-    (relative error ≈ 2⁻¹¹ per operand) with fp32 accumulation. The default ("highest") keeps exact fp32."""
-    return torch.get_float32_matmul_precision() != "highest"
+    """fp32 attention on TF32 tensor cores only when asked for, the way torch's own fp32 matmuls are: TF32 for CUDA
+    matmuls (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or the older
+    ``torch.set_float32_matmul_precision("high")``). TF32 rounds q, k, p and v to 10 mantissa bits (relative error
+    ≈ 2⁻¹¹ per operand) with fp32 accumulation. The default keeps exact fp32."""
+    matmul = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", None)
+    if matmul is None:  # torch before the fp32_precision settings (2.9)
+        return torch.get_float32_matmul_precision() != "highest"
+    if matmul == "none":  # not set for CUDA matmuls: the backends-wide setting decides
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return matmul == "tf32"
 
 
 def _launch_fp32(args, bh: int, n: int, d: int, align: int, config: triton.Config | None, precision: str) -> None:

@@ -9,6 +9,8 @@ keys, so the shapes below cover one and several query blocks, one and several ke
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from utils import assert_rel_close, poison_empty, rel_err
@@ -265,6 +267,34 @@ def test_fp32_takes_tf32_only_when_torch_allows_it(device, monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 
+def test_tf32_follows_torchs_newer_precision_settings():
+    """torch ≥ 2.9's per-backend settings (``torch.backends.cuda.matmul.fp32_precision``) also opt in, and reading
+    them never raises (``torch.get_float32_matmul_precision()`` does once the new API was used). In a subprocess:
+    mixing the old and new APIs in one process makes torch's own getter raise for everything after."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fastdiff.kernels import attention as a
+assert not a.tf32_enabled()
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+assert a.tf32_enabled()
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+assert not a.tf32_enabled()
+torch.backends.cuda.matmul.fp32_precision = "none"
+torch.backends.fp32_precision = "tf32"
+assert a.tf32_enabled()
+torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # a CPU setting: no effect, no error
+torch.backends.fp32_precision = "ieee"
+assert not a.tf32_enabled()
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_misaligned_inputs_are_copied_once_aligned(device, monkeypatch):
     kernels = dispatch.load_kernels("attention")
     q, k, v = _layout("offset", (1, 2, 40, 77, 64), torch.float16, device)
@@ -280,7 +310,7 @@ def test_misaligned_inputs_are_copied_once_aligned(device, monkeypatch):
     assert not copies  # fresh allocations are aligned: no copy
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [75, 80, 86, 89, 90])
 @pytest.mark.parametrize("d", [16, 40, 64, 80, 128, 160])
 def test_arch_rules_leave_a_config(arch, d):
     """Every head dim, key length and dtype keeps at least one config under each GPU generation's register rule."""
@@ -290,6 +320,11 @@ def test_arch_rules_leave_a_config(arch, d):
         for itemsize in (2, 4):
             chosen = kernels._candidates(kernels._CONFIGS, m, block_d, itemsize, arch)
             assert chosen and all(kernels._fits_arch(c, block_d, itemsize, arch) for c in chosen)
+            # within the generation's shared memory (the last-resort 32×32 tile aside)
+            for c in chosen:
+                bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
+                smem = itemsize * block_d * (bn + 2 * bm * c.num_stages)
+                assert smem <= kernels._smem_budget(arch) or (bn, bm) == (32, 32), (arch, d, c)
     if arch == 80 and block_d == 256:
         assert [str(c) for c in kernels._candidates(kernels._CONFIGS, 77, 256, 2, 80)] == [
             str(c) for c in kernels._CONFIGS if c.kwargs == {"BLOCK_N": 32, "BLOCK_M": 32} and c.num_warps == 8]

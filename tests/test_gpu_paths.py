@@ -127,17 +127,21 @@ def test_ops_on_the_second_gpu_while_the_first_is_current():
 
 @gpu
 def test_attention_autotuner_is_not_run_inside_a_capture():
-    q = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.float16)
-    eager = ops.attention(q, q, q, backend="triton")  # tunes outside the capture
+    """A shape the autotuner has not seen, first met inside a user's CUDA-graph capture: no benchmarking there (the
+    heuristic default runs), a right answer on replay, and nothing added to the autotuner's cache."""
+    from fastdiff.kernels import attention as kernels
+
+    cache = kernels._attention_kernel_tuned.cache
+    before = set(cache)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        q2 = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.float16)  # a shape seen: the tuned config
+        q = torch.randn(1, 2, 301, 64, device="cuda", dtype=torch.float16)  # N = 301: a new autotune key
         with torch.cuda.graph(graph):
-            out = ops.attention(q2, q2, q2, backend="triton")
+            out = ops.attention(q, q, q, backend="triton")
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
-    assert_rel_close(out, reference.attention(q2.double(), q2.double(), q2.double(), 64**-0.5), 2e-3, "graphed")
-    assert eager.shape == out.shape
+    assert set(cache) == before
+    assert_rel_close(out, reference.attention(q.double(), q.double(), q.double(), 64**-0.5), 2e-3, "graphed")

@@ -688,3 +688,4 @@ def test_config_pickled_by_older_fastdiff_still_loads():
     state = {k: v for k, v in s.__dict__.items() if k not in ("settings", "_defaulted")}
     legacy.__setstate__({**state, "config": pickle.loads(old)})
     assert legacy.settings == s.settings and legacy.config.steps_offset == 1 and "config" not in legacy.__dict__
+    assert legacy.config["_use_default_values"] == ["beta_start"]  # what the old pickle said was defaulted

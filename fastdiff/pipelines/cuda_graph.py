@@ -57,12 +57,15 @@ def _is_cuda(tensor: Tensor) -> bool:
 
 
 def fingerprint(model) -> tuple:
-    """What a captured graph depends on besides its inputs, as a tuple compared with ``==``.
+    """What a captured graph depends on in the model, besides its inputs, as a tuple compared with ``==``.
 
     For every submodule: the module object and the ids of its forward (pre-)hooks, so a swapped module, an injected
     adapter or a new hook shows up. For every parameter and buffer: (data_ptr, dtype, shape, stride, device), the
     memory the graph reads. The modules are held by reference, so their ids cannot be reused while the fingerprint
     exists. A model that is not an ``nn.Module`` (a plain callable) is fingerprinted by itself.
+
+    Not covered: process-wide state baked in at capture (the TF32 setting, which picks the fp32 attention kernel;
+    ``FASTDIFF_BACKEND``; ``module.training``). Change those, then ``Pipeline.disable_cuda_graph()`` and enable again.
     """
     if not isinstance(model, nn.Module):
         return (model,)

@@ -193,7 +193,7 @@ class Scheduler:
         if "config" in state:  # pickled when the config was a dict-subclass attribute
             legacy = state.pop("config")
             state["settings"] = type(self).config_class(**legacy.to_dict())
-            state["_defaulted"] = tuple(sorted(getattr(legacy, "get", lambda *_: ())("_use_default_values", ())))
+            state["_defaulted"] = tuple(sorted(getattr(legacy, "_legacy_defaulted", ())))
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

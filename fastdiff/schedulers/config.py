@@ -118,8 +118,12 @@ def config_dict(settings: SchedulerConfig, defaulted=()) -> ConfigDict:
 
 
 def _rebuild_config(cls, fields: dict, defaulted=()) -> SchedulerConfig:
-    """Unpickle a config pickled when configs were dict subclasses (their __reduce__ named this function)."""
-    return cls(**fields)
+    """Unpickle a config pickled when configs were dict subclasses (their __reduce__ named this function). The
+    fields it left at their defaults ride along as ``_legacy_defaulted`` (not a field: equality is unaffected) for
+    the scheduler that held it (``Scheduler.__setstate__``)."""
+    config = cls(**fields)
+    object.__setattr__(config, "_legacy_defaulted", tuple(defaulted or ()))
+    return config
 
 
 def split_config(config_class: type[SchedulerConfig], config: Mapping, strict: bool) -> dict:
