@@ -14,21 +14,17 @@ never leaves a half-loaded model behind.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from fastdiff.files import read_json_object, read_safetensors, write_atomic, write_text_atomic
-from fastdiff.validation import check_bool, check_int, check_real
+from fastdiff.validation import normalize_config, tuple_fields  # noqa: F401  (re-exported: models use them)
 
 logger = logging.getLogger("fastdiff")
 
@@ -56,66 +52,6 @@ def registered_models() -> dict[str, type["ModelMixin"]]:
     import fastdiff.models  # noqa: F401  (importing the package registers every model)
 
     return dict(_REGISTRY)
-
-
-def tuple_fields(config) -> None:
-    """Turn list values of a config dataclass into tuples (as JSON gives them back), so configs compare equal."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, list):
-            object.__setattr__(config, f.name, tuple(value))
-
-
-_FIELD_CHECKS = {int: check_int, float: check_real, bool: check_bool}
-_FIELD_KINDS = {int: "an integer", float: "a real number", bool: "a bool"}
-
-
-@functools.lru_cache(maxsize=None)
-def _field_kinds(config_class: type) -> dict[str, tuple[Optional[type], bool, bool]]:
-    """Field name → (scalar type in _FIELD_CHECKS or None, Optional, a ``tuple[scalar, ...]``) from the annotations."""
-    hints = typing.get_type_hints(config_class)
-    kinds = {}
-    for f in dataclasses.fields(config_class):
-        hint, optional = hints[f.name], False
-        args = typing.get_args(hint)
-        if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args and len(args) == 2:
-            hint, optional = next(a for a in args if a is not type(None)), True
-        is_tuple = typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,)
-        scalar = typing.get_args(hint)[0] if is_tuple else hint
-        kinds[f.name] = (scalar if scalar in _FIELD_CHECKS else None, optional, is_tuple)
-    return kinds
-
-
-def normalize_config(config) -> None:
-    """Check the type of every int / float / bool field of a config dataclass (plain, ``Optional[...]`` or
-    ``tuple[..., ...]`` as annotated) and store it back as the plain Python value: numpy scalars become int / float /
-    bool, lists (and 1-D numpy arrays) become tuples. The config then writes to JSON and compares equal to what JSON
-    gives back.
-
-    TypeError names the field (``block_out_channels[1]`` for a tuple entry); value checks (positive, dividing, ...)
-    are the config's own. Works on frozen dataclasses too (the values are stored with ``object.__setattr__``).
-    """
-    tuple_fields(config)
-    for name, (scalar, optional, is_tuple) in _field_kinds(type(config)).items():
-        value = getattr(config, name)
-        if scalar is None or (optional and value is None):
-            continue
-        check = _FIELD_CHECKS[scalar]
-        if is_tuple:
-            if isinstance(value, np.ndarray) and value.ndim == 1:
-                value = tuple(value.tolist())
-            if not isinstance(value, (tuple, list)):
-                raise TypeError(f"{name} must be a tuple of {scalar.__name__}s, got {type(value).__name__} {value!r}")
-            value = tuple(check(f"{name}[{i}]", v) for i, v in enumerate(value))
-        else:
-            try:
-                value = check(name, value)
-            except TypeError:
-                if not optional:
-                    raise
-                raise TypeError(f"{name} must be {_FIELD_KINDS[scalar]} or None, got {type(value).__name__} "
-                                f"{value!r}") from None
-        object.__setattr__(config, name, value)
 
 
 def build_config(config_class: type, config: Any, overrides: dict[str, Any]):

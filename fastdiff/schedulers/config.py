@@ -19,7 +19,7 @@ import numpy as np
 from torch import Tensor
 
 from fastdiff.files import read_json_object
-from fastdiff.validation import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
+from fastdiff.validation import PREDICTION_TYPES, check_choice, check_int, check_real, normalize_config
 
 logger = logging.getLogger("fastdiff.schedulers")
 
@@ -53,9 +53,8 @@ class SchedulerConfig:
     INERT: ClassVar[tuple] = ()
 
     def __post_init__(self):
-        self._normalize("num_train_timesteps", check_int("num_train_timesteps", self.num_train_timesteps, minimum=1))
-        self._normalize("beta_start", check_real("beta_start", self.beta_start))
-        self._normalize("beta_end", check_real("beta_end", self.beta_end))
+        normalize_config(self)  # every int/float/bool field type-checked and stored as a plain Python value
+        check_int("num_train_timesteps", self.num_train_timesteps, minimum=1)
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.trained_betas is not None:
             betas = np.asarray(self.trained_betas.tolist() if isinstance(self.trained_betas, Tensor)
@@ -65,16 +64,10 @@ class SchedulerConfig:
                                  f"got {len(betas)}")
             if not (np.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1).all()):
                 raise ValueError("trained_betas must all be in [0, 1]")
-            self._normalize("trained_betas", tuple(float(b) for b in betas))
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in betas))
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        self._normalize("steps_offset", check_int("steps_offset", self.steps_offset, minimum=0))
-        self._normalize("rescale_betas_zero_snr", check_bool("rescale_betas_zero_snr", self.rescale_betas_zero_snr))
-
-    def _normalize(self, name: str, value) -> None:
-        """Store a checked value in its plain Python type (np.int64 → int, np.bool_ → bool), so configs save as JSON."""
-        if value is not None:
-            object.__setattr__(self, name, value)
+        check_int("steps_offset", self.steps_offset, minimum=0)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -188,5 +181,4 @@ class ClipSampleConfig(SchedulerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._normalize("clip_sample", check_bool("clip_sample", self.clip_sample))
-        self._normalize("clip_sample_range", check_real("clip_sample_range", self.clip_sample_range, positive=True))
+        check_real("clip_sample_range", self.clip_sample_range, positive=True)

@@ -11,16 +11,12 @@ from torch import Tensor
 from fastdiff.schedulers.base import Generator, randn_like
 from fastdiff.schedulers.config import ClipSampleConfig
 from fastdiff.schedulers.vp import FusedStep, VariancePreservingScheduler
-from fastdiff.validation import check_bool, check_real
+from fastdiff.validation import check_real
 
 
 @dataclass(frozen=True)
 class DDIMConfig(ClipSampleConfig):
     set_alpha_to_one: bool = True  # ᾱ after the last step: 1 (a clean sample) or ᾱ_0
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._normalize("set_alpha_to_one", check_bool("set_alpha_to_one", self.set_alpha_to_one))
 
 
 class DDIMScheduler(VariancePreservingScheduler):

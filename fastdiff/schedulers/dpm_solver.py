@@ -25,7 +25,7 @@ from fastdiff.schedulers.schedules import (
     spaced_timesteps,
 )
 from fastdiff.schedulers.sigma import SigmaScheduler
-from fastdiff.validation import check_bool, check_choice, check_int
+from fastdiff.validation import check_choice
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -50,13 +50,9 @@ class DPMSolverMultistepConfig(SchedulerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._normalize("solver_order", check_int("solver_order", self.solver_order))
         check_choice("solver_order", self.solver_order, (1, 2))
         check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
-        self._normalize("lower_order_final", check_bool("lower_order_final", self.lower_order_final))
-        self._normalize("euler_at_final", check_bool("euler_at_final", self.euler_at_final))
-        self._normalize("use_karras_sigmas", check_bool("use_karras_sigmas", self.use_karras_sigmas))
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
 
 

@@ -20,7 +20,7 @@ from fastdiff.schedulers.schedules import (
     sigma_to_t,
 )
 from fastdiff.schedulers.sigma import VarianceExplodingScheduler, euler_step, x0_from_sigma
-from fastdiff.validation import check_bool, check_choice, check_real
+from fastdiff.validation import check_choice, check_real
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,8 @@ class EulerDiscreteConfig(SchedulerConfig):
         if self.use_karras_sigmas is None:  # diffusers allows None for False
             object.__setattr__(self, "use_karras_sigmas", False)
         super().__post_init__()
-        self._normalize("use_karras_sigmas", check_bool("use_karras_sigmas", self.use_karras_sigmas))
-        self._normalize("sigma_min", check_real("sigma_min", self.sigma_min, positive=True, allow_none=True))
-        self._normalize("sigma_max", check_real("sigma_max", self.sigma_max, positive=True, allow_none=True))
+        check_real("sigma_min", self.sigma_min, positive=True, allow_none=True)
+        check_real("sigma_max", self.sigma_max, positive=True, allow_none=True)
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
 
 
