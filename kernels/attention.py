@@ -407,13 +407,14 @@ def attention(
     _check_int32_span(strides, (N, M, M, N), D)
     # the largest power of two ≤ 16 dividing every b, h, seq stride (the kernel multiplies them back in int32);
     # 1 when a stride is ≥ 2³¹ (passed as is, it is then a 64-bit argument)
-    align = 16 if all(abs(s) < _INT32 for st in strides for s in st[:3]) else 1
+    align = 16 if all(abs(s) < target.INT32_LIMIT for st in strides for s in st[:3]) else 1
     while align > 1 and any(s % align for st in strides for s in st[:3]):
         align //= 2
     head = (q, k, v, o, *(x for st in strides for x in (st[0] // align, st[1] // align, st[2] // align, st[3])),
             H, N, M)
     tail = (float(scale) * _LOG2E,)
-    bh_slices = [(start, min(MAX_GRID_Y, B * H - start)) for start in range(0, B * H, MAX_GRID_Y)]
+    max_bh = target.MAX_GRID_Y  # B·H is grid axis 1
+    bh_slices = [(start, min(max_bh, B * H - start)) for start in range(0, B * H, max_bh)]
     block_d = max(16, triton.next_power_of_2(D))
     arch = target.arch(q)
     tf32 = q.dtype == torch.float32 and tf32_enabled() and (arch is None or arch >= 80)  # TF32 cores: sm_80 on
@@ -451,16 +452,12 @@ def attention(
     return o
 
 
-MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (B·H and the output-column blocks)
-_INT32 = 2**31
-
-
 def _check_int32_span(strides, lengths, d: int) -> None:
     """Offsets inside one (batch, head) are 32-bit in the kernels: each of q, k, v, o must span < 2³¹ elements there
     (a ValueError naming the tensor, before any launch; the reference path has no such limit)."""
     for name, st, n in zip(("q", "k", "v", "output"), strides, lengths):
         span = (n - 1) * abs(st[2]) + (d - 1) * abs(st[3])
-        if span >= _INT32:
+        if span >= target.INT32_LIMIT:
             raise ValueError(f"attention: one (batch, head) of {name} spans {span + 1} elements (sequence {n} × "
                              f"stride {st[2]}); the Triton kernel addresses at most 2^31 - 1 inside a head: use "
                              f"backend='torch' or split the sequence")

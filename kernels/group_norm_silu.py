@@ -324,7 +324,7 @@ def group_norm_silu(
         return y
     n, c = x.shape[0], x.shape[1]
     hw = x.numel() // (n * c)
-    if c * hw >= 2**31:  # offsets inside one sample are 32-bit in the kernels
+    if c * hw >= target.INT32_LIMIT:  # offsets inside one sample are 32-bit in the kernels
         raise ValueError(f"group_norm_silu: one sample of x has C·HW = {c * hw} elements; the Triton kernels address "
                          f"at most 2^31 - 1 inside a sample: use backend='torch' or split the batch")
     cpg = c // num_groups

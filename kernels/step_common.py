@@ -22,7 +22,6 @@ from fastdiff.validation import PREDICTION_TYPES, VARIANCE_TYPES  # the one home
 
 PREDICTION_CODES = {name: i for i, name in enumerate(PREDICTION_TYPES)}  # the kernels' constexpr codes
 VARIANCE_CODES = {name: i for i, name in enumerate(VARIANCE_TYPES)}
-MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (chunks of one sample in the per-sample layout)
 
 
 # --------------------------------------------------------------------------------------------- device helpers
@@ -206,9 +205,9 @@ def launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
         block = max(32, min(block, triton.next_power_of_2(per_sample_numel)))
         num_warps = min(num_warps, max(1, block // 256))  # small samples: fewer warps per (smaller) program
         grid = (batch, triton.cdiv(per_sample_numel, block))
-        if grid[1] > MAX_GRID_Y:
+        if grid[1] > target.MAX_GRID_Y:  # axis 1: chunks of one sample in the per-sample layout
             raise ValueError(f"sample has {per_sample_numel} elements per batch entry; the per-sample-alpha kernel "
-                             f"handles at most {MAX_GRID_Y * block}")
+                             f"handles at most {target.MAX_GRID_Y * block}")
     else:
         alpha_t = alpha_prev = sample  # placeholders, never read
         grid = (triton.cdiv(n_elements, block),)

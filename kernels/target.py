@@ -17,6 +17,9 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read at import, as Triton itself does
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0: 2³¹ − 1)
+INT32_LIMIT = 2**31  # offsets the kernels compute in 32 bits must stay below this
+
 _planned: tuple[int, int] | None = None  # (arch, sm_count), set inside planning_for()
 
 

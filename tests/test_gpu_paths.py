@@ -46,7 +46,7 @@ def test_cuda_launches_run_with_the_tensors_device_current(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_attention_beyond_the_grid_limit_runs_in_slices(monkeypatch, dtype):
     kernels = dispatch.load_kernels("attention")
-    monkeypatch.setattr(kernels, "MAX_GRID_Y", 3)  # B·H = 8 → slices of 3, 3, 2
+    monkeypatch.setattr(dispatch.load_kernels("target"), "MAX_GRID_Y", 3)  # B·H = 8 → slices of 3, 3, 2
     q = torch.randn(2, 4, 20, 32).to(dtype)
     k, v = torch.randn(2, 4, 9, 32).to(dtype), torch.randn(2, 4, 9, 32).to(dtype)
     out = kernels.attention(q, k, v, 0.3)
