@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
+import pkgutil
 import re
 import sys
 import time
@@ -113,11 +115,13 @@ class _StandInDriver:
 
 
 def _kernels() -> list:
-    """Every JITFunction and Autotuner in fastdiff.kernels (their per-device caches are reset around a capture)."""
-    from fastdiff.kernels import attention, ddim_step, ddpm_step, group_norm_silu, step_common
+    """Every JITFunction and Autotuner in the modules of fastdiff.kernels (their per-device caches are reset around a
+    capture, so no binder made for the stand-in target outlives it)."""
+    import fastdiff.kernels as package
 
     found = []
-    for module in (attention, ddim_step, ddpm_step, group_norm_silu, step_common):
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
         for value in vars(module).values():
             if isinstance(value, (_jit.JITFunction, _autotuner.Autotuner)) and value not in found:
                 found.append(value)
