@@ -1,6 +1,6 @@
 """Turn ``pytest benchmarks/ --benchmark-json=out.json`` into a Markdown table of speed ratios and a bar chart.
 
-    python benchmarks/report.py out.json [--md BENCH_TABLE.md] [--png bench_ratios.png]
+    python benchmarks/report.py out.json [more.json ...] [--md BENCH_TABLE.md] [--png bench_ratios.png]
 
 For every benchmark group (one op at one shape, or one end-to-end case) the table lists each provider's median
 time and the ratio baseline time / fastdiff time for every baseline (> 1 means fastdiff is faster), plus the rate
@@ -136,15 +136,19 @@ def chart(data: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", type=Path, nargs="+",
+                        help="pytest-benchmark JSON (--benchmark-json); several are merged (one per benchmark file)")
     parser.add_argument("--md", type=Path, default=None, help="write the table here (default: print it)")
     parser.add_argument("--png", type=Path, default=Path("bench_ratios.png"), help="bar chart of the ratios")
     args = parser.parse_args(argv)
-    try:
-        data = json.loads(args.json.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"report: cannot read {args.json}: {exc}", file=sys.stderr)
-        return 2
+    data: dict = {"benchmarks": []}
+    for path in args.json:
+        try:
+            part = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"report: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+        data = {**part, **data, "benchmarks": data["benchmarks"] + list(part.get("benchmarks", []))}
     table = markdown(data)
     if args.md:
         args.md.write_text(table, encoding="utf-8")
