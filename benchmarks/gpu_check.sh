@@ -15,7 +15,9 @@
 #
 # STEPS picks steps by name (smoke build limits tests bench; default all). TESTS=cuda (default) runs the tests
 # that touch CUDA; TESTS=all the whole suite, spread over the CPU cores when pytest-xdist is there (8 workers, two
-# torch threads each); TESTS_LIMIT is the tests step's limit in seconds (default 120). A built
+# torch threads each); TESTS_LIMIT is the tests step's limit in seconds (default 120). Test results are listed one
+# per line (-v), so a run cut off by its limit still names what failed. BENCH_FILES picks benchmark files by name,
+# BENCH_LIMIT is the benchmark step's limit in seconds (default 180). A built
 # extension (fastdiff/_C*.so) is copied to $OUT, so a later call can carry it and skip the build (SKIP_BUILD=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,9 +75,10 @@ echo "== 3. tests (${TESTS:-cuda}) $(elapsed)"
 sel=(-k "cuda or CUDA or gpu or graph")
 [ "${TESTS:-cuda}" = "all" ] && sel=(--ignore=tests/test_compile_check.py)  # the AOT check swaps the driver
 if [ "${TESTS:-cuda}" = "all" ] && $PY -c "import xdist" 2>/dev/null; then sel+=(-n 8); export OMP_NUM_THREADS=2; fi
-timeout "${TESTS_LIMIT:-120}" $PY -m pytest -q -p no:cacheprovider -rfE tests "${sel[@]}" "${timeout_flag[@]}" > "$OUT/tests.txt" 2>&1 \
+timeout "${TESTS_LIMIT:-120}" $PY -m pytest -v -p no:cacheprovider -rfE tests "${sel[@]}" "${timeout_flag[@]}" > "$OUT/tests.txt" 2>&1 \
     || status=1
-grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | cut -c1-200 | head -n 40; tail -n 3 "$OUT/tests.txt"
+grep -E "(FAILED|ERROR) +tests/|^(FAILED|ERROR) |Fatal Python" "$OUT/tests.txt" | cut -c1-200 | head -n 40
+grep -cE "PASSED" "$OUT/tests.txt" | sed 's/^/passed: /'; tail -n 2 "$OUT/tests.txt" | cut -c1-300
 fi
 
 if want bench; then
@@ -84,8 +87,9 @@ echo "== 4. benchmarks on CUDA $(elapsed)"
 # (say, by torch.compile's per-shape builds) loses only its own rows
 files=(attention group_norm_silu ddim_ddpm_step vq_nearest rows_matmul pipeline)
 [ "${QUICK:-0}" = "1" ] && files=(attention group_norm_silu ddim_ddpm_step vq_nearest rows_matmul)
+[ -n "${BENCH_FILES:-}" ] && read -ra files <<< "$BENCH_FILES"  # e.g. BENCH_FILES="rows_matmul pipeline"
 rm -f "$OUT"/bench_*.json; : > "$OUT/bench.txt"
-deadline=$(( $(date +%s) + 180 ))  # the whole step's limit
+deadline=$(( $(date +%s) + ${BENCH_LIMIT:-180} ))  # the whole step's limit
 for f in "${files[@]}"; do
     left=$(( deadline - $(date +%s) ))
     [ "$left" -lt 10 ] && { echo "no time left for $f" | tee -a "$OUT/bench.txt"; status=1; continue; }

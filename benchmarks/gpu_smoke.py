@@ -55,6 +55,36 @@ def _cases():
     yield "vq_nearest fp32 (native)", None, lambda b=None: ops.vq_nearest(zq, codebook, backend=b or "native")
 
 
+_ERROR_PROBE = """
+import faulthandler, torch
+faulthandler.enable()
+from fastdiff import native
+assert native.load(), native.status()
+try:
+    torch.ops.fastdiff.vq_nearest(torch.randn(4, 3), torch.randn(5, 4))
+except ValueError as exc:
+    print("ValueError:", str(exc).splitlines()[0])
+else:
+    raise SystemExit("no error raised")
+"""
+
+
+def native_error_path() -> tuple[bool | None, str]:
+    """A bad call of the native op must come back as a Python ValueError. Run in a child process: an extension
+    built against another C++ runtime than torch's can crash while throwing (seen as a segfault), which must not
+    take the smoke run down with it. (None, why) when the extension is not loaded."""
+    import subprocess
+
+    if not native.load():
+        return None, native.status()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _ERROR_PROBE], capture_output=True, text=True, timeout=60, env=env)
+    if proc.returncode == 0 and "ValueError" in proc.stdout:
+        return True, proc.stdout.strip()
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    return False, f"exit code {proc.returncode}: " + " | ".join(tail)
+
+
 def main() -> int:
     kernel_backend = "triton" if DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
     failed = 0
@@ -84,6 +114,10 @@ def main() -> int:
             traceback.print_exc(limit=3)
         failed += not ok
         print(f"  {'ok   ' if ok else 'FAIL '} {name}: {detail} ({time.perf_counter() - start:.1f} s)", flush=True)
+    ok, detail = native_error_path()
+    if ok is not None:
+        failed += not ok
+        print(f"  {'ok   ' if ok else 'FAIL '} native error path: {detail}", flush=True)
     print(f"smoke: {'all ok' if not failed else f'{failed} failed'}")
     return 1 if failed else 0
 

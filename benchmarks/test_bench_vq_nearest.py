@@ -11,7 +11,9 @@ Providers:
 Sizes (N, K, D): (16384, 512, 64), (65536, 1024, 64), (16384, 8192, 256), i.e. 1.1, 8.6 and 69 GFLOP of
 dot products (2·N·K·D). fp32 on CPU; fp32 and fp16 on CUDA. One pytest-benchmark group per size and dtype;
 ``extra_info`` holds the shape, the FLOP count and GFLOP/s at the median time. Each provider's answer is checked
-against fastdiff's before timing (they may differ only on near-ties). Every timed call synchronises CUDA.
+against a float64 evaluation on the first rows before timing: fastdiff's must be the nearest code (up to near-ties)
+on every dtype, and every provider's in fp32; an fp16 baseline that rounds its distances in fp16 picks another code
+on some rows, which is recorded (``extra_info["wrong_rows"]``), not failed. Every timed call synchronises CUDA.
 
 Run: ``pytest benchmarks/test_bench_vq_nearest.py --benchmark-group-by=group``; with ``--benchmark-disable``
 every case runs once (the CI's quick pass).
@@ -31,7 +33,8 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.float16] if CUDA else [torch.float32]
 SIZES = [(16384, 512, 64), (65536, 1024, 64), (16384, 8192, 256)]  # (N, K, D)
 PROVIDERS = ["fastdiff", "torch", "compile", "faiss"]
-MAX_DISAGREEMENT = 1e-3  # fraction of rows where a baseline may pick another (near-tied) code
+MAX_WRONG = 1e-3  # fraction of checked rows where a pick may be off the float64 nearest code beyond near-ties
+CHECK_ROWS = 2048  # rows checked against float64 (the whole N × K float64 table would be 1 GB at the largest size)
 
 
 def _cdist_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,17 @@ def _indices(out) -> torch.Tensor:
     return torch.as_tensor(out).reshape(-1).to(torch.int64).cpu()
 
 
+def _wrong_rows(picks: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor) -> float:
+    """The fraction of the first CHECK_ROWS rows whose pick is farther than the float64 nearest code by more than a
+    near-tie (1e-4 of the row's distance scale, far above fp32 rounding, far below fp16's)."""
+    zs, e = z[:CHECK_ROWS].double(), codebook.double()
+    dist = (zs * zs).sum(1, keepdim=True) - 2 * zs @ e.T + (e * e).sum(1)
+    best = dist.min(1).values
+    scale = (zs * zs).sum(1) + (e * e).sum(1).max()
+    picked = dist.gather(1, picks[:CHECK_ROWS].to(dist.device).view(-1, 1)).squeeze(1)
+    return (picked > best + 1e-4 * scale).double().mean().item()
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "N{}-K{}-D{}".format(*s))
@@ -75,15 +89,14 @@ def test_bench_vq_nearest(benchmark, compiled, warm_up, synchronized, size, dtyp
     out = warm_up(provider, fn)
     if provider == "fastdiff":
         assert fastdiff.counts() == {("vq_nearest", "native"): 1}, fastdiff.counts()
-    else:
-        ours = ops.vq_nearest(z, codebook, backend="native").cpu()
-        disagree = (_indices(out) != ours).float().mean().item()
-        assert disagree <= MAX_DISAGREEMENT, f"{provider} disagrees with fastdiff on {disagree:.2%} of rows"
+    wrong = _wrong_rows(_indices(out), z, codebook)
+    if provider == "fastdiff" or dtype == torch.float32:
+        assert wrong <= MAX_WRONG, f"{provider} picks a farther code on {wrong:.2%} of the checked rows"
 
     benchmark.group = f"vq_nearest N={n} K={k} D={d} {str(dtype).removeprefix('torch.')} {DEVICE.type}"
     flops = 2 * n * k * d
     benchmark.extra_info.update(provider=provider, N=n, K=k, D=d, dtype=str(dtype), device=DEVICE.type, flops=flops,
-                                threads=torch.get_num_threads())
+                                threads=torch.get_num_threads(), wrong_rows=wrong)
     if provider == "compile":
         benchmark.extra_info["compile"] = compiled.mode
     # z and the codebook read once, one int64 index written per row
