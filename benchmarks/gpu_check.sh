@@ -17,7 +17,7 @@
 # that touch CUDA; TESTS=all the whole suite, spread over the CPU cores when pytest-xdist is there (8 workers, two
 # torch threads each); TESTS_LIMIT is the tests step's limit in seconds (default 120). Test results are listed one
 # per line (-v), so a run cut off by its limit still names what failed. BENCH_FILES picks benchmark files by name,
-# BENCH_LIMIT is the benchmark step's limit in seconds (default 180). A built
+# BENCH_LIMIT is the benchmark step's limit in seconds (default 180), BENCH_ARGS more pytest arguments. A built
 # extension (fastdiff/_C*.so) is copied to $OUT, so a later call can carry it and skip the build (SKIP_BUILD=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -95,7 +95,7 @@ for f in "${files[@]}"; do
     [ "$left" -lt 10 ] && { echo "no time left for $f" | tee -a "$OUT/bench.txt"; status=1; continue; }
     timeout "$left" $PY -m pytest -q -p no:cacheprovider "benchmarks/test_bench_$f.py" \
         --benchmark-json="$OUT/bench_$f.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
-        --benchmark-warmup=on >> "$OUT/bench.txt" 2>&1 || { echo "$f: failed or cut off"; status=1; }
+        --benchmark-warmup=on ${BENCH_ARGS:-} >> "$OUT/bench.txt" 2>&1 || { echo "$f: failed or cut off"; status=1; }
 done
 grep -E "^(FAILED|ERROR)" "$OUT/bench.txt" | cut -c1-200 | head -n 20; grep -E "passed|failed" "$OUT/bench.txt"
 
