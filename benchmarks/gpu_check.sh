@@ -17,7 +17,8 @@
 # that touch CUDA; TESTS=all the whole suite, spread over the CPU cores when pytest-xdist is there (8 workers, two
 # torch threads each); TESTS_LIMIT is the tests step's limit in seconds (default 120). Test results are listed one
 # per line (-v), so a run cut off by its limit still names what failed. BENCH_FILES picks benchmark files by name,
-# BENCH_LIMIT is the benchmark step's limit in seconds (default 180), BENCH_ARGS more pytest arguments. A built
+# BENCH_LIMIT is the benchmark step's limit in seconds (default 180), BENCH_K a -k
+# expression for the benchmarks (e.g. "not compile"); TESTS_WORKERS the xdist workers for TESTS=all (default 8). A built
 # extension (fastdiff/_C*.so) is copied to $OUT, so a later call can carry it and skip the build (SKIP_BUILD=1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,7 +75,7 @@ if want tests; then
 echo "== 3. tests (${TESTS:-cuda}) $(elapsed)"
 sel=(-k "cuda or CUDA or gpu or graph")
 [ "${TESTS:-cuda}" = "all" ] && sel=(--ignore=tests/test_compile_check.py)  # the AOT check swaps the driver
-if [ "${TESTS:-cuda}" = "all" ] && $PY -c "import xdist" 2>/dev/null; then sel+=(-n 8); export OMP_NUM_THREADS=2; fi
+if [ "${TESTS:-cuda}" = "all" ] && $PY -c "import xdist" 2>/dev/null; then sel+=(-n "${TESTS_WORKERS:-8}"); export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"; fi
 timeout "${TESTS_LIMIT:-120}" $PY -m pytest -v -p no:cacheprovider -rfE tests "${sel[@]}" "${timeout_flag[@]}" > "$OUT/tests.txt" 2>&1 \
     || status=1
 grep -E "(FAILED|ERROR) +tests/|^(FAILED|ERROR) |Fatal Python" "$OUT/tests.txt" | cut -c1-200 | head -n 40
@@ -89,13 +90,14 @@ files=(attention group_norm_silu ddim_ddpm_step vq_nearest rows_matmul pipeline)
 [ "${QUICK:-0}" = "1" ] && files=(attention group_norm_silu ddim_ddpm_step vq_nearest rows_matmul)
 [ -n "${BENCH_FILES:-}" ] && read -ra files <<< "$BENCH_FILES"  # e.g. BENCH_FILES="rows_matmul pipeline"
 rm -f "$OUT"/bench_*.json; : > "$OUT/bench.txt"
+kargs=(); [ -n "${BENCH_K:-}" ] && kargs=(-k "$BENCH_K")
 deadline=$(( $(date +%s) + ${BENCH_LIMIT:-180} ))  # the whole step's limit
 for f in "${files[@]}"; do
     left=$(( deadline - $(date +%s) ))
     [ "$left" -lt 10 ] && { echo "no time left for $f" | tee -a "$OUT/bench.txt"; status=1; continue; }
     timeout "$left" $PY -m pytest -q -p no:cacheprovider "benchmarks/test_bench_$f.py" \
         --benchmark-json="$OUT/bench_$f.json" --benchmark-min-rounds=5 --benchmark-max-time=0.2 \
-        --benchmark-warmup=on ${BENCH_ARGS:-} >> "$OUT/bench.txt" 2>&1 || { echo "$f: failed or cut off"; status=1; }
+        --benchmark-warmup=on "${kargs[@]}" >> "$OUT/bench.txt" 2>&1 || { echo "$f: failed or cut off"; status=1; }
 done
 grep -E "^(FAILED|ERROR)" "$OUT/bench.txt" | cut -c1-200 | head -n 20; grep -E "passed|failed" "$OUT/bench.txt"
 
