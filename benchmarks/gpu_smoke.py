@@ -2,6 +2,7 @@
 reference, so a driver, toolchain or Triton-version mismatch shows in seconds, before any build or benchmark.
 
     python benchmarks/gpu_smoke.py        # prints one line per launch; exit 1 if any failed or disagreed
+    python benchmarks/gpu_smoke.py --native-error-path   # only: a bad native call raises ValueError, no crash
 
 Also runs here without a GPU when TRITON_INTERPRET=1 (the interpreter, CPU tensors), which is how its test checks
 it. The native VQ kernel is skipped (reported) when the extension is not built yet: the build comes after this step.
@@ -123,4 +124,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--native-error-path"]:  # only that check (gpu_check.sh runs it right after the build)
+        ok, detail = native_error_path()
+        print(f"  {'ok   ' if ok else 'FAIL '} native error path: {detail}")
+        sys.exit(0 if ok else 1)
     sys.exit(main())

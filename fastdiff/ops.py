@@ -413,3 +413,89 @@ def vq_nearest(
     else:
         indices, distances = reference.vq_nearest(z, codebook)
     return (indices, distances) if return_distances else indices
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+# Under torch.compile the public ops above are single graph nodes (their fake implementations give the shapes).
+# For CUDA tensors on the Triton path, AOT autograd's functionalization then replaces each node by a Triton op
+# (torch.library.triton_op): an op whose body is the kernels' own host function with every launch wrapped by
+# torch.library.wrap_triton (fastdiff.kernels.target.launcher), so the graph that reaches inductor holds the Triton
+# kernels themselves. Inductor compiles and schedules them with the code around them (fusing its own kernels up to
+# them, planning their buffers) and mode="reduce-overhead" captures them in its CUDA graphs. CPU tensors, the
+# reference path and torch.export keep the opaque op. Eager mode never goes through any of this.
+def _traced_kernels(family: str):
+    return dispatch.load_kernels(family)
+
+
+def _define_triton_ops() -> dict:
+    """The Triton ops, by public op name; {} where torch has no triton_op (before 2.6)."""
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton_op is None:
+        return {}
+
+    @triton_op("fastdiff::group_norm_silu_triton", mutates_args=())
+    def group_norm_silu_triton(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                               eps: float, activation: str) -> Tensor:
+        return _traced_kernels("group_norm_silu").group_norm_silu(
+            x, num_groups, weight, bias, eps, None if activation == "none" else activation)
+
+    @triton_op("fastdiff::attention_triton", mutates_args=())
+    def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        return _traced_kernels("attention").attention(q, k, v, scale)
+
+    @triton_op("fastdiff::ddim_step_triton", mutates_args=())
+    def ddim_step_triton(
+        sample: Tensor, model_output: Tensor, alpha_t: Optional[Tensor], alpha_prev: Optional[Tensor],
+        alpha_t_value: float, alpha_prev_value: float, eta: float, noise: Optional[Tensor], prediction_type: str,
+        clip_sample_range: Optional[float], guidance_scale: Optional[float], use_clipped_model_output: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return _traced_kernels("ddim_step").ddim_step(
+            sample, model_output, _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value), eta,
+            noise, prediction_type, clip_sample_range, guidance_scale, use_clipped_model_output)
+
+    @triton_op("fastdiff::ddpm_step_triton", mutates_args=())
+    def ddpm_step_triton(
+        sample: Tensor, model_output: Tensor, alpha_t: Optional[Tensor], alpha_prev: Optional[Tensor],
+        alpha_t_value: float, alpha_prev_value: float, noise: Optional[Tensor], variance_type: str,
+        prediction_type: str, clip_sample_range: Optional[float], guidance_scale: Optional[float],
+    ) -> tuple[Tensor, Tensor]:
+        return _traced_kernels("ddpm_step").ddpm_step(
+            sample, model_output, _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value),
+            noise, variance_type, prediction_type, clip_sample_range, guidance_scale)
+
+    return {"group_norm_silu": group_norm_silu_triton, "attention": attention_triton,
+            "ddim_step": ddim_step_triton, "ddpm_step": ddpm_step_triton}
+
+
+def _inline_for_compile(name: str, opaque, triton_op) -> None:
+    """Functionalization of ``opaque`` (the public op, backend last) becomes ``triton_op`` on the Triton path."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+    except ImportError:  # pragma: no cover
+        return
+
+    def export_keeps_ops() -> bool:
+        try:
+            from torch.export._trace import custom_triton_ops_decomposition_disabled
+        except ImportError:  # pragma: no cover
+            return False
+        return custom_triton_ops_decomposition_disabled()
+
+    def functional(mode, op, types, args, kwargs):
+        first = args[0]
+        if (any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types) or kwargs
+                or first.device.type != "cuda" or export_keeps_ops()
+                or dispatch.select(name, first.device, args[-1]) != "triton"):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return triton_op(*args[:-1])
+
+    opaque.register_torch_dispatch(FunctionalTensorMode, functional)
+
+
+TRITON_OPS = _define_triton_ops()
+for _name, _opaque in (("group_norm_silu", _group_norm_silu_op), ("attention", _attention_op),
+                       ("ddim_step", _ddim_step_op), ("ddpm_step", _ddpm_step_op)):
+    if _name in TRITON_OPS:
+        _inline_for_compile(_name, _opaque, TRITON_OPS[_name])

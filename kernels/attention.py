@@ -401,7 +401,10 @@ def attention(
     # a data pointer off a 16-byte boundary (an offset view) rules out 16-byte vector loads and cp.async for the whole
     # kernel, and such builds spill (sm_90, 344-844 B): an aligned copy costs one pass over that tensor, O(seq·D),
     # against the O(N·M·D) of attention, and keeps a single specialisation per config
-    q, k, v = (t if t.data_ptr() % 16 == 0 else _aligned_copy(t) for t in (q, k, v))
+    # (while traced for torch.compile there is no pointer to read: inductor copies misaligned graph inputs itself)
+    traced = target.tracing(q)
+    if not traced:
+        q, k, v = (t if t.data_ptr() % 16 == 0 else _aligned_copy(t) for t in (q, k, v))
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     strides = [t.stride() for t in (q, k, v, o)]
     _check_int32_span(strides, (N, M, M, N), D)
@@ -433,6 +436,10 @@ def attention(
             "ALIGN": align}
     if config is None and target.interpreting():  # every launch is interpreted, CUDA tensors included: never tune
         config = _INTERPRET_CONFIG
+    elif config is None and traced:
+        # traced for torch.compile: one fixed config per shape in the graph, the autotuner's pick if it has tuned
+        # this shape in eager mode, else the heuristic default (inductor does not run fastdiff's config pruning)
+        config = _tuned_config(N, M, block_d, q.dtype) or _default_config(M, block_d, q.element_size(), arch)
     elif config is None and not _AUTOTUNE:
         config = _default_config(M, block_d, q.element_size(), arch)
     elif config is None and q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -447,8 +454,8 @@ def attention(
             _attention_kernel_tuned[grid](*args, **meta)
         else:
             grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), count)
-            _attention_kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
+            target.launcher(_attention_kernel, q)[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                                        num_stages=config.num_stages)
     return o
 
 
@@ -498,5 +505,5 @@ def _launch_fp32(args, bh: int, n: int, d: int, align: int, config: triton.Confi
         config = _INTERPRET_FP32_CONFIG if target.interpreting() else _fp32_config(d)
     kw = config.kwargs
     grid = (triton.cdiv(n, kw["BLOCK_N"]), bh, triton.cdiv(d, kw["BLOCK_DV"]))
-    _attention_fp32_kernel[grid](*args, D=d, ALIGN=align, **kw, DOT_PRECISION=precision, num_warps=config.num_warps,
-                                 num_stages=config.num_stages)
+    target.launcher(_attention_fp32_kernel, args[0])[grid](*args, D=d, ALIGN=align, **kw, DOT_PRECISION=precision,
+                                                           num_warps=config.num_warps, num_stages=config.num_stages)

@@ -345,10 +345,10 @@ def group_norm_silu(
 
     block_r, block_l = triton.next_power_of_2(rows), triton.next_power_of_2(cols)
     if block_r * block_l <= SINGLE_PASS_MAX:
-        _group_norm_silu_kernel[(groups,)](
+        target.launcher(_group_norm_silu_kernel, x)[(groups,)](
             x, y, w, b, num_groups, cpg, rows, cols, row_stride, sample_stride, group_stride, eps,
             **flags, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=cols == block_l, num_warps=_num_warps(block_r * block_l),
-            maxnreg=MAXNREG,
+            **target.register_cap(x, MAXNREG),
         )
         return y
 
@@ -368,12 +368,13 @@ def group_norm_silu(
         ws = x  # unused
     else:
         ws = torch.empty((3, groups, chunks), dtype=torch.float32, device=x.device)
-        _group_norm_stats_kernel[(groups, chunks)](
-            x, ws, *shape_args, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=even_l, num_warps=num_warps, maxnreg=MAXNREG,
+        target.launcher(_group_norm_stats_kernel, x)[(groups, chunks)](
+            x, ws, *shape_args, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=even_l, num_warps=num_warps,
+            **target.register_cap(x, MAXNREG),
         )
-    _group_norm_silu_apply_kernel[(groups, chunks)](
+    target.launcher(_group_norm_silu_apply_kernel, x)[(groups, chunks)](
         x, y, w, b, ws, *shape_args, eps, **flags, FUSED_STATS=chunks == 1,
         BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=even_l, BLOCK_S=triton.next_power_of_2(chunks), num_warps=num_warps,
-        maxnreg=MAXNREG,
+        **target.register_cap(x, MAXNREG),
     )
     return y

@@ -211,10 +211,11 @@ def launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
     else:
         alpha_t = alpha_prev = sample  # placeholders, never read
         grid = (triton.cdiv(n_elements, block),)
-    kernel[grid](
+    target.launcher(kernel, sample)[grid](
         sample, model_output, noise if noise is not None else sample, alpha_t, alpha_prev, prev, x0,
         n_elements, per_sample_numel, *scalars,
-        PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK_SIZE=block, num_warps=num_warps, maxnreg=MAXNREG, **constexprs,
+        PER_SAMPLE_ALPHA=per_sample_alpha, BLOCK_SIZE=block, num_warps=num_warps, **constexprs,
+        **target.register_cap(sample, MAXNREG),
     )
     return prev, x0
 

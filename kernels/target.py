@@ -77,3 +77,40 @@ def planning_for(arch: int, sm_count: int) -> Iterator[None]:
         yield
     finally:
         _planned = previous
+
+
+# ------------------------------------------------------------------------------------------------ traced launches
+def _traced_types() -> tuple:
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+    except ImportError:  # pragma: no cover - torch without these (older than fastdiff supports)
+        return ()
+    return (FakeTensor, FunctionalTensor)
+
+
+_TRACED = _traced_types()
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """True while a host function runs on a fake or functional tensor: torch.compile (AOT autograd, inductor) or
+    make_fx is tracing it into a graph. The host code then neither reads pointers nor benchmarks, and launches go
+    through :func:`launcher`, so the graph records each Triton kernel for inductor to compile and schedule."""
+    return isinstance(t, _TRACED)
+
+
+def launcher(kernel, t: torch.Tensor):
+    """``kernel`` for a launch on ``t``: as is in eager mode; wrapped with ``torch.library.wrap_triton`` while
+    :func:`tracing`, so the launch becomes a node of the traced graph instead of running."""
+    if tracing(t):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+def register_cap(t: torch.Tensor, maxnreg: int) -> dict:
+    """``{"maxnreg": maxnreg}`` for an eager launch on ``t``. A traced launch gets none: inductor's wrapper for
+    user-defined kernels takes only the usual launch options (num_warps, num_stages) and would treat maxnreg as an
+    argument of the kernel; without the cap the Triton 3.6 build of a few step variants spills 4 B (docs/kernels.md)."""
+    return {} if tracing(t) else {"maxnreg": maxnreg}

@@ -13,6 +13,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # on a GPU machine the kernels are compiled, never interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTDIFF_BACKEND", "torch")
+if os.environ.get("TRITON_INTERPRET") == "1":  # every interpreted launch must stay inside its tensors
+    import interpreter_bounds
+
+    interpreter_bounds.install()
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -38,6 +42,28 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_context_health(request):
+    """On a GPU: after each test, wait for its kernels and check the CUDA context survived. An illegal or
+    misaligned address (or a device-side assert) is sticky: every later CUDA call in the process fails, so one bad
+    launch would show as hundreds of failures in unrelated tests. Here it fails the test that caused it; under
+    pytest-xdist the worker then exits, and xdist names that test and goes on in a fresh worker."""
+    yield
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as exc:
+        message = f"CUDA context lost after {request.node.nodeid}: {exc}"
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            import sys
+
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            os._exit(3)
+        pytest.fail(message, pytrace=False)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,0 +1,101 @@
+"""torch.compile sees inside fastdiff's Triton ops (fastdiff/ops.py, "torch.compile" section).
+
+On CUDA tensors on the Triton path, functionalization turns each public op node into a ``torch.library.triton_op``
+whose body is the kernels' host function with its launches wrapped by ``wrap_triton``: the graph inductor gets holds
+the Triton kernels themselves, not an opaque call. Checked here without a GPU by tracing on fake CUDA tensors
+(tests/traced_ops_probe.py, a child process: the tests run under the interpreter, the trace needs compiled Triton).
+CPU tensors keep the opaque op. The inductor-compiled run on a GPU is in tests/test_gpu_paths.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff import ops
+from tests.utils import assert_rel_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("triton")
+
+EXPECTED = {  # case → the kernels its graph must launch, in order
+    "group_norm_silu single pass": ["_group_norm_silu_kernel"],
+    "group_norm_silu NCHW": ["_group_norm_stats_kernel", "_group_norm_silu_apply_kernel"],
+    "group_norm_silu channels_last, split": ["_group_norm_stats_kernel", "_group_norm_silu_apply_kernel"],
+    "attention fp16 cross": ["_attention_kernel"],
+    "attention fp32 D=160 (sliced)": ["_attention_fp32_kernel"],
+    "ddim_step float alphas + CFG": ["_ddim_step_kernel"],
+    "ddpm_step tensor alphas": ["_ddpm_step_kernel"],
+    "block: group_norm_silu → attention": ["_group_norm_stats_kernel", "_group_norm_silu_apply_kernel",
+                                           "_attention_kernel"],
+}
+WRITTEN = {"Y", "WS", "O", "PREV", "X0"}  # the kernels' output arguments (everything else is only read)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    if not hasattr(torch.library, "triton_op"):
+        pytest.skip("torch without torch.library.triton_op")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "traced_ops_probe.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {row["case"]: row for row in rows}
+
+
+def test_every_case_was_traced(traced):
+    assert set(traced) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_the_graph_launches_the_triton_kernels(traced, case):
+    row = traced[case]
+    assert row["opaque"] == [], f"fastdiff ops left opaque in the graph: {row['opaque']}"
+    assert row["kernels"] == EXPECTED[case]
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_only_outputs_are_written(traced, case):
+    """torch analysed each kernel's TTIR: only its output arguments are cloned for functionalization, so inductor
+    neither copies the inputs nor orders reads around false writes."""
+    for kernel, clones in zip(traced[case]["kernels"], traced[case]["clones"]):
+        assert clones and set(clones) <= WRITTEN, f"{kernel} clones {clones}"
+
+
+def test_cpu_tensors_keep_the_opaque_op():
+    """On the CPU (reference or interpreter path) the compiled graph calls the public op, which still matches
+    eager."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def block(x, q, k):
+        return ops.attention(q, k, k), ops.group_norm_silu(x, 4, None, None)
+
+    args = (torch.randn(2, 8, 4, 4), torch.randn(1, 2, 16, 32), torch.randn(1, 2, 7, 32))
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(*args)
+    for got, want in zip(compiled, block(*args)):
+        assert_rel_close(got, want, 1e-6, "compiled vs eager")
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"fastdiff.attention.default", "fastdiff.group_norm_silu.default"} <= targets, targets
+    assert not any("triton_kernel_wrapper" in t for t in targets), targets
+
+
+def test_triton_ops_are_registered():
+    if not hasattr(torch.library, "triton_op"):
+        pytest.skip("torch without torch.library.triton_op")
+    for name in ("group_norm_silu", "attention", "ddim_step", "ddpm_step"):
+        assert hasattr(torch.ops.fastdiff, f"{name}_triton"), name
+        assert name in ops.TRITON_OPS
