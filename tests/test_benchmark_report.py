@@ -48,3 +48,10 @@ def test_report_prints_percent_of_roofline_on_a_gpu_only():
     assert torch_row.endswith("| 12% |") and "| 2.00× |" in torch_row
     cpu = report.markdown({"benchmarks": [_bench("fastdiff", 1e-3, "cpu", **info)]})
     assert next(line for line in cpu.splitlines() if "| fastdiff |" in line).endswith("|  |  |")
+
+
+def test_median_is_per_call_when_a_round_times_several_calls():
+    rounds = {"benchmarks": [_bench("fastdiff", 2e-3, "cuda", calls_per_round=20),
+                             _bench("torch", 4e-3, "cuda", calls_per_round=20)]}
+    table = report.markdown(rounds)
+    assert "| g | fastdiff | 0.100 ms |" in table and "| g | torch | 0.200 ms |" in table and "2.00×" in table
