@@ -429,7 +429,7 @@ def attention(
     # under it bf16 operands are upcast to fp32 first: exact for q, k, v and for p once rounded to bf16, with fp32
     # accumulation, i.e. the compiled bf16 dot's numbers up to summation order. (The interpreter rounds fp32 → bf16
     # toward zero where the GPU rounds to nearest, so interpreted bf16 errors are about twice the GPU's.)
-    upcast = target.interpreting() and q.dtype == torch.bfloat16
+    upcast = target.INTERPRET and q.dtype == torch.bfloat16  # the interpreter runs it (planned launches too)
     # fp32 here only with TF32 allowed (tf32_enabled): tensor cores on operands rounded to 10 mantissa bits
     precision = "ieee" if upcast else ("tf32" if q.dtype == torch.float32 else None)
     meta = {"D": D, "BLOCK_D": block_d, "MASK_D": block_d != D, "DOT_PRECISION": precision, "DOT_UPCAST": upcast,

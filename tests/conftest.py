@@ -45,6 +45,22 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _planned_gpu(monkeypatch):
+    """FASTDIFF_TEST_PLAN_GPU=90 (or 80): interpreted launches are sized as the host code sizes them for that GPU
+    (block sizes, the heuristic attention configs, split decisions; 132 SMs), so the interpreter and its bounds
+    checker see the GPU's launch shapes. Off by default (.ci/run runs the kernel tests so once per arch)."""
+    arch = os.environ.get("FASTDIFF_TEST_PLAN_GPU")
+    if not arch or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from fastdiff.kernels import attention, target
+
+    monkeypatch.setattr(attention, "_AUTOTUNE", False)  # no GPU to benchmark configs on: the heuristic default
+    with target.planning_for(int(arch), 132):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _cuda_context_health(request):
     """On a GPU: after each test, wait for its kernels and check the CUDA context survived. An illegal or
     misaligned address (or a device-side assert) is sticky: every later CUDA call in the process fails, so one bad
