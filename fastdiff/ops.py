@@ -421,8 +421,10 @@ def vq_nearest(
 # (torch.library.triton_op): an op whose body is the kernels' own host function with every launch wrapped by
 # torch.library.wrap_triton (fastdiff.kernels.target.launcher), so the graph that reaches inductor holds the Triton
 # kernels themselves. Inductor compiles and schedules them with the code around them (fusing its own kernels up to
-# them, planning their buffers) and mode="reduce-overhead" captures them in its CUDA graphs. CPU tensors, the
-# reference path and torch.export keep the opaque op. Eager mode never goes through any of this.
+# them, planning their buffers) and mode="reduce-overhead" captures them in its CUDA graphs. On the reference path
+# (CPU tensors) the node becomes the reference's PyTorch code, which inductor fuses like any other (GroupNorm with
+# the SiLU after it, the step's arithmetic). The interpreter and torch.export keep the opaque op. Eager mode never
+# goes through any of this.
 def _traced_kernels(family: str):
     return dispatch.load_kernels(family)
 
@@ -468,7 +470,8 @@ def _define_triton_ops() -> dict:
 
 
 def _inline_for_compile(name: str, opaque, triton_op) -> None:
-    """Functionalization of ``opaque`` (the public op, backend last) becomes ``triton_op`` on the Triton path."""
+    """Functionalization of ``opaque`` (the public op, backend last) becomes ``triton_op`` on the Triton path and
+    the reference's code on the reference path."""
     try:
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
@@ -483,13 +486,16 @@ def _inline_for_compile(name: str, opaque, triton_op) -> None:
         return custom_triton_ops_decomposition_disabled()
 
     def functional(mode, op, types, args, kwargs):
-        first = args[0]
-        if (any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types) or kwargs
-                or first.device.type != "cuda" or export_keeps_ops()
-                or dispatch.select(name, first.device, args[-1]) != "triton"):
+        if any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types) or kwargs or export_keeps_ops():
             return mode.__torch_dispatch__(op, types, args, kwargs)
-        with mode:
-            return triton_op(*args[:-1])
+        path = dispatch.select(name, args[0].device, args[-1])
+        if path == "triton" and triton_op is not None:
+            with mode:
+                return triton_op(*args[:-1])
+        if path == "torch":  # the reference path (the CPU's): its PyTorch code, for inductor to fuse with the rest
+            with mode:
+                return opaque._init_fn(*args)
+        return mode.__torch_dispatch__(op, types, args, kwargs)  # the interpreter: one opaque call
 
     opaque.register_torch_dispatch(FunctionalTensorMode, functional)
 
@@ -497,5 +503,4 @@ def _inline_for_compile(name: str, opaque, triton_op) -> None:
 TRITON_OPS = _define_triton_ops()
 for _name, _opaque in (("group_norm_silu", _group_norm_silu_op), ("attention", _attention_op),
                        ("ddim_step", _ddim_step_op), ("ddpm_step", _ddpm_step_op)):
-    if _name in TRITON_OPS:
-        _inline_for_compile(_name, _opaque, TRITON_OPS[_name])
+    _inline_for_compile(_name, _opaque, TRITON_OPS.get(_name))

@@ -4,7 +4,8 @@ On CUDA tensors on the Triton path, functionalization turns each public op node 
 whose body is the kernels' host function with its launches wrapped by ``wrap_triton``: the graph inductor gets holds
 the Triton kernels themselves, not an opaque call. Checked here without a GPU by tracing on fake CUDA tensors
 (tests/traced_ops_probe.py, a child process: the tests run under the interpreter, the trace needs compiled Triton).
-CPU tensors keep the opaque op. The inductor-compiled run on a GPU is in tests/test_gpu_paths.py.
+On the reference path the op becomes the reference's PyTorch code; under the interpreter it stays one opaque op.
+The inductor-compiled run on a GPU is in tests/test_gpu_paths.py.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def test_only_outputs_are_written(traced, case):
         assert clones and set(clones) <= WRITTEN, f"{kernel} clones {clones}"
 
 
-def test_cpu_tensors_keep_the_opaque_op():
-    """On the CPU (reference or interpreter path) the compiled graph calls the public op, which still matches
-    eager."""
+def test_the_interpreter_path_keeps_the_opaque_op(monkeypatch):
+    """CPU tensors under Triton's interpreter: the compiled graph calls the public op (one node per op, the
+    interpreter runs inside it), which still matches eager."""
     from torch._dynamo.backends.common import aot_autograd
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTDIFF_BACKEND", "auto")
 
     graphs = []
 
@@ -99,3 +104,56 @@ def test_triton_ops_are_registered():
     for name in ("group_norm_silu", "attention", "ddim_step", "ddpm_step"):
         assert hasattr(torch.ops.fastdiff, f"{name}_triton"), name
         assert name in ops.TRITON_OPS
+
+
+def test_reference_path_is_traced_into_plain_pytorch(monkeypatch):
+    """On the reference path (FASTDIFF_BACKEND=torch here; plain CPU tensors without the interpreter in real use)
+    the compiled graph holds the reference's PyTorch ops, not a fastdiff op, so inductor can fuse them (GroupNorm
+    with its SiLU, the step's arithmetic) with the code around them; the result matches eager, every op and both
+    alpha kinds included."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def block(x, q, k, s, e, a):
+        h = ops.group_norm_silu(x, 4, None, None)
+        att = ops.attention(q, k, k)
+        prev, x0 = ops.ddim_step(s, e, 0.4, 0.7, guidance_scale=2.0, eta=0.5, noise=s)
+        prev2, _ = ops.ddpm_step(s, e[:2], a, a + 0.2, noise=s)
+        return h, att, prev, x0, prev2
+
+    args = (torch.randn(2, 8, 4, 4), torch.randn(1, 2, 16, 32), torch.randn(1, 2, 7, 32), torch.randn(2, 3, 4, 4),
+            torch.randn(4, 3, 4, 4), torch.tensor([0.3, 0.5]))
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(*args)
+    for got, want in zip(compiled, block(*args)):
+        assert_rel_close(got, want, 1e-6, "compiled vs eager")
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert not any("fastdiff" in t for t in targets), targets
+    assert any("aten" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"], ids=["reference", "interpreter"])
+def test_unet_compiles_fullgraph_on_the_cpu(monkeypatch, backend):
+    """torch.compile(fullgraph=True) of a class-conditional UNet with attention and fastdiff's ops: no graph break
+    (the UNet's host-side label check is skipped while tracing) and the eager output, on the reference path and
+    under the interpreter."""
+    from fastdiff.models import UNet
+
+    if backend == "auto" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+    torch.manual_seed(0)
+    unet = UNet(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
+                attention_levels=(1,), norm_num_groups=4, attention_head_dim=8, num_classes=10).eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 10])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = unet(x, t, y)
+        compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")(x, t, y)
+    assert_rel_close(compiled, eager, 1e-5, "compiled UNet vs eager")

@@ -237,7 +237,10 @@ class UNet(ModelMixin):
             raise ValueError(f"class_labels must be an integer tensor of shape ({batch},)")
         if labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape ({batch},), got {tuple(labels.shape)}")
-        if labels.device.type == "cpu" and bool(((labels < 0) | (labels > n)).any()):
+        # a value check on the host: CPU tensors only (no device sync), and not while torch.compile traces (a
+        # data-dependent branch would break the graph; fullgraph=True would fail on it)
+        host_check = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if host_check and bool(((labels < 0) | (labels > n)).any()):
             raise ValueError(f"class_labels must be in [0, {n}] ({n} is the null class), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         return labels.to(device)
