@@ -425,10 +425,6 @@ def vq_nearest(
 # (CPU tensors) the node becomes the reference's PyTorch code, which inductor fuses like any other (GroupNorm with
 # the SiLU after it, the step's arithmetic). The interpreter and torch.export keep the opaque op. Eager mode never
 # goes through any of this.
-def _traced_kernels(family: str):
-    return dispatch.load_kernels(family)
-
-
 def _define_triton_ops() -> dict:
     """The Triton ops, by public op name; {} where torch has no triton_op (before 2.6)."""
     triton_op = getattr(torch.library, "triton_op", None)
@@ -438,12 +434,12 @@ def _define_triton_ops() -> dict:
     @triton_op("fastdiff::group_norm_silu_triton", mutates_args=())
     def group_norm_silu_triton(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                                eps: float, activation: str) -> Tensor:
-        return _traced_kernels("group_norm_silu").group_norm_silu(
+        return dispatch.load_kernels("group_norm_silu").group_norm_silu(
             x, num_groups, weight, bias, eps, None if activation == "none" else activation)
 
     @triton_op("fastdiff::attention_triton", mutates_args=())
     def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        return _traced_kernels("attention").attention(q, k, v, scale)
+        return dispatch.load_kernels("attention").attention(q, k, v, scale)
 
     @triton_op("fastdiff::ddim_step_triton", mutates_args=())
     def ddim_step_triton(
@@ -451,7 +447,7 @@ def _define_triton_ops() -> dict:
         alpha_t_value: float, alpha_prev_value: float, eta: float, noise: Optional[Tensor], prediction_type: str,
         clip_sample_range: Optional[float], guidance_scale: Optional[float], use_clipped_model_output: bool,
     ) -> tuple[Tensor, Tensor]:
-        return _traced_kernels("ddim_step").ddim_step(
+        return dispatch.load_kernels("ddim_step").ddim_step(
             sample, model_output, _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value), eta,
             noise, prediction_type, clip_sample_range, guidance_scale, use_clipped_model_output)
 
@@ -461,7 +457,7 @@ def _define_triton_ops() -> dict:
         alpha_t_value: float, alpha_prev_value: float, noise: Optional[Tensor], variance_type: str,
         prediction_type: str, clip_sample_range: Optional[float], guidance_scale: Optional[float],
     ) -> tuple[Tensor, Tensor]:
-        return _traced_kernels("ddpm_step").ddpm_step(
+        return dispatch.load_kernels("ddpm_step").ddpm_step(
             sample, model_output, _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value),
             noise, variance_type, prediction_type, clip_sample_range, guidance_scale)
 
@@ -476,6 +472,8 @@ def _inline_for_compile(name: str, opaque, triton_op) -> None:
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
     except ImportError:  # pragma: no cover
+        return
+    if not hasattr(opaque, "register_torch_dispatch"):  # pragma: no cover - torch before 2.5: the op stays opaque
         return
 
     def export_keeps_ops() -> bool:

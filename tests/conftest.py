@@ -13,7 +13,8 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # on a GPU machine the kernels are compiled, never interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTDIFF_BACKEND", "torch")
-if os.environ.get("TRITON_INTERPRET") == "1":  # every interpreted launch must stay inside its tensors
+# every interpreted launch must stay inside its tensors (tests/interpreter_bounds.py; FASTDIFF_TEST_BOUNDS=0: off)
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTDIFF_TEST_BOUNDS", "1") != "0":
     import interpreter_bounds
 
     interpreter_bounds.install()
