@@ -131,8 +131,9 @@ def cmd_bench(args) -> int:
     from fastdiff import bench
     from fastdiff.hub import resolve_device
 
+    repeats = _positive("--repeats", args.repeats)
     device = resolve_device(args.device)
-    print(bench.quick_table(device, repeats=args.repeats))
+    print(bench.quick_table(device, repeats=repeats, compile_backend="inductor" if args.compile else None))
     return 0
 
 
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="quick side-by-side speed table (reference vs fused, diffusers if installed)")
     b.add_argument("--device", default=None)
     b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--compile", action="store_true",
+                   help="add a torch.compile column (inductor; its compile time is printed apart, tens of seconds)")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train a shipped model from scratch (needs scikit-learn)")
