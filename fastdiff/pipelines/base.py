@@ -97,6 +97,7 @@ class Pipeline:
             setattr(self, name, components.get(name))
         self.settings: dict[str, Any] = {}
         self._cuda_graphs = None
+        self._compiled = None
         self._channels_last = False
 
     # ----------------------------------------------------------------- devices and dtypes
@@ -198,6 +199,9 @@ class Pipeline:
             return self
         from fastdiff.pipelines.cuda_graph import GraphCache
 
+        if self._compiled is not None:
+            logger.info("fastdiff: compile() turned off: enable_cuda_graph() replaces it")
+            self._compiled = None
         self._cuda_graphs = GraphCache(max_graphs)
         return self
 
@@ -206,6 +210,38 @@ class Pipeline:
         if self._cuda_graphs is not None:
             self._cuda_graphs.clear()
         self._cuda_graphs = None
+        return self
+
+    # ----------------------------------------------------------------- torch.compile
+    def compile(self, *, freeze: bool = True, mode: Optional[str] = None, dynamic: Optional[bool] = False,
+                fullgraph: bool = False, backend: str = "inductor"):
+        """Sample with the denoiser compiled by torch.compile (opt-in: the first call of each shape compiles, tens of
+        seconds on a CPU); see :mod:`fastdiff.pipelines.compiled`. Returns self.
+
+        Args:
+            freeze: inductor freezing, the weights folded into the compiled code as constants (prepacked convolution
+                weights on a CPU); weights changed later are noticed at the next call, which compiles again.
+            mode: torch.compile's mode (None, "default", "reduce-overhead" — CUDA graphs on CUDA —, "max-autotune",
+                "max-autotune-no-cudagraphs").
+            dynamic: torch.compile's ``dynamic`` (False: one compile per batch size and image size).
+            fullgraph: fail instead of splitting the model into several graphs.
+            backend: a torch.compile backend ("inductor"; tests use "aot_eager").
+        Raises:
+            TypeError/ValueError naming the argument. Turns :meth:`enable_cuda_graph` off (a compile with
+            mode="reduce-overhead" is the compiled way to CUDA graphs).
+        """
+        from fastdiff.pipelines.compiled import CompiledModel
+
+        compiled = CompiledModel(freeze=freeze, backend=backend, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
+        if self._cuda_graphs is not None:
+            logger.info("fastdiff: CUDA graphs turned off: compile() replaces them")
+            self.disable_cuda_graph()
+        self._compiled = compiled
+        return self
+
+    def disable_compile(self):
+        """Sample with the eager denoiser again. Returns self."""
+        self._compiled = None
         return self
 
     def __repr__(self) -> str:

@@ -195,6 +195,10 @@ class DiffusionPipeline(Pipeline):
         graphs = self._cuda_graphs if device.type == "cuda" else None
         if graphs is not None:
             graphs.check(self.unet)
+        denoiser = self.unet
+        if self._compiled is not None:  # compile(): the compiled UNet (compiled again if frozen weights changed)
+            self._compiled.check(self.unet)
+            denoiser = self._compiled
         timesteps = self.scheduler.timesteps.tolist()  # one host copy, not one sync per step
         first_bad = None if device.type == "cpu" else torch.full((), -1, device=device, dtype=torch.int64)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
@@ -211,7 +215,7 @@ class DiffusionPipeline(Pipeline):
                 if graphs is not None:
                     out = graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
                 else:
-                    out = self.unet(model_in, t_batch, class_labels=model_labels, context=model_context)
+                    out = denoiser(model_in, t_batch, class_labels=model_labels, context=model_context)
                 latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
             # 4. stop on NaN/Inf, naming the step (on CUDA the check stays on the device until the end)
             finite = torch.isfinite(latents).all()
