@@ -51,7 +51,7 @@ def test_frozen_weights_changed_in_place_compile_again(monkeypatch):
     assert reset == [] and pipe._compiled.compiles == 1  # unchanged weights: nothing to do
     pipe.unet.load_state_dict(tiny_pipe(seed=1).unet.state_dict())  # in place: same storage, new values
     got = sample(pipe)
-    assert pipe._compiled.compiles == 2 and reset == [UNet.forward.__code__]
+    assert pipe._compiled.compiles == 2 and reset == [UNet.forward.__code__]  # the stale frozen code dropped
     pipe.disable_compile()
     assert_rel_close(got, sample(pipe), 1e-5, "after the weights changed")
 
@@ -83,6 +83,19 @@ def test_bad_options_are_refused_before_anything_changes(kwargs, error, match):
     with pytest.raises(error, match=match):
         pipe.compile(**kwargs)
     assert pipe._compiled is None
+
+
+def test_a_compile_never_reuses_code_compiled_with_other_settings():
+    """Frozen first, then not frozen, with the weights changed in between: the unfrozen compile must not reuse the
+    code frozen on the old weights (torch.compile's guards do not cover inductor's settings)."""
+    pipe = tiny_pipe()
+    pipe.compile()
+    sample(pipe)
+    pipe.unet.load_state_dict(tiny_pipe(seed=1).unet.state_dict())
+    pipe.compile(freeze=False)
+    got = sample(pipe)
+    pipe.disable_compile()
+    assert_rel_close(got, sample(pipe), 1e-4, "unfrozen compile after a frozen one")
 
 
 def test_weights_fingerprint_sees_in_place_updates():

@@ -8,8 +8,10 @@ traced for inductor to fuse, on CUDA their Triton kernels are (fastdiff/ops.py, 
 compiled code, so inductor folds them (the convolutions' weights prepacked for oneDNN on a CPU, the time and class
 embeddings' constant parts computed once). Frozen weights are copies: :class:`CompiledModel` fingerprints the model
 (every parameter's and buffer's storage, layout and in-place version counter, and its modules and hooks) once per
-pipeline call and compiles again when any of these changed, after dropping torch.compile's cached code for the
-model's ``forward`` (shared by every instance of that class in the process, which then compile again too).
+pipeline call and compiles again when any of these changed. Each new compile first drops torch.compile's cached code
+for the model's ``forward`` (its guards do not cover inductor's settings, so code compiled with other settings or on
+other frozen weights would be reused); that cache is shared by every instance of the class in the process, which
+then compile again too.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class CompiledModel:
         if self._fn is not None and self.freeze:
             logger.info("fastdiff: the model's weights changed since they were frozen into the compiled code: "
                         "compiling again")
-            torch._dynamo.reset_code(type(model).forward.__code__)
+        # torch.compile keeps compiled code per code object, and its guards do not include inductor's settings: code
+        # compiled for this forward under other settings (with or without freezing, frozen on other weights) would
+        # be reused, so it is dropped first
+        torch._dynamo.reset_code(type(model).forward.__code__)
         options = {"backend": self.backend, "dynamic": self.dynamic, "fullgraph": self.fullgraph}
         if self.mode is not None and self.backend == "inductor":
             options["mode"] = self.mode
