@@ -426,9 +426,16 @@ def vq_nearest(
 # the SiLU after it, the step's arithmetic). The interpreter and torch.export keep the opaque op. Eager mode never
 # goes through any of this.
 def _define_triton_ops() -> dict:
-    """The Triton ops, by public op name; {} where torch has no triton_op (before 2.6)."""
+    """The Triton ops, by public op name; {} where torch has no triton_op (before 2.6) or Triton is not installed
+    (torch would log a warning per op; there is no Triton path to trace then anyway)."""
+    import importlib.util
+
     triton_op = getattr(torch.library, "triton_op", None)
-    if triton_op is None:
+    try:
+        has_triton = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        has_triton = False
+    if triton_op is None or not has_triton:
         return {}
 
     @triton_op("fastdiff::group_norm_silu_triton", mutates_args=())

@@ -157,3 +157,27 @@ def test_unet_compiles_fullgraph_on_the_cpu(monkeypatch, backend):
         eager = unet(x, t, y)
         compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")(x, t, y)
     assert_rel_close(compiled, eager, 1e-5, "compiled UNet vs eager")
+
+
+def test_no_triton_no_triton_ops_and_no_warnings():
+    """Without Triton installed (the README's first command on a CPU wheel), importing fastdiff defines no Triton ops
+    and logs nothing (torch would warn once per op), and sampling's ops still run."""
+    script = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from fastdiff import ops\n"
+        "assert ops.TRITON_OPS == {}, ops.TRITON_OPS\n"
+        "print(ops.group_norm_silu(torch.randn(1, 4, 2, 2), 2).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=ROOT, FASTDIFF_BACKEND="auto")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.Size([1, 4, 2, 2])" in proc.stdout
+    assert "Triton not available" not in proc.stderr and "triton" not in proc.stderr.lower(), proc.stderr[-2000:]
