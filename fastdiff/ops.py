@@ -10,6 +10,7 @@ values are never read back to the host (no device sync in the hot path).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -425,9 +426,12 @@ def vq_nearest(
 # (CPU tensors) the node becomes the reference's PyTorch code, which inductor fuses like any other (GroupNorm with
 # the SiLU after it, the step's arithmetic). The interpreter and torch.export keep the opaque op. Eager mode never
 # goes through any of this.
-def _define_triton_ops() -> dict:
-    """The Triton ops, by public op name; {} where torch has no triton_op (before 2.6) or Triton is not installed
-    (torch would log a warning per op; there is no Triton path to trace then anyway)."""
+@functools.cache
+def triton_ops() -> dict:
+    """The Triton ops, by public op name, defined on first use (a trace for torch.compile; defining them imports
+    torch's compiler stack, about a second, which plain eager use never pays); {} where torch has no triton_op
+    (before 2.6) or Triton is not installed (torch would log a warning per op; there is no Triton path to trace
+    then anyway)."""
     import importlib.util
 
     triton_op = getattr(torch.library, "triton_op", None)
@@ -472,9 +476,9 @@ def _define_triton_ops() -> dict:
             "ddim_step": ddim_step_triton, "ddpm_step": ddpm_step_triton}
 
 
-def _inline_for_compile(name: str, opaque, triton_op) -> None:
-    """Functionalization of ``opaque`` (the public op, backend last) becomes ``triton_op`` on the Triton path and
-    the reference's code on the reference path."""
+def _inline_for_compile(name: str, opaque) -> None:
+    """Functionalization of ``opaque`` (the public op, backend last) becomes the op's Triton op on the Triton path
+    and the reference's code on the reference path."""
     try:
         from torch._subclasses.fake_tensor import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
@@ -494,7 +498,8 @@ def _inline_for_compile(name: str, opaque, triton_op) -> None:
         if any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types) or kwargs or export_keeps_ops():
             return mode.__torch_dispatch__(op, types, args, kwargs)
         path = dispatch.select(name, args[0].device, args[-1])
-        if path == "triton" and triton_op is not None:
+        triton_op = triton_ops().get(name) if path == "triton" else None
+        if triton_op is not None:
             with mode:
                 return triton_op(*args[:-1])
         if path == "torch":  # the reference path (the CPU's): its PyTorch code, for inductor to fuse with the rest
@@ -505,7 +510,6 @@ def _inline_for_compile(name: str, opaque, triton_op) -> None:
     opaque.register_torch_dispatch(FunctionalTensorMode, functional)
 
 
-TRITON_OPS = _define_triton_ops()
 for _name, _opaque in (("group_norm_silu", _group_norm_silu_op), ("attention", _attention_op),
                        ("ddim_step", _ddim_step_op), ("ddpm_step", _ddpm_step_op)):
-    _inline_for_compile(_name, _opaque, TRITON_OPS.get(_name))
+    _inline_for_compile(_name, _opaque)
