@@ -31,6 +31,13 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
 PY="${PYTHON:-python3}"
+# wheels carried to a machine that cannot download (the GPU image has no diffusers, which the end-to-end benchmark
+# and the parity tests need): put them in .whl/ (see the device notes: pip download --no-deps for Python 3.12) and
+# name .whl in the call's carry; they are installed into /tmp/fastdiff-site for this run only
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fastdiff-site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/fastdiff-site" && echo "carried wheels: $(ls .whl)"
+fi
 STEPS="${STEPS:-smoke build limits tests bench}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 status=0
