@@ -8,7 +8,8 @@
 # Every step has its own time limit, so a slow one cannot eat the next one's time. Installs nothing (needs torch with
 # CUDA, triton, pytest, pytest-benchmark, numpy, safetensors, pillow, tqdm; pytest-timeout, pytest-xdist, diffusers
 # and faiss are used when present). Runs from a checkout without installing fastdiff. Output goes to $OUT when it is
-# set (else ./gpu_check_out): the table (gpu_table.md), the built extension, and gpu_check_logs.tgz (logs, JSONs).
+# set (else ./gpu_check_out): the tables (gpu_summary.txt, printed last; gpu_table.md in full), the chart, the built
+# extension, and gpu_check_logs.tgz (logs, JSONs).
 # First run on an H200 (2026-12-04): smoke 10 s, build about 25 s, kernel benchmarks about 150 s.
 #
 #   bash benchmarks/gpu_check.sh            # everything (about 8 minutes)
@@ -130,12 +131,14 @@ done
 grep -E "^(FAILED|ERROR)" "$OUT/bench.txt" | cut -c1-200 | head -n 20; grep -E "passed|failed" "$OUT/bench.txt"
 
 echo "== 5. ratio table (baseline time / fastdiff time; > 1 means fastdiff is faster) $(elapsed)"
-$PY benchmarks/report.py "$OUT"/bench_*.json --md "$OUT/gpu_table.md" > /dev/null || status=1
+$PY benchmarks/report.py "$OUT"/bench_*.json --md "$OUT/gpu_table.md" --summary "$OUT/gpu_summary.txt" \
+    --png "$OUT/gpu_ratios.png" > /dev/null || status=1
 fi
 cat "$OUT/smoke.txt" 2>/dev/null | grep -E "^  (ok|FAIL|skip)"
 cat "$OUT/limits.txt" 2>/dev/null
-cat "$OUT/gpu_table.md" 2>/dev/null
+cat "$OUT/gpu_summary.txt" 2>/dev/null  # the short table; the full one is gpu_table.md
 # what comes back from a device call is at most 8 files: the logs and JSONs travel as one archive
-(cd "$OUT" && tar czf gpu_check_logs.tgz --remove-files $(ls *.txt *.log bench_*.json 2>/dev/null)) || true
+(cd "$OUT" && tar czf gpu_check_logs.tgz --remove-files $(ls *.txt *.log bench_*.json 2>/dev/null | grep -v gpu_summary)) \
+    || true
 echo "done $(elapsed), status $status"
 exit $status

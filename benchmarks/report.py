@@ -109,6 +109,23 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(data: dict) -> str:
+    """One line per benchmark group: fastdiff's time, the fastest other provider (the copy anchor aside) and
+    fastdiff's speed-up over it, and fastdiff's % of roofline: the short table gpu_check.sh prints last."""
+    lines = [f"{'benchmark':58s} {'fastdiff':>10s} {'best other':>22s} {'speed-up':>9s} {'roofline':>8s}"]
+    for group, providers in sorted(collect(data).items()):
+        if FASTDIFF not in providers:
+            continue
+        ours = _median(providers[FASTDIFF])
+        others = {name: _median(b) for name, b in providers.items() if name not in (FASTDIFF, "copy")}
+        best = min(others, key=others.get) if others else None
+        other = f"{best} {others[best] * 1e3:.3f} ms" if best else "—"
+        speedup = f"{others[best] / ours:.2f}×" if best and ours > 0 else "—"
+        percent = roofline(providers[FASTDIFF])[1] or "—"
+        lines.append(f"{group[:58]:58s} {ours * 1e3:7.3f} ms {other:>22s} {speedup:>9s} {percent:>8s}")
+    return "\n".join(lines) + "\n"
+
+
 def chart(data: dict, path: Path) -> bool:
     """Bar chart of the ratios (log scale, 1× marked); False when matplotlib is not installed."""
     try:
@@ -143,6 +160,8 @@ def main(argv=None) -> int:
                         help="pytest-benchmark JSON (--benchmark-json); several are merged (one per benchmark file)")
     parser.add_argument("--md", type=Path, default=None, help="write the table here (default: print it)")
     parser.add_argument("--png", type=Path, default=Path("bench_ratios.png"), help="bar chart of the ratios")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="also write one line per benchmark: fastdiff, the fastest other provider, % of roofline")
     args = parser.parse_args(argv)
     data: dict = {"benchmarks": []}
     for path in args.json:
@@ -153,6 +172,9 @@ def main(argv=None) -> int:
             return 2
         data = {**part, **data, "benchmarks": data["benchmarks"] + list(part.get("benchmarks", []))}
     table = markdown(data)
+    if args.summary:
+        args.summary.write_text(summary(data), encoding="utf-8")
+        print(f"wrote {args.summary}")
     if args.md:
         args.md.write_text(table, encoding="utf-8")
         print(f"wrote {args.md}")

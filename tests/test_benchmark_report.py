@@ -55,3 +55,11 @@ def test_median_is_per_call_when_a_round_times_several_calls():
                              _bench("torch", 4e-3, "cuda", calls_per_round=20)]}
     table = report.markdown(rounds)
     assert "| g | fastdiff | 0.100 ms |" in table and "| g | torch | 0.200 ms |" in table and "2.00×" in table
+
+
+def test_summary_is_one_line_per_benchmark_against_the_fastest_other_provider():
+    data = {"benchmarks": [_bench("fastdiff", 2e-3, "cuda"), _bench("torch", 6e-3, "cuda"),
+                           _bench("sdpa", 3e-3, "cuda"), _bench("copy", 1e-3, "cuda")]}
+    lines = report.summary(data).splitlines()
+    assert len(lines) == 2  # header + the one group
+    assert lines[1].split()[:6] == ["g", "2.000", "ms", "sdpa", "3.000", "ms"] and "1.50×" in lines[1]
