@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .ci-venv-triton36
 . .ci-venv-triton36/bin/activate
 pip install -q -U setuptools wheel torch==2.13.0
-pip install -q triton==3.6.0 numpy pytest safetensors
+pip install -q triton==3.6.0 numpy pytest safetensors pillow tqdm  # fastdiff's runtime dependencies
 python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__)"
 PYTHONPATH="$PWD" python -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_group_norm_silu.py \
     tests/test_ddim_step.py tests/test_ddpm_step.py tests/test_triton_versions.py tests/test_gpu_paths.py \
