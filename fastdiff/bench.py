@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import ops
+from fastdiff.validation import check_positive_int
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -157,8 +158,7 @@ COLUMNS = ("eager", "sdpa", "compile", "diffusers")
 def measure(device: torch.device, repeats: int = 5, *, compile_backend: str | None = None,
             pipeline: bool = True) -> list[_Row]:
     """The rows of :func:`quick_table`: every op (and, with diffusers installed and ``pipeline``, the sampler)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    repeats = check_positive_int("repeats", repeats)
     rows = op_rows(device, repeats, compile_backend)
     row = pipeline_row(device, repeats) if pipeline else None
     return rows + ([row] if row is not None else [])

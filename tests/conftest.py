@@ -6,6 +6,7 @@ and the whole-model tests switch FASTDIFF_BACKEND back to "auto" themselves.
 """
 
 import os
+import sys
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,16 +49,16 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _planned_gpu(monkeypatch):
     """FASTDIFF_TEST_PLAN_GPU=90 (or 80): interpreted launches are sized as the host code sizes them for that GPU
-    (block sizes, the heuristic attention configs, split decisions; 132 SMs), so the interpreter and its bounds
+    (block sizes, the heuristic attention configs, split decisions for its SM count), so the interpreter and its bounds
     checker see the GPU's launch shapes. Off by default (.ci/run runs the kernel tests so once per arch)."""
     arch = os.environ.get("FASTDIFF_TEST_PLAN_GPU")
     if not arch or os.environ.get("TRITON_INTERPRET") != "1":
         yield
         return
-    from fastdiff.kernels import attention, target
+    from fastdiff.kernels import attention, compile_check, target
 
     monkeypatch.setattr(attention, "_AUTOTUNE", False)  # no GPU to benchmark configs on: the heuristic default
-    with target.planning_for(int(arch), 132):
+    with target.planning_for(int(arch), compile_check.ARCHS[int(arch)]["sms"]):
         yield
 
 
@@ -75,8 +76,6 @@ def _cuda_context_health(request):
     except RuntimeError as exc:
         message = f"CUDA context lost after {request.node.nodeid}: {exc}"
         if os.environ.get("PYTEST_XDIST_WORKER"):
-            import sys
-
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
             os._exit(3)
@@ -85,8 +84,6 @@ def _cuda_context_health(request):
 
 def pytest_terminal_summary(terminalreporter):
     """List the CPU code paths tests/test_isa_matrix.py covered and skipped (when it ran)."""
-    import sys
-
     matrix = sys.modules.get("test_isa_matrix") or sys.modules.get("tests.test_isa_matrix")
     if matrix is None or not (matrix.COVERED or matrix.SKIPPED):
         return

@@ -38,14 +38,19 @@ EXPECTED = {  # case → the kernels its graph must launch, in order
 WRITTEN = {"Y", "WS", "O", "PREV", "X0"}  # the kernels' output arguments (everything else is only read)
 
 
+def _child(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a child process without the interpreter (compiled Triton), fastdiff from this checkout."""
+    child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child_env.update(PYTHONPATH=ROOT, **env)
+    return subprocess.run([sys.executable, *args], env=child_env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
 @pytest.fixture(scope="module")
 def traced():
     if not hasattr(torch.library, "triton_op"):
         pytest.skip("torch without torch.library.triton_op")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "traced_ops_probe.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = _child(os.path.join(ROOT, "tests", "traced_ops_probe.py"), TRITON_DEFAULT_FP_FUSION="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {row["case"]: row for row in rows}
@@ -174,10 +179,7 @@ def test_no_triton_no_triton_ops_and_no_warnings():
         "assert ops.triton_ops() == {}, ops.triton_ops()\n"
         "print(ops.group_norm_silu(torch.randn(1, 4, 2, 2), 2).shape)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=ROOT, FASTDIFF_BACKEND="auto")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = _child("-c", script, FASTDIFF_BACKEND="auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.Size([1, 4, 2, 2])" in proc.stdout
     assert "Triton not available" not in proc.stderr and "triton" not in proc.stderr.lower(), proc.stderr[-2000:]
@@ -189,9 +191,6 @@ def test_import_does_not_load_the_compiler_stack():
     script = ("import sys, torch\n"
               "import fastdiff, fastdiff.ops, fastdiff.pipelines\n"
               "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'triton') if m in sys.modules))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = _child("-c", script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", proc.stdout

@@ -55,7 +55,7 @@ def _cases(cuda):
 
 def main() -> None:
     driver.set_active(compile_check._StandInDriver(90))
-    with target.planning_for(90, 132):
+    with target.planning_for(90, compile_check.ARCHS[90]["sms"]):
         with FakeTensorMode():  # the inputs: fake CUDA tensors (no GPU here)
             cases = list(_cases(torch.device("cuda")))
         for name, fn in cases:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fastdiff.pipelines.cuda_graph import fingerprint
+from fastdiff.validation import check_bool, check_choice
 
 logger = logging.getLogger("fastdiff")
 
@@ -44,15 +45,11 @@ class CompiledModel:
 
     def __init__(self, *, freeze: bool = True, backend: str = "inductor", mode: Optional[str] = None,
                  dynamic: Optional[bool] = False, fullgraph: bool = False):
-        for name, value in (("freeze", freeze), ("fullgraph", fullgraph)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        freeze, fullgraph = check_bool("freeze", freeze), check_bool("fullgraph", fullgraph)
         if not isinstance(backend, str) or not backend:
             raise TypeError(f"backend must be a torch.compile backend name (a str), got {backend!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if dynamic is not None and not isinstance(dynamic, bool):
-            raise TypeError(f"dynamic must be a bool or None, got {type(dynamic).__name__}")
+        check_choice("mode", mode, MODES)
+        dynamic = None if dynamic is None else check_bool("dynamic", dynamic)
         self.freeze, self.backend, self.mode, self.dynamic, self.fullgraph = freeze, backend, mode, dynamic, fullgraph
         self._model: Optional[nn.Module] = None
         self._fn = None
