@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "group_norm_silu.h"
 #include "rows_matmul.h"
 #include "vq_nearest.h"
 
@@ -52,12 +53,15 @@ std::string native_info() {
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   m.def("vq_nearest(Tensor z, Tensor codebook) -> (Tensor indices, Tensor distances)");
   m.def("rows_matmul(Tensor x, Tensor weight) -> Tensor");
+  m.def("group_norm_silu_native(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> "
+        "Tensor");
   m.def("_native_info() -> str", &fastdiff::native_info);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("vq_nearest", &fastdiff::vq_nearest_cpu);
   m.impl("rows_matmul", &fastdiff::rows_matmul_cpu);
+  m.impl("group_norm_silu_native", &fastdiff::group_norm_silu_cpu);
 }
 
 // `import fastdiff._C` (the setup.py build) needs a module init; the just-in-time build is loaded as a plain

@@ -105,6 +105,8 @@ def cmd_info(args) -> int:
     for op, path in info["ops"].items():
         print(f"  {op:16s} -> {path}")
     print(f"batch_invariant() GEMM: {info['batch_invariant_gemm']}")
+    native_bf16 = "yes" if info["cpu_native_bf16"] else "no"
+    print(f"--dtype auto here: {info['dtype_auto']} (CPU with native bf16: {native_bf16})")
     return 0
 
 
@@ -116,7 +118,8 @@ def cmd_eval(args) -> int:
 
     _positive("--num", args.num)
     _positive("--steps", args.steps)
-    pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device))
+    pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device),
+                         dtype=args.dtype)
     report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                  progress=not args.quiet, model=args.model)
     print(evaluation.format_report(args.model, report))
@@ -176,7 +179,7 @@ def cmd_generate(args) -> int:
 
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from fastdiff.hub import DTYPES, SAMPLERS
+    from fastdiff.hub import DTYPE_CHOICES, SAMPLERS
 
     p = _Parser(prog="fastdiff", description="Fast samplers for image-generation models.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -192,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=int, default=None, help="the digit to draw (0-9)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    s.add_argument("--backend", choices=["auto", "torch", "triton"], default=None, help="kernel path (fastdiff info)")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype (default auto: bf16 on a CPU with native bf16, else the weights' fp32)")
+    s.add_argument("--backend", choices=["auto", "torch", "triton", "native"], default=None,
+                   help="kernel path (fastdiff info)")
     s.set_defaults(func=cmd_sample)
 
     m = sub.add_parser("models", help="list the shipped models")
@@ -211,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
+    e.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype (default auto: bf16 on a CPU with native bf16, else the weights' fp32)")
     e.add_argument("--card", action="store_true", help="write the scores into the model folder's MODEL_CARD.md")
     e.set_defaults(func=cmd_eval)
 

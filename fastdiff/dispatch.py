@@ -3,7 +3,8 @@
 | input                                            | path                                  |
 |--------------------------------------------------|---------------------------------------|
 | CUDA tensors                                     | ``triton``: compiled Triton kernels    |
-| CPU tensors                                      | ``torch``: the reference PyTorch path  |
+| CPU tensors                                      | ``torch``: the reference PyTorch path; ``native``  |
+|                                                  | for ``group_norm_silu`` where the extension has it |
 | CPU tensors and ``TRITON_INTERPRET=1``           | ``interpreter``: the same Triton kernels through Triton's interpreter |
 | ``FASTDIFF_BACKEND=torch`` or ``backend="torch"`` | ``torch`` anywhere                     |
 | autograd needs gradients                         | ``torch`` (the public op calls the reference directly) |
@@ -15,7 +16,8 @@
 |                                                  | op ``rows_matmul`` (:func:`counts`)    |
 
 ``backend="triton"`` forces the Triton kernels (compiled on CUDA, interpreted on CPU) and ``backend="native"`` the
-extension (:mod:`fastdiff.native` loads it and says which kernels it has); both raise if they cannot run.
+extension (:mod:`fastdiff.native` loads it and says which kernels it has); both raise if they cannot run. An op
+without a native kernel for the device takes ``torch`` under ``backend="native"``.
 
 Everything here is cheap (an environment lookup and a cached import check), so it runs on every call.
 """
@@ -23,6 +25,7 @@ Everything here is cheap (an environment lookup and a cached import check), so i
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import logging
 import os
@@ -35,6 +38,8 @@ logger = logging.getLogger("fastdiff")
 BACKENDS = ("auto", "torch", "triton", "native")
 TRITON_OPS = ("group_norm_silu", "attention", "ddim_step", "ddpm_step")
 NATIVE_OPS = ("vq_nearest",)  # ops whose fast path is the native extension (fastdiff._C)
+# Triton ops whose CPU path is a native kernel (the extension's operator name), where the extension has it.
+NATIVE_CPU_KERNELS = {"group_norm_silu": "group_norm_silu_native"}
 
 _lock = threading.Lock()
 _triton_checked: bool | None = None
@@ -87,12 +92,14 @@ def warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _select_native(op: str, device: torch.device, backend: str) -> str:
+def _select_native(op: str, device: torch.device, backend: str, kernel: str | None = None) -> str:
+    """"native" where the extension has ``kernel`` (default: ``op``) for ``device``; else "torch" after one warning,
+    or RuntimeError under ``backend="native"``."""
     from fastdiff import native
 
     if backend == "torch":
         return "torch"
-    if native.has_kernel(op, device.type):
+    if native.has_kernel(kernel or op, device.type):
         return "native"
     why = native.error() or f"the extension has no {device.type} kernel ({native.status()})"
     if backend == "native":
@@ -110,7 +117,10 @@ def select(op: str, device: torch.device, backend: str = "auto") -> str:
         backend = env_backend()
     if op in NATIVE_OPS:
         return _select_native(op, device, backend)
-    if backend in ("torch", "native"):
+    native_cpu = NATIVE_CPU_KERNELS.get(op) if device.type == "cpu" else None
+    if backend == "native":
+        return _select_native(op, device, backend, native_cpu) if native_cpu else "torch"
+    if backend == "torch":
         return "torch"
     on_cuda = device.type == "cuda"
     can_triton = triton_available() and (on_cuda or (device.type == "cpu" and interpret_enabled()))
@@ -126,7 +136,25 @@ def select(op: str, device: torch.device, backend: str = "auto") -> str:
         return "triton" if on_cuda else "interpreter"
     if on_cuda and not triton_available():
         warn_once("triton-missing", f"fastdiff: Triton is not available ({_triton_error}); using the PyTorch reference")
+    if native_cpu:
+        return _select_native(op, device, backend, native_cpu)
     return "torch"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo's flags), so that
+    oneDNN's bf16 convolutions and matmuls run at twice the fp32 rate or more. False where that cannot be read
+    (not Linux): bf16 emulated on older AVX-512 is slower than fp32, so "auto" only picks it where it is native."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def record(op: str, path: str) -> None:
@@ -167,4 +195,6 @@ def info() -> dict:
         "backend_env": os.environ.get("FASTDIFF_BACKEND", "auto"),
         "native_extension": native.status(),
         "batch_invariant_gemm": "native rows_matmul" if native.has_rows_matmul() else "BLAS in fixed-shape chunks",
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "dtype_auto": "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "the weights' own (fp32)",
     }

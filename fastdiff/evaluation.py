@@ -75,6 +75,7 @@ def evaluate(pipe, num: int = 500, steps: int = 25, guidance: Optional[float] = 
     test_feats, _ = _features_and_predictions(classifier, test_x)
     report = {
         "num": num,
+        "dtype": str(pipe.dtype).replace("torch.", ""),
         "steps": steps if unet is not None else None,
         "guidance": guidance,
         "histogram": torch.bincount(preds, minlength=10).tolist(),
@@ -89,6 +90,7 @@ def evaluate(pipe, num: int = 500, steps: int = 25, guidance: Optional[float] = 
 
 def format_report(name: str, report: dict) -> str:
     lines = [f"model {name}: {report['num']} samples"
+             + (f", {report['dtype']}" if report.get("dtype") else "")
              + (f", {report['steps']} steps" if report.get("steps") else "")
              + (f", guidance {report['guidance']}" if report.get("guidance") is not None else "")]
     if "accuracy" in report:

@@ -19,6 +19,8 @@ from typing import Optional, Union
 
 import torch
 
+from fastdiff.dispatch import cpu_has_native_bf16
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "digits-ddpm"
 DEFAULT_STEPS = 25  # sampler steps when neither the caller nor the model's settings say
@@ -31,6 +33,7 @@ SAMPLERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # what ``--dtype`` accepts; "auto" is resolved by :func:`resolve_dtype`
 
 
 def list_models() -> list[str]:
@@ -76,15 +79,21 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    """None (the weights' own dtype), a torch floating dtype, or a name of :data:`DTYPES` ("fp32", "fp16", "bf16")."""
+def resolve_dtype(dtype: Union[str, torch.dtype, None],
+                  device: Union[str, torch.device, None] = None) -> Optional[torch.dtype]:
+    """None (the weights' own dtype), a torch floating dtype, a name of :data:`DTYPES` ("fp32", "fp16", "bf16") or
+    "auto": bf16 on a CPU with native bf16 (:func:`cpu_has_native_bf16`), else None. ``device`` is where the model
+    runs (None: the CPU, where weights load); on CUDA "auto" keeps the weights' dtype."""
+    if dtype == "auto":
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        return torch.bfloat16 if on_cpu and cpu_has_native_bf16() else None
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if not isinstance(dtype, (str, torch.dtype)):
         raise TypeError(f"--dtype must be a name or a torch.dtype, got {type(dtype).__name__}")
-    raise ValueError(f"--dtype must be one of {sorted(DTYPES)} (or float32/float16/bfloat16), got {dtype!r}")
+    raise ValueError(f"--dtype must be one of {list(DTYPE_CHOICES)} (or float32/float16/bfloat16), got {dtype!r}")
 
 
 def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[str, torch.device, None] = None,
@@ -92,7 +101,9 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[st
     """The ready pipeline of a shipped model (see :func:`list_models`) or of a saved pipeline folder.
 
     ``sampler``: one of :data:`SAMPLERS` to replace the model's own scheduler (its configuration carried over);
-    ``device``: "cpu", "cuda" or None (as the weights load: cpu); ``dtype``: a torch dtype or "fp32"/"fp16"/"bf16".
+    ``device``: "cpu", "cuda" or None (as the weights load: cpu); ``dtype``: None (the weights' own, fp32), a torch
+    dtype, "fp32"/"fp16"/"bf16", or "auto" (bf16 on a CPU with native bf16, else the weights' own; what
+    ``fastdiff sample`` uses by default).
 
     Example: ``fastdiff.load("digits-ddpm", sampler="dpm++")(batch_size=16, class_labels=[3] * 16,
     num_inference_steps=15, guidance_scale=3.0, output_type="np")``. Raises ValueError for an unknown name or
@@ -105,7 +116,7 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[st
         raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     dev = None if device is None else resolve_device(device)
     path = model_path(name_or_path)
-    pipe = load_pipeline(path, device=dev, dtype=resolve_dtype(dtype))
+    pipe = load_pipeline(path, device=dev, dtype=resolve_dtype(dtype, dev))
     if sampler is not None:
         if getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"--sampler: model {str(name_or_path)!r} has no diffusion sampler (it is a GAN)")

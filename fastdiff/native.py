@@ -1,8 +1,9 @@
 """The native extension fastdiff._C: its build configuration, loading, just-in-time build and status — a loader only.
 
 The extension registers ``torch.ops.fastdiff.vq_nearest(z, codebook) -> (indices, distances)`` (C++ and, where
-torch has CUDA, CUDA kernels) and ``torch.ops.fastdiff.rows_matmul(x, weight)`` (CPU); this module registers the
-fake (meta) implementations of both and says which kernels the loaded extension has (:func:`has_kernel`). Which
+torch has CUDA, CUDA kernels), ``torch.ops.fastdiff.rows_matmul(x, weight)`` (CPU) and
+``torch.ops.fastdiff.group_norm_silu_native(x, num_groups, weight, bias, eps, silu)`` (CPU); this module registers the
+fake (meta) implementations of all three and says which kernels the loaded extension has (:func:`has_kernel`). Which
 path an op takes is decided in :mod:`fastdiff.dispatch`, like every other op's; this module imports nothing else
 from fastdiff, so setup.py reads the build configuration (sources, flags) from this file. Where the extension comes
 from, in order (first use in a process decides, once):
@@ -56,7 +57,8 @@ _fake_registered = False
 _kernels: dict[tuple[str, str], bool] = {}  # (op, device type) -> the loaded extension has it (plain dict: traceable)
 _library = ""                   # the loaded extension's shared library (what the CUDA-only build links against)
 _cuda_jit: Optional[str] = None  # the CUDA-only JIT build: None not tried, else what happened (for status())
-OPS = ("vq_nearest", "rows_matmul")  # the operators fastdiff._C may register (torch.ops.fastdiff.<op>)
+# the operators fastdiff._C may register (torch.ops.fastdiff.<op>)
+OPS = ("vq_nearest", "rows_matmul", "group_norm_silu_native")
 CPU_ISA_VALUES = ("auto", "avx512", "avx2", "generic")  # FASTDIFF_CPU_ISA: "auto" (or unset, or empty) is no cap
 
 
@@ -208,8 +210,8 @@ def _jit_build(with_cuda: Optional[bool] = None) -> str:
     digest = _sources_digest()
     digest.update(repr((torch.__version__, sys.version, with_cuda, cxx_flags(with_cuda),
                         nvcc_flags() if with_cuda else None)).encode())
-    return _build_and_load(f"fastdiff_C_{digest.hexdigest()[:16]}", "the native extension (vq_nearest, rows_matmul)",
-                           sources, with_cuda)
+    return _build_and_load(f"fastdiff_C_{digest.hexdigest()[:16]}",
+                           "the native extension (vq_nearest, rows_matmul, group_norm_silu)", sources, with_cuda)
 
 
 def _jit_build_cuda(base_library: str) -> str:
@@ -256,6 +258,13 @@ def _register_fake() -> None:
             torch._check_value(x.shape[1] == weight.shape[1], lambda: "rows_matmul: x (R, K) and weight (N, K) must "
                                f"share K, got {tuple(x.shape)} and {tuple(weight.shape)}")
             return x.new_empty((x.shape[0], weight.shape[0]))
+
+    if hasattr(torch.ops.fastdiff, "group_norm_silu_native"):
+
+        @torch.library.register_fake("fastdiff::group_norm_silu_native")
+        def _(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+              silu: bool) -> Tensor:
+            return torch.empty_like(x)
 
     _fake_registered = True
 

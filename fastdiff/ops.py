@@ -62,6 +62,8 @@ def _run(op: str, device: torch.device, backend: str, family: str, *args):
     dispatch.record(op, path)
     if path == "torch":
         return getattr(reference, op)(*args)
+    if path == "native":
+        return _NATIVE[op](*args)
     host = getattr(dispatch.load_kernels(family), op)
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -70,6 +72,14 @@ def _run(op: str, device: torch.device, backend: str, family: str, *args):
 
 
 # --------------------------------------------------------------------------------------------- group_norm_silu
+def _group_norm_silu_native(x, num_groups, weight, bias, eps, activation):
+    """The extension's C++ kernel (csrc/group_norm_silu_cpu.cpp): fp32/bf16/fp16, NCHW or channels_last."""
+    return torch.ops.fastdiff.group_norm_silu_native(x, num_groups, weight, bias, eps, activation == "silu")
+
+
+_NATIVE = {"group_norm_silu": _group_norm_silu_native}  # dispatch path "native" of the Triton ops, by op
+
+
 @torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(
     x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, activation: str,
@@ -102,7 +112,8 @@ def group_norm_silu(
         weight, bias: optional (C,) affine parameters, fp32 or x's dtype, on x's device.
         eps: added to the variance, > 0.
         activation: "silu" (default) or None for plain GroupNorm.
-        backend: None/"auto" (the dispatch rule), "torch" (reference) or "triton" (force the kernel).
+        backend: None/"auto" (the dispatch rule: Triton on CUDA, the native C++ kernel on the CPU where the
+            extension is built, else the reference), "torch" (reference), "triton" or "native" (force that kernel).
     Returns:
         y, same shape, dtype and memory format as x.
     Raises:
@@ -502,9 +513,9 @@ def _inline_for_compile(name: str, opaque) -> None:
         if triton_op is not None:
             with mode:
                 return triton_op(*args[:-1])
-        if path == "torch":  # the reference path (the CPU's): its PyTorch code, for inductor to fuse with the rest
-            with mode:
-                return opaque._init_fn(*args)
+        if path in ("torch", "native"):  # the CPU's paths: the reference's PyTorch code, for inductor to fuse
+            with mode:                     # with the rest (it generates its own fused CPU loop)
+                return opaque._init_fn(*args[:-1], "torch")
         return mode.__torch_dispatch__(op, types, args, kwargs)  # the interpreter: one opaque call
 
     opaque.register_torch_dispatch(FunctionalTensorMode, functional)

@@ -265,3 +265,172 @@ def test_plain_group_norm_module_has_no_activation():
     torch.testing.assert_close(norm(x).double(), want, rtol=1e-4, atol=1e-4)
     assert (norm(x) < 0).any()  # SiLU would bound the output below by -0.28
     assert sorted(norm.state_dict()) == ["bias", "weight"] and "activation" not in repr(norm)
+
+
+# --------------------------------------------------------------------------------------------- (c) native C++ kernel
+# The CPU's default path where the extension is built (csrc/group_norm_silu_cpu.cpp), checked on the same tables as
+# the Triton kernel, against the reference and against float64, on every instruction-set level this CPU runs.
+# FASTDIFF_CPU_ISA caps: "as_set" leaves the variable as the environment has it (unset: this CPU's best level; the
+# ISA matrix runs these tests under each of its caps), then lower levels.
+ISAS = ["as_set", "avx2", "generic"]
+
+
+def _native_ready():
+    from fastdiff import native
+
+    if not native.has_kernel("group_norm_silu_native", "cpu"):
+        pytest.skip(f"the native extension has no group_norm_silu kernel here: {native.status()}")
+
+
+def _native(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu"):
+    """The native path through the public op, checking that it ran and kept shape, dtype and memory format."""
+    fastdiff.reset_counts()
+    y = ops.group_norm_silu(x, num_groups, weight, bias, eps, activation=activation, backend="native")
+    assert fastdiff.counts() == {("group_norm_silu", "native"): 1}
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert y.stride() == x.stride(), f"memory format changed: strides {y.stride()} != {x.stride()}"
+    return y
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    _native_ready()
+    if request.param != "as_set":
+        monkeypatch.setenv("FASTDIFF_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,num_groups", SHAPES + CL_SHAPES, ids=[str(s) for s, _ in SHAPES + CL_SHAPES])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_native_matches_reference(isa, shape, num_groups, dtype, tol, channels_last):
+    if channels_last and len(shape) not in (4, 5):
+        pytest.skip("channels_last needs 4-D or 5-D input")
+    x, w, b = _inputs(shape, dtype, "cpu", channels_last=channels_last, seed=len(shape))
+    out = _native(x, num_groups, w, b)
+    assert_rel_close(out, _reference(x, num_groups, w, b, 1e-5, "silu"), tol, f"native ({isa}) vs reference")
+    assert_rel_close(out, _naive(x, num_groups, w, b, 1e-5, "silu"), TOL_VS_FLOAT64[dtype], "native vs float64")
+
+
+@pytest.mark.parametrize("shape,num_groups,channels_last", [
+    ((2, 4, 70, 70), 2, False),    # a group of 9800 elements: three statistics blocks, the last partial
+    ((1, 6, 33, 31), 3, False),    # 2046-element groups: a block with a lane tail
+    ((2, 512, 9, 9), 32, True),    # channels_last, P = 16 pixels a block: six blocks, the last one pixel
+    ((2, 20, 47, 13), 5, True),    # C = 20: vector lanes plus a tail of channels; 611 pixels in blocks of 409
+    ((3, 40, 1, 1), 8, True),      # one pixel per sample
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_blocks_and_tails(isa, shape, num_groups, channels_last, dtype):
+    x, w, b = _inputs(shape, dtype, "cpu", channels_last=channels_last, offset=3.0)
+    for activation in ("silu", None):
+        out = _native(x, num_groups, w, b, activation=activation)
+        assert_rel_close(out, _naive(x, num_groups, w, b, 1e-5, activation), TOL_VS_FLOAT64[dtype],
+                         f"native ({isa}) {shape} activation={activation}")
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["none", "weight", "bias", "both"])
+@pytest.mark.parametrize("param_dtype", ["fp32", "x"], ids=["fp32_params", "x_dtype_params"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_native_affine_and_activation(affine, activation, param_dtype, dtype):
+    _native_ready()
+    pd = torch.float32 if param_dtype == "fp32" else dtype
+    x, w, b = _inputs((2, 12, 5, 6), dtype, "cpu", affine=affine, param_dtype=pd)
+    out = _native(x, 3, w, b, activation=activation)
+    assert_rel_close(out, _naive(x, 3, w, b, 1e-5, activation), TOL_VS_FLOAT64[dtype], "native affine variants")
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_native_large_mean_offset(isa, offset, channels_last):
+    """x = offset + randn in fp32 with one constant group: fp32 blocks merged in fp64 and the mean carried as two
+    floats lose nothing — within 2e-5 of float64 at offset 1000 (the reference needs 5e-4 there)."""
+    x, w, b = _inputs((2, 16, 9, 9), torch.float32, "cpu", channels_last=channels_last, offset=offset)
+    x[1, 4:8] = offset  # sample 1, group 1: constant, variance exactly 0
+    for activation in ("silu", None):
+        out = _native(x, 4, w, b, activation=activation)
+        assert_rel_close(out, _naive(x, 4, w, b, 1e-5, activation), TOL_VS_FLOAT64[torch.float32],
+                         f"native ({isa}) offset {offset}")
+    assert torch.isfinite(out).all()
+
+
+def test_native_extreme_activations_and_non_finite(isa):
+    """SiLU over normalised values of ±100 (exp clamped, no overflow to NaN), and a NaN that stays in its group."""
+    x = torch.zeros(1, 4, 2, 8)
+    x[0, :2, 0] = 1.0  # group 0: half ones, half zeros -> normalised to ±1
+    w = torch.tensor([100.0, -100.0, 1.0, 1.0])
+    y = _native(x, 2, w, None)
+    torch.testing.assert_close(y.double(), _naive(x, 2, w, None, 1e-5, "silu"), rtol=1e-5, atol=1e-6)
+    x[0, 3, 1, 2] = float("nan")
+    y = _native(x, 2, w, None)
+    assert torch.isnan(y[0, 2:]).all() and torch.isfinite(y[0, :2]).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_batch_and_thread_invariant(isa, channels_last, dtype):
+    """Sample i's output is the same bits alone, in a batch of 9, at 1 and at 2 threads (the blocks depend only on a
+    sample's shape and are merged in a fixed order)."""
+    x, w, b = _inputs((9, 64, 24, 24), dtype, "cpu", channels_last=channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batched = _native(x, 32, w, b)
+        torch.set_num_threads(1)
+        single = [_native(x[i:i + 1], 32, w, b) for i in (0, 4, 8)]
+    finally:
+        torch.set_num_threads(threads)
+    for i, one in zip((0, 4, 8), single):
+        assert torch.equal(batched[i:i + 1], one), f"sample {i} differs between batch 9 / 2 threads and alone"
+
+
+def test_native_empty_and_other_layouts():
+    _native_ready()
+    empty = torch.randn(0, 8, 4, 4)
+    assert _native(empty, 4).shape == empty.shape
+    x, w, b = _inputs((2, 8, 5, 6), torch.float32, "cpu")
+    sliced = x[:, :, 1:4]  # neither contiguous nor channels_last: the public op copies it to contiguous
+    assert_rel_close(ops.group_norm_silu(sliced, 4, w, b, backend="native"), _naive(sliced, 4, w, b, 1e-5, "silu"),
+                     2e-5, "sliced input")
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((torch.ones(2, 8, 3, dtype=torch.int32), 4, None, None, 1e-5, True), TypeError, "x must be float32"),
+    ((torch.ones(8), 4, None, None, 1e-5, True), ValueError, "x must have shape"),
+    ((torch.ones(2, 8, 3), 3, None, None, 1e-5, True), ValueError, "num_groups must be a positive divisor of C=8"),
+    ((torch.ones(2, 8, 3), 4, torch.ones(4), None, 1e-5, True), ValueError, r"weight must have shape \(8,\)"),
+    ((torch.ones(2, 8, 3), 4, None, torch.ones(8, dtype=torch.float64), 1e-5, True), TypeError, "bias must be"),
+    ((torch.ones(2, 8, 3), 4, None, None, 0.0, True), ValueError, "eps must be"),
+], ids=["int_x", "rank_1", "groups", "weight_shape", "bias_dtype", "eps"])
+def test_native_op_checks_its_inputs(args, error, match):
+    """The registered operator, called directly, rejects what the public op would (same exception types)."""
+    _native_ready()
+    with pytest.raises(error, match=match):
+        torch.ops.fastdiff.group_norm_silu_native(*args)
+
+
+def test_native_is_the_cpu_default(monkeypatch):
+    """Without the interpreter, CPU tensors take the native kernel (fastdiff info says so); FASTDIFF_BACKEND=torch
+    and backend="torch" take the reference; without the kernel the reference runs and backend="native" raises."""
+    _native_ready()
+    from fastdiff import dispatch, native
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)  # the suite's default is the reference (conftest)
+    cpu = torch.device("cpu")
+    assert dispatch.select("group_norm_silu", cpu) == "native"
+    assert fastdiff.info()["ops"]["group_norm_silu"] == "native"
+    x, w, b = _inputs((2, 8, 4, 4), torch.float32, "cpu")
+    fastdiff.reset_counts()
+    ops.group_norm_silu(x, 4, w, b)
+    ops.group_norm_silu(x, 4, w, b, backend="torch")
+    assert fastdiff.counts() == {("group_norm_silu", "native"): 1, ("group_norm_silu", "torch"): 1}
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    assert dispatch.select("group_norm_silu", cpu) == "torch"
+    monkeypatch.delenv("FASTDIFF_BACKEND")
+    monkeypatch.setitem(native._kernels, ("group_norm_silu_native", "cpu"), False)
+    monkeypatch.setattr(dispatch, "_warned", {"native-group_norm_silu-cpu"})  # the one warning: not this test's
+    assert dispatch.select("group_norm_silu", cpu) == "torch"
+    with pytest.raises(RuntimeError, match="backend='native' requested for group_norm_silu"):
+        ops.group_norm_silu(x, 4, w, b, backend="native")

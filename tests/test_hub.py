@@ -68,6 +68,43 @@ def test_eval_command_uses_the_same_defaults(capsys):
     pytest.importorskip("sklearn")  # the held-out digits
     assert cli.main(["-q", "eval", "digits-ddpm", "--num", "10", "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "model digits-ddpm: 10 samples, 2 steps" in out and "histogram (0-9): 1 1 1 1 1 1 1 1 1 1" in out
+    auto = str(hub.resolve_dtype("auto") or torch.float32).replace("torch.", "")  # --dtype auto, the default
+    assert f"model digits-ddpm: 10 samples, {auto}, 2 steps" in out and "histogram (0-9): 1 1 1 1 1 1 1 1 1 1" in out
+    assert cli.main(["-q", "eval", "digits-ddpm", "--num", "10", "--steps", "2", "--dtype", "fp32"]) == 0
+    assert "model digits-ddpm: 10 samples, float32, 2 steps" in capsys.readouterr().out
     assert cli.main(["-q", "eval", "digits-dcgan", "--num", "10", "--guidance", "2"]) == 2
     assert "--guidance: model 'digits-dcgan' is unconditional" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native_bf16):
+    """"auto": bf16 on a CPU whose flags have AVX512_BF16 or AMX-BF16, else the weights' own dtype (None); on CUDA
+    always the weights' own (the GPU path keeps its dtype)."""
+    monkeypatch.setattr(hub, "cpu_has_native_bf16", lambda: native_bf16)
+    want = torch.bfloat16 if native_bf16 else None
+    assert hub.resolve_dtype("auto") is want and hub.resolve_dtype("auto", "cpu") is want
+    assert hub.resolve_dtype("auto", torch.device("cuda")) is None
+    assert fastdiff.load("digits-ddpm", dtype="auto").dtype == (want or torch.float32)
+    assert "auto" in hub.DTYPE_CHOICES and cli.build_parser().parse_args(["sample"]).dtype == "auto"
+    assert cli.build_parser().parse_args(["eval", "digits-ddpm"]).dtype == "auto"
+
+
+def test_cpu_flags_decide_native_bf16(monkeypatch, tmp_path):
+    """cpu_has_native_bf16 reads /proc/cpuinfo's flags: avx512_bf16 or amx_bf16 → True; plain AVX-512 → False."""
+    import builtins
+
+    from fastdiff import dispatch
+
+    real_open = builtins.open
+    for flags, want in (("fpu avx512f avx512bw avx512_bf16", True), ("fpu avx512f amx_bf16 amx_tile", True),
+                        ("fpu avx2 avx512f avx512_vnni", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, _f=cpuinfo, **k: real_open(
+            _f if path == "/proc/cpuinfo" else path, *a, **k))
+        dispatch.cpu_has_native_bf16.cache_clear()
+        try:
+            assert dispatch.cpu_has_native_bf16() is want, flags
+        finally:
+            monkeypatch.setattr(builtins, "open", real_open)
+            dispatch.cpu_has_native_bf16.cache_clear()

@@ -11,7 +11,7 @@ combinations of the three caps, are not covered. Each row runs, in fresh subproc
 
 1. a check that the caps took effect (ATen's capability, oneDNN's own report of its ISA, the native micro-kernel);
 2. the batch-invariance and native-kernel tests (tests/test_batch_invariance.py, test_rows_matmul.py,
-   test_vq_nearest.py), at 1 and 2 threads;
+   test_vq_nearest.py, and the native GroupNorm+SiLU tests of test_group_norm_silu.py), at 1 and 2 threads;
 3. ``fastdiff generate`` of the same 12 images with --batch 1 (1 thread), 5 and 12 (2 threads) and with 2 processes
    under torchrun: all four folders must be byte-identical.
 
@@ -125,6 +125,8 @@ def test_code_path(row, model_dir, tmp_path):
     # 2. the batch-invariance and native-kernel tests on this path
     _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_batch_invariance.py",
           "tests/test_rows_matmul.py", "tests/test_vq_nearest.py"], _env(row))
+    _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_group_norm_silu.py",
+          "-k", "native and as_set"], _env(row))  # the native GroupNorm+SiLU at the row's cap (FASTDIFF_CPU_ISA)
 
     # 3. fastdiff generate: batch 1 / 5 / 12 and 1 / 2 threads in one process, and 2 processes under torchrun
     _run([sys.executable, __file__, "generate", str(model_dir), str(tmp_path)], _env(row))

@@ -221,6 +221,27 @@ def test_to_dtype_and_bad_device():
             pipe.to("cuda")
 
 
+def test_cpu_sampler_state_stays_fp32_under_a_bf16_model(monkeypatch):
+    """On the CPU a bf16 pipeline computes the UNet in bf16 but keeps the latents between steps in fp32: the step
+    sees fp32 tensors, the first x_T is the fp32 draw of the same seed, and the images are close to fp32's."""
+    pipe = pixel_pipe()
+    ref = pipe(batch_size=2, num_inference_steps=3, generator=0, class_labels=[1, 2], output_type="pt",
+               progress=False)
+    pipe.to(dtype=torch.bfloat16)
+    seen = []
+    step = pipe.scheduler.step
+
+    def spy(model_output, t, sample, **kwargs):
+        seen.append((model_output.dtype, sample.dtype))
+        return step(model_output, t, sample, **kwargs)
+
+    monkeypatch.setattr(pipe.scheduler, "step", spy)
+    out = pipe(batch_size=2, num_inference_steps=3, generator=0, class_labels=[1, 2], output_type="pt",
+               progress=False)
+    assert seen == [(torch.float32, torch.float32)] * 3
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.05, (out - ref).abs().max()
+
+
 def test_cuda_graph_request_is_ignored_on_cpu(caplog):
     pipe = pixel_pipe()
     with caplog.at_level(logging.INFO, logger="fastdiff"):

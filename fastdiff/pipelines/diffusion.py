@@ -156,6 +156,10 @@ class DiffusionPipeline(Pipeline):
             batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type)
         self._prefer_channels_last()
         device, dtype = self.device, self.dtype
+        # The sampler's state: on the CPU always fp32 (a bf16 model computes in bf16, the latents between steps keep
+        # fp32, and the same seed draws the same x_T in every dtype); on CUDA the model's dtype (its graphs and fused
+        # steps run in it).
+        state_dtype = torch.float32 if device.type == "cpu" else dtype
         generator = make_generator(generator, device)
         cfg = guidance_scale is not None and float(guidance_scale) != 1.0
 
@@ -177,11 +181,11 @@ class DiffusionPipeline(Pipeline):
         # 2. initial noise x_T
         shape = self._latent_shape(batch_size)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=state_dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
-            latents = latents.to(device, dtype)
+            latents = latents.to(device, state_dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = {"generator": generator}
@@ -203,7 +207,7 @@ class DiffusionPipeline(Pipeline):
         first_bad = None if device.type == "cpu" else torch.full((), -1, device=device, dtype=torch.int64)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
             model_in = torch.cat([latents, latents]) if cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
+            model_in = self.scheduler.scale_model_input(model_in, t).to(dtype)
             t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.float32)
             if graphs is not None and hasattr(self.scheduler, "fused_step"):
                 # DDIM/DDPM: the UNet call and the fused update replay as one graph
@@ -216,7 +220,7 @@ class DiffusionPipeline(Pipeline):
                     out = graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
                 else:
                     out = denoiser(model_in, t_batch, class_labels=model_labels, context=model_context)
-                latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
+                latents = self.scheduler.step(out.to(state_dtype), t, latents, **step_kwargs).prev_sample
             # 4. stop on NaN/Inf, naming the step (on CUDA the check stays on the device until the end)
             finite = torch.isfinite(latents).all()
             if first_bad is None:
@@ -228,7 +232,7 @@ class DiffusionPipeline(Pipeline):
             bad = int(first_bad)
             raise NonFiniteError(f"NaN/Inf in the latents at step {bad + 1}/{len(timesteps)} (t={timesteps[bad]})")
 
-        images = self._decode(latents)
+        images = self._decode(latents.to(dtype))
         return to_output(images, output_type)
 
 

@@ -1,0 +1,40 @@
+// The GroupNorm + SiLU loops (group_norm_silu_loops.h) compiled for AVX-512 (F, BW, VL, DQ).
+// See csrc/group_norm_silu.h.
+#include "group_norm_silu_kernels.h"
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+// Everything below is compiled for this instruction set; the headers above are not (their inline functions are
+// shared with the rest of the program). The driver calls this table only where CPUID reports the set.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,prefer-vector-width=512")
+#endif
+
+namespace fastdiff {
+namespace gn_cpu {
+namespace avx512 {
+#define GN_KERNELS_NAME table
+#define GN_LANES 16
+#include "group_norm_silu_loops.h"
+#undef GN_LANES
+#undef GN_KERNELS_NAME
+}  // namespace avx512
+
+const Kernels& kernels_avx512() { return avx512::table(); }
+
+}  // namespace gn_cpu
+}  // namespace fastdiff
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
