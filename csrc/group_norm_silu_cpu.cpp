@@ -5,8 +5,8 @@
 //    last: each sample's S pixels are cut into blocks of P pixels, and each block gives per-channel moments (the
 //    vector loops run along C). A block's mean and M2 come from two fp32 passes over the cached block (the second
 //    corrects the first), and the blocks of a group are merged in fp64 with Chan's formula, in a fixed order;
-// 2. output: y = act(((x - hi) - lo) * (w rstd) + b), the group mean carried as two floats hi + lo so that x - mean
-//    keeps every digit when |mean| >> std.
+// 2. output: y = act((x - hi) * a + shift) with hi the group mean rounded to fp32, a = w rstd and
+//    shift = b - (mean - hi) a: x - hi is exact near the mean, so no digit is lost when |mean| >> std.
 // So x is read twice from memory (once per pass) and y written once; nothing else is materialised but the
 // per-block moments. Loops: csrc/cpu/group_norm_silu_loops.h, compiled per instruction set.
 #include "group_norm_silu.h"
@@ -122,16 +122,18 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
   const Kernels& k = active_kernels();
   constexpr int64_t kGrainElems = 16384;  // elements per parallel chunk, at least
 
-  // Group statistics -> per (n, c) scale a = w rstd, the mean in two floats (hi, lo), and b.
-  std::vector<float> hi(N * C), lo(N * C), a(N * C);
+  // Group statistics -> per (n, c): hi (the mean rounded to fp32), scale a = w rstd, shift = b - (mean - hi) a.
+  std::vector<float> hi(N * C), a(N * C), shift(N * C);
   auto finish_group = [&](int64_t ng, const Moments& m) {
     const double rstd = 1.0 / std::sqrt(m.m2 / m.count + eps);
-    const float mean_hi = static_cast<float>(m.mean), mean_lo = static_cast<float>(m.mean - mean_hi);
+    const float mean_hi = static_cast<float>(m.mean);
+    const double mean_lo = m.mean - mean_hi;
     const int64_t n = ng / G, c0 = (ng % G) * Cg;
     for (int64_t c = c0; c < c0 + Cg; ++c) {
+      const double scale = w[c] * rstd;
       hi[n * C + c] = mean_hi;
-      lo[n * C + c] = mean_lo;
-      a[n * C + c] = static_cast<float>(w[c] * rstd);
+      a[n * C + c] = static_cast<float>(scale);
+      shift[n * C + c] = static_cast<float>(b[c] - mean_lo * scale);
     }
   };
 
@@ -159,8 +161,7 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
     });
     at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainElems / S), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % C;
-        k.row_apply[dt](xp + r * S * esz, yp + r * S * esz, S, hi[r], lo[r], a[r], b[c], silu);
+        k.row_apply[dt](xp + r * S * esz, yp + r * S * esz, S, hi[r], a[r], shift[r], silu);
       }
     });
     return y;
@@ -173,22 +174,42 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
   std::vector<float> bm2(N * nblk * C);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (P * C));
   at::parallel_for(0, N * nblk, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(3 * C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nblk, p0 = (t % nblk) * P;
-      k.pixel_stats[dt](xp + (n * S + p0) * C * esz, std::min(P, S - p0), C, &bmean[t * C], &bm2[t * C],
-                        scratch.data());
+      k.pixel_stats[dt](xp + (n * S + p0) * C * esz, std::min(P, S - p0), C, &bmean[t * C], &bm2[t * C]);
     }
   });
+  // Per channel, the blocks of P pixels have equal counts (all but a shorter last one): their merged mean is the
+  // mean of the block means and M2 = sum of M2_b + P * sum of (mean_b - mean)^2, no division per block (a Chan merge
+  // per block and channel would cost more than reading the data at large C); then the short block, then the group's
+  // channels, all in a fixed order.
+  const int64_t full_blocks = S % P == 0 ? nblk : nblk - 1;
   at::parallel_for(0, N * G, std::max<int64_t>(1, 4096 / (Cg * nblk)), [&](int64_t g0, int64_t g1) {
+    std::vector<double> mean(Cg), q(Cg);
     for (int64_t ng = g0; ng < g1; ++ng) {
       const int64_t n = ng / G, c0 = (ng % G) * Cg;
-      Moments m;
-      for (int64_t c = c0; c < c0 + Cg; ++c) {
-        for (int64_t j = 0; j < nblk; ++j) {
-          const int64_t idx = (n * nblk + j) * C + c;
-          m.merge(static_cast<double>(std::min(P, S - j * P)), bmean[idx], bm2[idx]);
+      const double* means = &bmean[n * nblk * C + c0];  // block j, channel c0 + i: means[j * C + i]
+      const float* m2s = &bm2[n * nblk * C + c0];
+      std::fill(mean.begin(), mean.end(), 0.0);
+      std::fill(q.begin(), q.end(), 0.0);
+      for (int64_t j = 0; j < full_blocks; ++j) {  // blocks outer, channels inner: contiguous reads
+        for (int64_t i = 0; i < Cg; ++i) mean[i] += means[j * C + i];
+      }
+      for (int64_t i = 0; i < Cg; ++i) mean[i] /= static_cast<double>(std::max<int64_t>(full_blocks, 1));
+      for (int64_t j = 0; j < full_blocks; ++j) {
+        for (int64_t i = 0; i < Cg; ++i) {
+          const double dev = means[j * C + i] - mean[i];
+          q[i] += static_cast<double>(m2s[j * C + i]) + static_cast<double>(P) * dev * dev;
         }
+      }
+      Moments m;
+      for (int64_t i = 0; i < Cg; ++i) {
+        Moments channel;
+        if (full_blocks > 0) channel.merge(static_cast<double>(full_blocks * P), mean[i], q[i]);
+        if (full_blocks < nblk) {
+          channel.merge(static_cast<double>(S - full_blocks * P), means[full_blocks * C + i], m2s[full_blocks * C + i]);
+        }
+        m.merge(channel.count, channel.mean, channel.m2);
       }
       finish_group(ng, m);
     }
@@ -197,8 +218,7 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nblk, p0 = (t % nblk) * P;
       const int64_t off = (n * S + p0) * C * esz;
-      k.pixel_apply[dt](xp + off, yp + off, std::min(P, S - p0), C, &hi[n * C], &lo[n * C], &a[n * C], b.data(),
-                        silu);
+      k.pixel_apply[dt](xp + off, yp + off, std::min(P, S - p0), C, &hi[n * C], &a[n * C], &shift[n * C], silu);
     }
   });
   return y;

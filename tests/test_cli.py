@@ -118,6 +118,26 @@ def test_info_and_models():
         assert name in res.stdout
 
 
+def test_info_shows_the_native_cpu_path_and_what_dtype_auto_means():
+    """Without FASTDIFF_BACKEND and the interpreter (a user's setting), the CPU runs the native GroupNorm+SiLU where
+    the extension has it; `fastdiff info` says so, and what --dtype auto picks here."""
+    from fastdiff import dispatch, native
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDIFF_BACKEND")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "fastdiff", "info", "--json"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["ops"]["group_norm_silu"] == ("native" if native.has_kernel("group_norm_silu_native", "cpu")
+                                              else "torch")
+    assert info["cpu_native_bf16"] is dispatch.cpu_has_native_bf16()
+    assert info["dtype_auto"] == ("bfloat16" if dispatch.cpu_has_native_bf16() else "the weights' own (fp32)")
+    text = subprocess.run([sys.executable, "-m", "fastdiff", "info"], capture_output=True, text=True, env=env,
+                          timeout=300).stdout
+    assert f"--dtype auto here: {info['dtype_auto']}" in text and "group_norm_silu" in text
+
+
 @needs_shipped
 def test_default_sample_command_makes_recognisable_digits(tmp_path):
     """`fastdiff sample` with no arguments: samples.png of the default model; the shipped classifier reads the

@@ -3,6 +3,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -20,9 +21,11 @@ namespace fastdiff {
 namespace gn_cpu {
 namespace avx2 {
 #define GN_KERNELS_NAME table
+#define GN_RECIPROCAL(d) ((vf)_mm256_rcp_ps((__m256)(d)))
 #define GN_LANES 8
 #include "group_norm_silu_loops.h"
 #undef GN_LANES
+#undef GN_RECIPROCAL
 #undef GN_KERNELS_NAME
 }  // namespace avx2
 

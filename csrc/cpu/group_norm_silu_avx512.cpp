@@ -4,6 +4,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -21,9 +22,11 @@ namespace fastdiff {
 namespace gn_cpu {
 namespace avx512 {
 #define GN_KERNELS_NAME table
+#define GN_RECIPROCAL(d) ((vf)_mm512_rcp14_ps((__m512)(d)))
 #define GN_LANES 16
 #include "group_norm_silu_loops.h"
 #undef GN_LANES
+#undef GN_RECIPROCAL
 #undef GN_KERNELS_NAME
 }  // namespace avx512
 

@@ -19,13 +19,14 @@ struct Kernels {
   // Mean and M2 (sum of squared deviations) of x[0, n), 1 <= n <= kBlock: fp32 sums, two passes over the block
   // (the second corrects the first); the mean is returned in fp64 (first-pass mean + fp32 correction).
   void (*block_stats[3])(const void* x, int64_t n, double* mean, float* m2);
-  // y[i] = act(((x[i] - hi) - lo) * a + b) for i < n (hi + lo: the group mean in two floats).
-  void (*row_apply[3])(const void* x, void* y, int64_t n, float hi, float lo, float a, float b, bool silu);
-  // Channels-last block of P pixels x C channels: per-channel mean and M2 over the P pixels. scratch: 3 C floats.
-  void (*pixel_stats[3])(const void* x, int64_t P, int64_t C, double* mean, float* m2, float* scratch);
-  // Channels-last block: y[p, c] = act(((x[p, c] - hi[c]) - lo[c]) * a[c] + b[c]).
-  void (*pixel_apply[3])(const void* x, void* y, int64_t P, int64_t C, const float* hi, const float* lo,
-                         const float* a, const float* b, bool silu);
+  // y[i] = act((x[i] - hi) * a + shift) for i < n: hi the group mean rounded to fp32 (x - hi is exact where x is
+  // near the mean), a = w rstd, shift = b - (mean - hi) a.
+  void (*row_apply[3])(const void* x, void* y, int64_t n, float hi, float a, float shift, bool silu);
+  // Channels-last block of P pixels x C channels: per-channel mean (fp64) and M2 over the P pixels.
+  void (*pixel_stats[3])(const void* x, int64_t P, int64_t C, double* mean, float* m2);
+  // Channels-last block: y[p, c] = act((x[p, c] - hi[c]) * a[c] + shift[c]).
+  void (*pixel_apply[3])(const void* x, void* y, int64_t P, int64_t C, const float* hi, const float* a,
+                         const float* shift, bool silu);
 };
 
 const Kernels& kernels_generic();

@@ -4,8 +4,8 @@
 // The loops use the compilers' generic vectors (GN_LANES floats, the target's register width), bf16 by
 // bit shifts, exp by range reduction and a polynomial (no calls). Include only from those files.
 //
-// Expects: <cstdint>, <cstring>, <c10/util/Half.h> included, GN_KERNELS_NAME the name of the table's getter and
-// GN_LANES the vector width in floats.
+// Expects: <cstdint>, <cstring>, <c10/util/Half.h> included, GN_KERNELS_NAME the name of the table's getter,
+// GN_LANES the vector width in floats and optionally GN_RECIPROCAL(d), a reciprocal estimate of a vector.
 
 // GN_LANES floats per vector, the including file's register width: 16 (zmm), 8 (ymm) or 4 (xmm).
 constexpr int kLanes = GN_LANES;
@@ -116,7 +116,18 @@ inline vf exp_clamped(vf z) {
 }
 
 inline float silu(float v) { return v / (1.0f + exp_clamped(-v)); }
+#ifdef GN_RECIPROCAL
+// The vector division's throughput bounds the output pass; the target's reciprocal estimate (GN_RECIPROCAL, 12 or
+// 14 bits) and one Newton step give 1/d to about 1 ulp (0 for d past 2^126, where v/d is below 1e-37 anyway).
+inline vf silu(vf v) {
+  const vf d = 1.0f + exp_clamped(-v);
+  vf r = GN_RECIPROCAL(d);
+  r = r * (2.0f - d * r);
+  return v * r;
+}
+#else
 inline vf silu(vf v) { return v / (1.0f + exp_clamped(-v)); }
+#endif
 
 // ------------------------------------------------------------------------------------------------ NCHW
 template <typename T>
@@ -151,72 +162,108 @@ void block_stats(const void* xv, int64_t n, double* mean, float* m2) {
 }
 
 template <typename T>
-void row_apply(const void* xv, void* yv, int64_t n, float hi, float lo, float a, float b, bool act) {
+void row_apply(const void* xv, void* yv, int64_t n, float hi, float a, float shift, bool act) {
   const T* x = static_cast<const T*>(xv);
   T* y = static_cast<T*>(yv);
   const int64_t full = n / kLanes * kLanes;
   if (act) {
-    for (int64_t i = 0; i < full; i += kLanes) storev(y + i, silu(((loadv(x + i) - hi) - lo) * a + b));
-    for (int64_t i = full; i < n; ++i) store(y, i, silu(((load(x, i) - hi) - lo) * a + b));
+    for (int64_t i = 0; i < full; i += kLanes) storev(y + i, silu((loadv(x + i) - hi) * a + shift));
+    for (int64_t i = full; i < n; ++i) store(y, i, silu((load(x, i) - hi) * a + shift));
   } else {
-    for (int64_t i = 0; i < full; i += kLanes) storev(y + i, ((loadv(x + i) - hi) - lo) * a + b);
-    for (int64_t i = full; i < n; ++i) store(y, i, ((load(x, i) - hi) - lo) * a + b);
+    for (int64_t i = 0; i < full; i += kLanes) storev(y + i, (loadv(x + i) - hi) * a + shift);
+    for (int64_t i = full; i < n; ++i) store(y, i, (load(x, i) - hi) * a + shift);
   }
 }
 
 // ------------------------------------------------------------------------------------------------ channels last
-template <typename T>
-void pixel_stats(const void* xv, int64_t P, int64_t C, double* mean, float* m2, float* scratch) {
-  const T* x = static_cast<const T*>(xv);
-  const int64_t full = C / kLanes * kLanes;
-  float* s = scratch;
-  float* d = scratch + C;
-  float* q = scratch + 2 * C;
-  for (int64_t c = 0; c < C; ++c) s[c] = d[c] = q[c] = 0.0f;
+// Channel chunks outer, pixels inner: each chunk's accumulators stay in registers while the loop walks the block's
+// pixels (C elements apart; the block is cache-resident), so an element costs one load and its arithmetic.
+constexpr int kChunk = 4;  // vectors of channels per chunk
+
+template <typename T, int V>
+void pixel_stats_chunk(const T* x, int64_t P, int64_t C, int64_t c0, double* mean, float* m2) {
+  vf s[V] = {};
   for (int64_t p = 0; p < P; ++p) {
-    const T* row = x + p * C;
-    for (int64_t c = 0; c < full; c += kLanes) storev(s + c, loadv(s + c) + loadv(row + c));
-    for (int64_t c = full; c < C; ++c) s[c] += load(row, c);
+    const T* row = x + p * C + c0;
+    for (int v = 0; v < V; ++v) s[v] += loadv(row + v * kLanes);
   }
   const float inv = 1.0f / static_cast<float>(P);
-  for (int64_t c = 0; c < C; ++c) s[c] *= inv;  // the first-pass means
+  vf m[V], d[V] = {}, q[V] = {};
+  for (int v = 0; v < V; ++v) m[v] = s[v] * inv;  // the first-pass means
   for (int64_t p = 0; p < P; ++p) {
-    const T* row = x + p * C;
-    for (int64_t c = 0; c < full; c += kLanes) {
-      const vf v = loadv(row + c) - loadv(s + c);
-      storev(d + c, loadv(d + c) + v);
-      storev(q + c, loadv(q + c) + v * v);
-    }
-    for (int64_t c = full; c < C; ++c) {
-      const float v = load(row, c) - s[c];
-      d[c] += v;
-      q[c] += v * v;
+    const T* row = x + p * C + c0;
+    for (int v = 0; v < V; ++v) {
+      const vf e = loadv(row + v * kLanes) - m[v];
+      d[v] += e;
+      q[v] += e * e;
     }
   }
-  for (int64_t c = 0; c < C; ++c) {
-    const float corr = d[c] * inv;
-    mean[c] = static_cast<double>(s[c]) + static_cast<double>(corr);
-    const float r = q[c] - d[c] * corr;
-    m2[c] = r > 0.0f ? r : 0.0f;
+  for (int v = 0; v < V; ++v) {
+    for (int l = 0; l < kLanes; ++l) {  // the deviations' sum corrects the mean (kept in fp64) and M2
+      const float corr = d[v][l] * inv;
+      mean[c0 + v * kLanes + l] = static_cast<double>(m[v][l]) + static_cast<double>(corr);
+      const float r = q[v][l] - d[v][l] * corr;
+      m2[c0 + v * kLanes + l] = r > 0.0f ? r : 0.0f;
+    }
   }
 }
 
 template <typename T>
-void pixel_apply(const void* xv, void* yv, int64_t P, int64_t C, const float* hi, const float* lo, const float* a,
-                 const float* b, bool act) {
+void pixel_stats(const void* xv, int64_t P, int64_t C, double* mean, float* m2) {
+  const T* x = static_cast<const T*>(xv);
+  int64_t c0 = 0;
+  for (; c0 + kChunk * kLanes <= C; c0 += kChunk * kLanes) pixel_stats_chunk<T, kChunk>(x, P, C, c0, mean, m2);
+  for (; c0 + kLanes <= C; c0 += kLanes) pixel_stats_chunk<T, 1>(x, P, C, c0, mean, m2);
+  const float inv = 1.0f / static_cast<float>(P);
+  for (; c0 < C; ++c0) {  // channels past the last full vector: the same two passes, one channel at a time
+    float s = 0.0f;
+    for (int64_t p = 0; p < P; ++p) s += load(x, p * C + c0);
+    const float m = s * inv;
+    float d = 0.0f, q = 0.0f;
+    for (int64_t p = 0; p < P; ++p) {
+      const float e = load(x, p * C + c0) - m;
+      d += e;
+      q += e * e;
+    }
+    const float corr = d * inv;
+    mean[c0] = static_cast<double>(m) + static_cast<double>(corr);
+    const float r = q - d * corr;
+    m2[c0] = r > 0.0f ? r : 0.0f;
+  }
+}
+
+template <typename T, int V>
+void pixel_apply_chunk(const T* x, T* y, int64_t P, int64_t C, int64_t c0, const float* hi, const float* a,
+                       const float* shift, bool act) {
+  vf h[V], sc[V], sh[V];
+  for (int v = 0; v < V; ++v) {
+    h[v] = loadv(hi + c0 + v * kLanes);
+    sc[v] = loadv(a + c0 + v * kLanes);
+    sh[v] = loadv(shift + c0 + v * kLanes);
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t off = p * C + c0;
+    for (int v = 0; v < V; ++v) {
+      const vf t = (loadv(x + off + v * kLanes) - h[v]) * sc[v] + sh[v];
+      storev(y + off + v * kLanes, act ? silu(t) : t);
+    }
+  }
+}
+
+template <typename T>
+void pixel_apply(const void* xv, void* yv, int64_t P, int64_t C, const float* hi, const float* a, const float* shift,
+                 bool act) {
   const T* x = static_cast<const T*>(xv);
   T* y = static_cast<T*>(yv);
-  const int64_t full = C / kLanes * kLanes;
-  for (int64_t p = 0; p < P; ++p) {
-    const T* xr = x + p * C;
-    T* yr = y + p * C;
-    for (int64_t c = 0; c < full; c += kLanes) {
-      const vf v = ((loadv(xr + c) - loadv(hi + c)) - loadv(lo + c)) * loadv(a + c) + loadv(b + c);
-      storev(yr + c, act ? silu(v) : v);
-    }
-    for (int64_t c = full; c < C; ++c) {
-      const float v = ((load(xr, c) - hi[c]) - lo[c]) * a[c] + b[c];
-      store(yr, c, act ? silu(v) : v);
+  int64_t c0 = 0;
+  for (; c0 + kChunk * kLanes <= C; c0 += kChunk * kLanes) {
+    pixel_apply_chunk<T, kChunk>(x, y, P, C, c0, hi, a, shift, act);
+  }
+  for (; c0 + kLanes <= C; c0 += kLanes) pixel_apply_chunk<T, 1>(x, y, P, C, c0, hi, a, shift, act);
+  for (; c0 < C; ++c0) {
+    for (int64_t p = 0; p < P; ++p) {
+      const float t = (load(x, p * C + c0) - hi[c0]) * a[c0] + shift[c0];
+      store(y, p * C + c0, act ? silu(t) : t);
     }
   }
 }
