@@ -29,8 +29,9 @@ The first call of every provider (compiles, conversions, graph captures) is not 
 ``extra_info["first_call_s"]``, so the cost of a compile is reported, not hidden. ``extra_info["dtype"]`` is the
 precision each provider computed in.
 
-``FASTDIFF_BENCH_QUICK=1`` (used by CI together with --benchmark-disable) runs 3 steps at batch 4 so the file only
-checks that everything still runs.
+Every provider gets one more untimed call, then ``FASTDIFF_BENCH_ROUNDS`` (default 3) timed ones; the table reports
+their median. ``FASTDIFF_BENCH_QUICK=1`` (used by CI together with --benchmark-disable) runs 3 steps at batch 4 so
+the file only checks that everything still runs.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 QUICK = os.environ.get("FASTDIFF_BENCH_QUICK") == "1"
 BATCH = 4 if QUICK else 16
 GUIDANCE = 2.0
+ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "3"))  # timed calls per provider, after one untimed warm-up
 PROVIDERS = ["fastdiff", "fastdiff-fp32", "fastdiff-compile", "fastdiff-compile-fp32", "diffusers", "diffusers-bf16",
              "compile", "compile-freeze", "compile-freeze-bf16", "openvino", "openvino-bf16"]
 CPU_ONLY = {"fastdiff-fp32", "fastdiff-compile-fp32", "diffusers-bf16", "compile-freeze-bf16", "openvino",
@@ -228,7 +230,7 @@ def test_bench_pipeline(benchmark, warm_up, synchronized, case, provider):
                                f"{DEVICE.type}")
             benchmark.extra_info.update(provider=provider, steps=steps, batch=BATCH, device=DEVICE.type, dtype=dtype,
                                         first_call_s=round(first_call, 2))
-            benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=0)
+            benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     finally:
         ours.disable_compile()
         ours.to(DEVICE, torch.float32)
