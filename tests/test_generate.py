@@ -119,6 +119,27 @@ def test_other_batch_sizes_make_the_same_files(model_dir, reference, tmp_path, s
         assert_same_files(got, {k: v for k, v in ref.items() if k != MANIFEST})
 
 
+def test_the_native_cpu_path_is_batch_invariant_too(model_dir, tmp_path, monkeypatch):
+    """A user's CPU run (no FASTDIFF_BACKEND, no interpreter) takes the native GroupNorm+SiLU kernel; its files are
+    the same bytes at --batch 1, 4 and NUM as well."""
+    from fastdiff import dispatch, native
+
+    if not native.has_kernel("group_norm_silu_native", "cpu"):
+        pytest.skip(f"no native GroupNorm+SiLU here: {native.status()}")
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    outs = {}
+    for batch in (1, 4, NUM):
+        dispatch.reset_counts()
+        generate(model_dir, NUM, tmp_path / f"b{batch}", batch=batch, fmt="npz", progress=False)
+        assert dispatch.counts().get(("group_norm_silu", "native"), 0) > 0, dispatch.counts()
+        got = files(tmp_path / f"b{batch}")
+        got.pop(MANIFEST)
+        outs[batch] = got
+    assert_same_files(outs[4], outs[1])
+    assert_same_files(outs[NUM], outs[1])
+
+
 def test_batch_invariance_off_makes_the_same_images_up_to_rounding(model_dir, reference, tmp_path):
     """--no-batch-invariant (the CUDA default): the same samples, the last bits may move with the batch."""
     from io import BytesIO
