@@ -18,14 +18,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <string>
 
 namespace fastdiff {
 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps, bool silu);
-
-// The instruction set group_norm_silu_cpu runs with here ("avx512", "avx2" or "generic").
-std::string group_norm_silu_cpu_isa();
 
 }  // namespace fastdiff

@@ -75,18 +75,6 @@ std::vector<float> param_values(const std::optional<at::Tensor>& p, int64_t chan
 
 }  // namespace
 
-std::string group_norm_silu_cpu_isa() {
-  switch (active_cpu_isa()) {
-    case CpuIsa::kAmx:
-    case CpuIsa::kAvx512:
-      return "avx512";
-    case CpuIsa::kAvx2:
-      return "avx2";
-    default:
-      return "generic";
-  }
-}
-
 at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps, bool silu) {
   TORCH_CHECK_VALUE(x_in.dim() >= 2, "group_norm_silu: x must have shape (N, C, *spatial), got ", x_in.sizes());

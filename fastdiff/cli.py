@@ -178,6 +178,9 @@ def cmd_generate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parser
+DTYPE_HELP = "compute dtype (default auto: bf16 on a CPU with native bf16, else the weights' fp32)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastdiff.hub import DTYPE_CHOICES, SAMPLERS
 
@@ -195,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=int, default=None, help="the digit to draw (0-9)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="compute dtype (default auto: bf16 on a CPU with native bf16, else the weights' fp32)")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     s.add_argument("--backend", choices=["auto", "torch", "triton", "native"], default=None,
                    help="kernel path (fastdiff info)")
     s.set_defaults(func=cmd_sample)
@@ -216,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
-    e.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="compute dtype (default auto: bf16 on a CPU with native bf16, else the weights' fp32)")
+    e.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     e.add_argument("--card", action="store_true", help="write the scores into the model folder's MODEL_CARD.md")
     e.set_defaults(func=cmd_eval)
 

@@ -157,6 +157,12 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def auto_dtype(device_type: str) -> torch.dtype | None:
+    """What ``dtype="auto"`` (``--dtype auto``) computes in on a ``device_type`` device: bf16 on a CPU with native
+    bf16 (:func:`cpu_has_native_bf16`); None (the weights' own dtype) elsewhere, CUDA included."""
+    return torch.bfloat16 if device_type == "cpu" and cpu_has_native_bf16() else None
+
+
 def record(op: str, path: str) -> None:
     """Count one call of ``op`` on ``path`` (see :func:`counts`)."""
     _counts[(op, path)] += 1
@@ -196,5 +202,5 @@ def info() -> dict:
         "native_extension": native.status(),
         "batch_invariant_gemm": "native rows_matmul" if native.has_rows_matmul() else "BLAS in fixed-shape chunks",
         "cpu_native_bf16": cpu_has_native_bf16(),
-        "dtype_auto": "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "the weights' own (fp32)",
+        "dtype_auto": str(auto_dtype(device.type) or "the weights' own (fp32)").replace("torch.", ""),
     }

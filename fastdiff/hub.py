@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from fastdiff.dispatch import cpu_has_native_bf16
+from fastdiff.dispatch import auto_dtype
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "digits-ddpm"
@@ -82,11 +82,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 def resolve_dtype(dtype: Union[str, torch.dtype, None],
                   device: Union[str, torch.device, None] = None) -> Optional[torch.dtype]:
     """None (the weights' own dtype), a torch floating dtype, a name of :data:`DTYPES` ("fp32", "fp16", "bf16") or
-    "auto": bf16 on a CPU with native bf16 (:func:`cpu_has_native_bf16`), else None. ``device`` is where the model
-    runs (None: the CPU, where weights load); on CUDA "auto" keeps the weights' dtype."""
+    "auto" (:func:`fastdiff.dispatch.auto_dtype`: bf16 on a CPU with native bf16, else None). ``device`` is where
+    the model runs (None: the CPU, where weights load); on CUDA "auto" keeps the weights' dtype."""
     if dtype == "auto":
-        on_cpu = device is None or torch.device(device).type == "cpu"
-        return torch.bfloat16 if on_cpu and cpu_has_native_bf16() else None
+        return auto_dtype("cpu" if device is None else torch.device(device).type)
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:

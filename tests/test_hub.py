@@ -80,7 +80,9 @@ def test_eval_command_uses_the_same_defaults(capsys):
 def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native_bf16):
     """"auto": bf16 on a CPU whose flags have AVX512_BF16 or AMX-BF16, else the weights' own dtype (None); on CUDA
     always the weights' own (the GPU path keeps its dtype)."""
-    monkeypatch.setattr(hub, "cpu_has_native_bf16", lambda: native_bf16)
+    from fastdiff import dispatch
+
+    monkeypatch.setattr(dispatch, "cpu_has_native_bf16", lambda: native_bf16)
     want = torch.bfloat16 if native_bf16 else None
     assert hub.resolve_dtype("auto") is want and hub.resolve_dtype("auto", "cpu") is want
     assert hub.resolve_dtype("auto", torch.device("cuda")) is None
