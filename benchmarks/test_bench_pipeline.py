@@ -45,6 +45,8 @@ import pytest
 import torch
 
 import fastdiff
+import fastdiff.pipelines
+import fastdiff.schedulers
 
 diffusers = pytest.importorskip("diffusers")
 

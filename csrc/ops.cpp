@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "conv3x3_winograd.h"
 #include "group_norm_silu.h"
 #include "rows_matmul.h"
 #include "vq_nearest.h"
@@ -55,6 +56,7 @@ TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   m.def("rows_matmul(Tensor x, Tensor weight) -> Tensor");
   m.def("group_norm_silu_native(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> "
         "Tensor");
+  m.def("conv3x3_winograd_native(Tensor x, Tensor u, Tensor? bias, int tile) -> Tensor");
   m.def("_native_info() -> str", &fastdiff::native_info);
 }
 
@@ -62,6 +64,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("vq_nearest", &fastdiff::vq_nearest_cpu);
   m.impl("rows_matmul", &fastdiff::rows_matmul_cpu);
   m.impl("group_norm_silu_native", &fastdiff::group_norm_silu_cpu);
+  m.impl("conv3x3_winograd_native", &fastdiff::conv3x3_winograd_cpu);
 }
 
 // `import fastdiff._C` (the setup.py build) needs a module init; the just-in-time build is loaded as a plain

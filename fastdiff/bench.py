@@ -98,6 +98,8 @@ def op_rows(device: torch.device, repeats: int, compile_backend: str | None = No
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     x = torch.randn(8, 256, 32, 32, device=device, dtype=dtype)
     w, b = torch.randn(256, device=device, dtype=dtype), torch.randn(256, device=device, dtype=dtype)
+    xc = torch.randn(8, 128, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    wc = (0.03 * torch.randn(128, 128, 3, 3, device=device, dtype=dtype)).contiguous(memory_format=torch.channels_last)
     q = torch.randn(2, 8, 1024, 64, device=device, dtype=dtype)
     k77 = torch.randn(2, 8, 77, 64, device=device, dtype=dtype)
     s = torch.randn(16, 4, 32, 32, device=device, dtype=dtype)
@@ -107,6 +109,8 @@ def op_rows(device: torch.device, repeats: int, compile_backend: str | None = No
     cases = [  # op, shape, eager baseline, SDPA baseline or None, fastdiff
         ("group_norm_silu", "8×256×32²", lambda: F.silu(F.group_norm(x, 32, w, b)), None,
          lambda: ops.group_norm_silu(x, 32, w, b)),
+        ("conv3x3", "8×128×32², 128 out, NHWC", lambda: F.conv2d(xc, wc, b[:128], padding=1), None,
+         lambda: ops.conv3x3(xc, wc, b[:128])),
         ("attention (self)", "2×8×1024, D=64", lambda: _eager_attention(q, q, q),
          lambda: F.scaled_dot_product_attention(q, q, q), lambda: ops.attention(q, q, q)),
         ("attention (cross)", "2×8×1024×77, D=64", lambda: _eager_attention(q, k77, k77),

@@ -9,6 +9,9 @@
 | ``FASTDIFF_BACKEND=torch`` or ``backend="torch"`` | ``torch`` anywhere                     |
 | autograd needs gradients                         | ``torch`` (the public op calls the reference directly) |
 | Triton unavailable                               | ``torch``, one log line, never an error |
+| ``conv3x3`` (no Triton kernel)                   | ``native`` (Winograd, :func:`fastdiff.ops.conv3x3`) on  |
+|                                                  | CPU tensors where the extension has it; ``torch``       |
+|                                                  | (cuDNN / oneDNN) elsewhere, no log line                 |
 | ``vq_nearest`` (a native op, no Triton kernel)    | ``native`` where the extension has a kernel for the     |
 |                                                  | device, else ``torch`` (one log line)  |
 | linear / matmul / mm / bmm inside                | ``native`` (``rows_matmul``) for fp32 CPU tensors, else |
@@ -38,6 +41,9 @@ logger = logging.getLogger("fastdiff")
 BACKENDS = ("auto", "torch", "triton", "native")
 TRITON_OPS = ("group_norm_silu", "attention", "ddim_step", "ddpm_step")
 NATIVE_OPS = ("vq_nearest",)  # ops whose fast path is the native extension (fastdiff._C)
+# Ops without a Triton kernel whose CPU fast path is a native kernel (the extension's operator name); elsewhere torch's
+# own kernel (cuDNN, oneDNN) is the fast path.
+CPU_NATIVE_OPS = {"conv3x3": "conv3x3_winograd_native"}
 # Triton ops whose CPU path is a native kernel (the extension's operator name), where the extension has it.
 NATIVE_CPU_KERNELS = {"group_norm_silu": "group_norm_silu_native"}
 
@@ -117,6 +123,10 @@ def select(op: str, device: torch.device, backend: str = "auto") -> str:
         backend = env_backend()
     if op in NATIVE_OPS:
         return _select_native(op, device, backend)
+    if op in CPU_NATIVE_OPS:
+        if device.type != "cpu" or backend in ("torch", "triton"):
+            return "torch"
+        return _select_native(op, device, backend, CPU_NATIVE_OPS[op])
     native_cpu = NATIVE_CPU_KERNELS.get(op) if device.type == "cpu" else None
     if backend == "native":
         return _select_native(op, device, backend, native_cpu) if native_cpu else "torch"
@@ -186,7 +196,7 @@ def info() -> dict:
     """Which path each op takes here, plus versions and devices (also ``fastdiff info``)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    paths = {op: select(op, device) for op in TRITON_OPS + NATIVE_OPS}
+    paths = {op: select(op, device) for op in TRITON_OPS + NATIVE_OPS + tuple(CPU_NATIVE_OPS)}
     from fastdiff import native
 
     triton_version = None

@@ -2,8 +2,9 @@
 
 The extension registers ``torch.ops.fastdiff.vq_nearest(z, codebook) -> (indices, distances)`` (C++ and, where
 torch has CUDA, CUDA kernels), ``torch.ops.fastdiff.rows_matmul(x, weight)`` (CPU) and
-``torch.ops.fastdiff.group_norm_silu_native(x, num_groups, weight, bias, eps, silu)`` (CPU); this module registers the
-fake (meta) implementations of all three and says which kernels the loaded extension has (:func:`has_kernel`). Which
+``torch.ops.fastdiff.group_norm_silu_native(x, num_groups, weight, bias, eps, silu)`` (CPU) and
+``torch.ops.fastdiff.conv3x3_winograd_native(x, u, bias, tile)`` (CPU); this module registers the fake (meta)
+implementations of all four and says which kernels the loaded extension has (:func:`has_kernel`). Which
 path an op takes is decided in :mod:`fastdiff.dispatch`, like every other op's; this module imports nothing else
 from fastdiff, so setup.py reads the build configuration (sources, flags) from this file. Where the extension comes
 from, in order (first use in a process decides, once):
@@ -21,7 +22,7 @@ next to it (:func:`_jit_build_cuda`): once per process, logged, skipped under ``
 logged once and leaves what loaded (CUDA tensors then run the reference); :func:`status` says which happened.
 
 ``FASTDIFF_NATIVE=0`` skips the extension altogether. ``DEBUG=1`` builds the JIT copy with ``-O0 -g``.
-``FASTDIFF_CPU_ISA`` caps the CPU micro-kernels of both ops (:data:`CPU_ISA_VALUES`, any case): the C++ side reads
+``FASTDIFF_CPU_ISA`` caps the CPU micro-kernels of the CPU ops (:data:`CPU_ISA_VALUES`, any case): the C++ side reads
 it on every call and compares it exactly, so :func:`cpu_isa` checks it, raises ValueError on any other value and
 writes it back in lower case; it runs before the extension loads, in :func:`fastdiff.batch_invariant` before every
 native product, and in :func:`fastdiff.batch_invariance.cpu_code_path`. A value set later and read only by a direct
@@ -58,7 +59,7 @@ _kernels: dict[tuple[str, str], bool] = {}  # (op, device type) -> the loaded ex
 _library = ""                   # the loaded extension's shared library (what the CUDA-only build links against)
 _cuda_jit: Optional[str] = None  # the CUDA-only JIT build: None not tried, else what happened (for status())
 # the operators fastdiff._C may register (torch.ops.fastdiff.<op>)
-OPS = ("vq_nearest", "rows_matmul", "group_norm_silu_native")
+OPS = ("vq_nearest", "rows_matmul", "group_norm_silu_native", "conv3x3_winograd_native")
 CPU_ISA_VALUES = ("auto", "avx512", "avx2", "generic")  # FASTDIFF_CPU_ISA: "auto" (or unset, or empty) is no cap
 
 
@@ -265,6 +266,14 @@ def _register_fake() -> None:
         def _(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
               silu: bool) -> Tensor:
             return torch.empty_like(x)
+
+    if hasattr(torch.ops.fastdiff, "conv3x3_winograd_native"):
+
+        @torch.library.register_fake("fastdiff::conv3x3_winograd_native")
+        def _(x: Tensor, u: Tensor, bias: Optional[Tensor], tile: int) -> Tensor:
+            n, _, h, w = x.shape
+            return torch.empty((n, u.shape[2], h, w), dtype=x.dtype, device=x.device,
+                               memory_format=torch.channels_last)
 
     _fake_registered = True
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fastdiff import ops
 
-__all__ = ["GroupNormSiLU", "GroupNorm", "Attention", "VectorQuantizer"]
+__all__ = ["GroupNormSiLU", "GroupNorm", "Conv2d", "Attention", "VectorQuantizer"]
 
 
 class GroupNormSiLU(nn.Module):
@@ -50,6 +50,20 @@ class GroupNorm(GroupNormSiLU):
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+
+
+class Conv2d(nn.Conv2d):
+    """torch.nn.Conv2d (same arguments, parameters and state dict) whose 3×3, stride-1, padding-1 case runs
+    :func:`fastdiff.ops.conv3x3` (Winograd on the CPU); every other configuration is torch.nn.Conv2d's own forward.
+
+    Input (N, C_in, H, W) → (N, C_out, H', W').
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros" and x.ndim == 4):
+            return ops.conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class Attention(nn.Module):

@@ -42,6 +42,11 @@ def group_norm_silu(
     return y.to(x.dtype) if low else y
 
 
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """3×3 convolution, stride 1, zero padding 1. x: (N, C, H, W), weight: (K, C, 3, 3), bias: (K,) → (N, K, H, W)."""
+    return F.conv2d(x, weight, bias, padding=1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v. q: (B, H, N, D); k, v: (B, H, M, D) → (B, H, N, D)."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -14,7 +14,8 @@ CPU = torch.device("cpu")
 
 def test_rows_have_the_strongest_baselines():
     rows = {r.op: r for r in bench.measure(CPU, 1, pipeline=False)}
-    assert set(rows) == {"group_norm_silu", "attention (self)", "attention (cross)", "ddim_step + CFG", "vq_nearest"}
+    assert set(rows) == {"group_norm_silu", "conv3x3", "attention (self)", "attention (cross)", "ddim_step + CFG",
+                         "vq_nearest"}
     for name, row in rows.items():
         assert set(row.baselines) == ({"eager", "sdpa"} if name.startswith("attention") else {"eager"}), name
         assert row.fastdiff > 0 and all(t > 0 for t in row.baselines.values())

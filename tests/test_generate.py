@@ -120,8 +120,8 @@ def test_other_batch_sizes_make_the_same_files(model_dir, reference, tmp_path, s
 
 
 def test_the_native_cpu_path_is_batch_invariant_too(model_dir, tmp_path, monkeypatch):
-    """A user's CPU run (no FASTDIFF_BACKEND, no interpreter) takes the native GroupNorm+SiLU kernel; its files are
-    the same bytes at --batch 1, 4 and NUM as well."""
+    """A user's CPU run (no FASTDIFF_BACKEND, no interpreter) takes the native GroupNorm+SiLU kernel and the Winograd
+    convolution; its files are the same bytes at --batch 1, 4 and NUM as well."""
     from fastdiff import dispatch, native
 
     if not native.has_kernel("group_norm_silu_native", "cpu"):
@@ -133,6 +133,7 @@ def test_the_native_cpu_path_is_batch_invariant_too(model_dir, tmp_path, monkeyp
         dispatch.reset_counts()
         generate(model_dir, NUM, tmp_path / f"b{batch}", batch=batch, fmt="npz", progress=False)
         assert dispatch.counts().get(("group_norm_silu", "native"), 0) > 0, dispatch.counts()
+        assert dispatch.counts().get(("conv3x3", "native"), 0) > 0, dispatch.counts()
         got = files(tmp_path / f"b{batch}")
         got.pop(MANIFEST)
         outs[batch] = got

@@ -127,6 +127,8 @@ def test_code_path(row, model_dir, tmp_path):
           "tests/test_rows_matmul.py", "tests/test_vq_nearest.py"], _env(row))
     _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_group_norm_silu.py",
           "-k", "native and as_set"], _env(row))  # the native GroupNorm+SiLU at the row's cap (FASTDIFF_CPU_ISA)
+    _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_conv3x3.py",
+          "-k", "as_set"], _env(row))  # the Winograd convolution's transforms at the row's cap
 
     # 3. fastdiff generate: batch 1 / 5 / 12 and 1 / 2 threads in one process, and 2 processes under torchrun
     _run([sys.executable, __file__, "generate", str(model_dir), str(tmp_path)], _env(row))

@@ -127,7 +127,7 @@ def test_import_without_triton():
 
 def test_info_reports_every_op():
     info = fastdiff.info()
-    assert set(info["ops"]) == {"group_norm_silu", "attention", "ddim_step", "ddpm_step", "vq_nearest"}
+    assert set(info["ops"]) == {"group_norm_silu", "attention", "ddim_step", "ddpm_step", "vq_nearest", "conv3x3"}
     assert info["torch"] == torch.__version__
     assert info["ops"]["attention"] in ("torch", "interpreter", "triton")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdiff.nn import Attention, GroupNorm, GroupNormSiLU
+from fastdiff.nn import Attention, Conv2d, GroupNorm, GroupNormSiLU
 
 AttentionFactory = Optional[Callable[[int], nn.Module]]
 
@@ -66,11 +66,11 @@ class ResnetBlock2D(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.norm1 = GroupNormSiLU(groups, in_channels, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = GroupNormSiLU(groups, out_channels, eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, emb: Optional[Tensor] = None) -> Tensor:
@@ -101,7 +101,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -29,7 +29,7 @@ from fastdiff.models.blocks import (
     timestep_embedding,
 )
 from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
-from fastdiff.nn import GroupNormSiLU
+from fastdiff.nn import Conv2d, GroupNormSiLU
 from fastdiff.validation import check_positive_int
 
 __all__ = ["UNet", "UNetConfig"]
@@ -131,7 +131,7 @@ class UNet(ModelMixin):
                                      cfg.dropout)
             return SpatialSelfAttention(c, heads, dim_head, groups, eps)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes is not None else None
 
@@ -158,7 +158,7 @@ class UNet(ModelMixin):
             prev = c
 
         self.conv_norm_out = GroupNormSiLU(groups, channels[0], eps)
-        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
     @property
     def null_class(self) -> Optional[int]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fastdiff.models.blocks import DownBlock2D, MidBlock2D, SpatialSelfAttention, UpBlock2D
 from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
-from fastdiff.nn import GroupNormSiLU
+from fastdiff.nn import Conv2d, GroupNormSiLU
 from fastdiff.validation import check_positive_int
 
 __all__ = ["VAE", "VAEConfig", "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "Encoder", "Decoder"]
@@ -96,14 +96,14 @@ class Encoder(nn.Module):
                  layers_per_block: int, groups: int, eps: float, mid_attention: bool):
         super().__init__()
         ch = block_out_channels
-        self.conv_in = nn.Conv2d(in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock2D(ch[max(i - 1, 0)], c, layers_per_block, None, groups, eps,
                         add_downsample=i < len(ch) - 1, downsample_padding=0)
             for i, c in enumerate(ch))
         self.mid_block = MidBlock2D(ch[-1], None, groups, eps, attention=_single_head(groups, eps, mid_attention))
         self.conv_norm_out = GroupNormSiLU(groups, ch[-1], eps)
-        self.conv_out = nn.Conv2d(ch[-1], out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -121,13 +121,13 @@ class Decoder(nn.Module):
                  layers_per_block: int, groups: int, eps: float, mid_attention: bool):
         super().__init__()
         rev = tuple(reversed(block_out_channels))
-        self.conv_in = nn.Conv2d(in_channels, rev[0], 3, padding=1)
+        self.conv_in = Conv2d(in_channels, rev[0], 3, padding=1)
         self.mid_block = MidBlock2D(rev[0], None, groups, eps, attention=_single_head(groups, eps, mid_attention))
         self.up_blocks = nn.ModuleList(
             UpBlock2D(rev[max(i - 1, 0)], c, layers_per_block + 1, None, groups, eps, add_upsample=i < len(rev) - 1)
             for i, c in enumerate(rev))
         self.conv_norm_out = GroupNormSiLU(groups, rev[-1], eps)
-        self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
+        self.conv_out = Conv2d(rev[-1], out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid_block(self.conv_in(z))
