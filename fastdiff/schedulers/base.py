@@ -9,11 +9,12 @@ The config lives in :mod:`fastdiff.schedulers.config`, the β/timestep/σ schedu
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections import OrderedDict
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -127,22 +128,58 @@ def randn_like(like: Tensor, generator: Generator = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- output
-@dataclass
-class SchedulerOutput:
-    """What step() returns: x_{t−1} (the next model input) and the model's estimate of x0 at this step."""
+class SchedulerOutput(OrderedDict):
+    """What step() returns: x_{t−1} (``prev_sample``, the next model input) and the model's estimate of x0
+    (``pred_original_sample``, None where a step has none).
 
-    prev_sample: Tensor
-    pred_original_sample: Tensor | None = None
+    Shaped like diffusers' outputs: an ordered mapping of the fields that are not None (``out["prev_sample"]``,
+    ``out.keys()``, ``out.values()``, ``out.items()``, ``dict(out)``), with the fields as attributes
+    (``out.prev_sample``), indexable by position over the fields that are not None (``out[0]``, ``out[:1]``), and
+    ``to_tuple()``. Like diffusers', it cannot be unpacked directly (use ``to_tuple()``) and refuses ``pop``,
+    ``update``, ``setdefault`` and ``del``.
+    """
 
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+    FIELDS: ClassVar[tuple[str, ...]] = ("prev_sample", "pred_original_sample")
+
+    def __init__(self, prev_sample: Tensor | None = None, pred_original_sample: Tensor | None = None):
+        super().__init__()
+        self.prev_sample = prev_sample
+        self.pred_original_sample = pred_original_sample
+
+    def __setattr__(self, name, value) -> None:
+        if name in self.FIELDS and value is not None:
+            OrderedDict.__setitem__(self, name, value)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self.FIELDS:
+            raise KeyError(f"{type(self).__name__} has the fields {self.FIELDS}, not {key!r}")
+        OrderedDict.__setitem__(self, key, value)
+        super().__setattr__(key, value)
 
     def __getitem__(self, key):
-        """``out["prev_sample"]`` or ``out[0]``, as on diffusers' outputs."""
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+        """``out["prev_sample"]`` by name, ``out[0]`` / ``out[:1]`` by position among the fields not None."""
+        if isinstance(key, str):
+            return OrderedDict.__getitem__(self, key)
+        return self.to_tuple()[key]
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is read-only: it does not support this operation")
+
+    __delitem__ = pop = popitem = setdefault = update = clear = _refuse
+
+    def __reduce__(self):
+        return type(self), (self.prev_sample, self.pred_original_sample)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prev_sample={self.prev_sample!r}, pred_original_sample={self.pred_original_sample!r})"
+
+    def to_tuple(self) -> tuple:
+        """The fields that are not None, in order."""
+        return tuple(OrderedDict.values(self))
 
 
-def step_output(prev_sample: Tensor, pred_original_sample: Tensor, return_dict: bool):
+def step_output(prev_sample: Tensor, pred_original_sample: Tensor | None, return_dict: bool):
     """What step() returns: a SchedulerOutput, or with return_dict=False the tuple (prev_sample,
     pred_original_sample)."""
     if not return_dict:
@@ -187,7 +224,44 @@ class Scheduler:
         """The settings as diffusers shapes a scheduler's config: a dict with attribute reads, made on each access
         (changing it changes nothing; use ``from_config(scheduler.config, key=value)``), with the fields left at their
         defaults under ``"_use_default_values"``. Accepted by fastdiff's and diffusers' ``from_config``."""
-        return config_dict(self.settings, self._defaulted)
+        config = config_dict(self.settings, self._defaulted)
+        config.update(self.__dict__.get("_extra_config") or {})
+        return config
+
+    def __getattr__(self, name: str) -> Any:
+        """Config values read as attributes (``scheduler.num_train_timesteps``), as diffusers allows; only called for
+        names the scheduler itself does not have."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and not name.startswith("__"):
+            if name in settings.field_names():
+                return getattr(settings, name)
+            extra = self.__dict__.get("_extra_config") or {}
+            if name in extra:
+                return extra[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def register_to_config(self, **kwargs) -> None:
+        """Change config values after construction, as diffusers' ``register_to_config`` does: this scheduler's
+        fields are checked (ValueError/TypeError naming the field) and replace their values in ``settings``, which
+        step() reads; tables made at construction (β, ᾱ, σ) are not rebuilt, as in diffusers. Other keys are kept as
+        extra config entries (in ``config`` and what save_config writes)."""
+        fields = set(self.config_class.field_names())
+        known = {k: v for k, v in kwargs.items() if k in fields}
+        if known:
+            self.settings = dataclasses.replace(self.settings, **known)
+            self._defaulted = tuple(n for n in self._defaulted if n not in known)
+        extra = {k: v for k, v in kwargs.items() if k not in fields}
+        if extra:
+            self._extra_config = {**(self.__dict__.get("_extra_config") or {}), **extra}
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes whose ``from_config`` takes this scheduler's config: every fastdiff scheduler (as
+        diffusers' ``compatibles``, this class included)."""
+        from fastdiff import schedulers
+
+        return [cls for cls in vars(schedulers).values()
+                if isinstance(cls, type) and issubclass(cls, Scheduler) and cls is not Scheduler]
 
     def __setstate__(self, state: dict) -> None:
         if "config" in state:  # pickled when the config was a dict-subclass attribute
@@ -224,7 +298,8 @@ class Scheduler:
         os.makedirs(save_directory, exist_ok=True)
         from fastdiff._version import __version__
 
-        data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__, **self.settings.to_dict()}
+        data = {"_class_name": type(self).__name__, "_fastdiff_version": __version__,
+                **(self.__dict__.get("_extra_config") or {}), **self.settings.to_dict()}
         path = os.path.join(save_directory, CONFIG_NAME)
         write_json_atomic(path, data, sort_keys=True)
         return path

@@ -35,6 +35,10 @@ class DDPMScheduler(VariancePreservingScheduler):
         super().__init__(**kwargs)
         self.custom_timesteps = False
 
+    def _require_timesteps(self) -> None:
+        """Nothing to require: before set_timesteps, step() runs the training chain t → t − 1, as in diffusers
+        (training code and add_noise users rely on it)."""
+
     @property
     def variance_type(self) -> str:
         return self.settings.variance_type
@@ -53,9 +57,15 @@ class DDPMScheduler(VariancePreservingScheduler):
         self._set_schedule(schedule, device)
         self.custom_timesteps = custom
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after ``timestep`` in the schedule, −1 after the last (then ᾱ_prev = 1)."""
-        t = int(as_float(timestep))
+    def previous_timestep(self, timestep):
+        """The timestep after ``timestep`` in the schedule, −1 after the last (then ᾱ_prev = 1); before
+        set_timesteps, t − 1 (the training chain). As in diffusers: after set_timesteps a tensor (on the timesteps'
+        device); before, ``timestep − 1`` in timestep's own type."""
+        if self.num_inference_steps is None:
+            return timestep - 1
+        return torch.tensor(self._previous_timestep(int(as_float(timestep))), device=self.timesteps.device)
+
+    def _previous_timestep(self, t: int) -> int:
         if self.num_inference_steps is None:
             return t - 1
         try:
@@ -68,7 +78,7 @@ class DDPMScheduler(VariancePreservingScheduler):
         """The plan of one fused ``ops.ddpm_step`` call (ᾱ_t, ᾱ_prev, z), which :meth:`step` runs at once."""
         # 1. t, the previous timestep, and ᾱ at both
         t = self._plan_timestep(timestep)
-        prev_t = self.previous_timestep(t)
+        prev_t = self._previous_timestep(t)
         alpha_prod_t = self._alphas_cumprod_list[t]
         alpha_prod_t_prev = self._alphas_cumprod_list[prev_t] if prev_t >= 0 else 1.0
         # 2. z ~ N(0, I) for every t > 0 (diffusers' rule, kept so that seeds carry over)

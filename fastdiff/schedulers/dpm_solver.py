@@ -49,6 +49,11 @@ class DPMSolverMultistepConfig(SchedulerConfig):
     INERT: ClassVar[tuple] = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
 
     def __post_init__(self):
+        # what diffusers maps when it builds DPM-Solver from a DEIS or UniPC config (from_config across compatibles)
+        if self.algorithm_type == "deis":
+            object.__setattr__(self, "algorithm_type", "dpmsolver++")
+        if self.solver_type in ("logrho", "bh1", "bh2"):
+            object.__setattr__(self, "solver_type", "midpoint")
         super().__post_init__()
         check_choice("solver_order", self.solver_order, (1, 2))
         check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
@@ -158,8 +163,8 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         """One multistep DPM-Solver++ step from σ_s (this timestep) to σ_t (the next one).
 
         The arguments: see :class:`~fastdiff.schedulers.base.Scheduler`; generator and variance_noise are accepted
-        for diffusers' signature (the ODE solver draws no noise). Returns x_t and x̂0; with return_dict=False only
-        (prev_sample,), as in diffusers.
+        for diffusers' signature (the ODE solver draws no noise). Returns x_t only, as diffusers' DPM-Solver does: a
+        SchedulerOutput whose only field is prev_sample, or with return_dict=False (prev_sample,).
         """
         model_output = guided_model_output(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
@@ -178,7 +183,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         else:
             prev_sample = self.second_order_update(self.model_outputs, sample)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
-        out = self._end_step(prev_sample, x0_pred, model_output.dtype, return_dict)
+        out = self._end_step(prev_sample, None, model_output.dtype, return_dict)
         return out if return_dict else out[:1]  # (prev_sample,), as diffusers' DPM-Solver returns
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:

@@ -90,12 +90,12 @@ class SigmaScheduler(Scheduler):
         self._require_timesteps()
         if self._step_index is None:
             self._init_step_index(timestep)
-        if self._step_index >= self.num_inference_steps:
+        if self._step_index >= len(self._timestep_list):
             first = self._timestep_list[0]
             hint = (f" (timestep {first} repeats at the start of the schedule, so the counter started at index 1 as in "
                     f"diffusers; call set_begin_index(0) before sampling to start at 0)"
                     if self._timestep_list.count(first) > 1 else "")
-            raise RuntimeError(f"all {self.num_inference_steps} steps are done; call set_timesteps() to sample "
+            raise RuntimeError(f"all {len(self._timestep_list)} steps are done; call set_timesteps() to sample "
                                f"again{hint}")
         return self._step_index
 
@@ -113,7 +113,7 @@ class SigmaScheduler(Scheduler):
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         return broadcast_to(sigmas[self._sigma_indices(torch.as_tensor(timesteps))], original_samples)
 
-    def _end_step(self, prev_sample: Tensor, x0_pred: Tensor, dtype: torch.dtype, return_dict: bool):
+    def _end_step(self, prev_sample: Tensor, x0_pred: Tensor | None, dtype: torch.dtype, return_dict: bool):
         """The end of step(): x_{i+1} in ``dtype`` (the model output's), the counter advanced, the output returned."""
         prev_sample = prev_sample.to(dtype)
         self._step_index += 1
@@ -123,11 +123,17 @@ class SigmaScheduler(Scheduler):
 class VarianceExplodingScheduler(SigmaScheduler):
     """Samplers of x = x0 + σ·ε (Euler, Euler ancestral): x_T has std σ_max and the model sees x/√(σ² + 1)."""
 
+    def _require_timesteps(self) -> None:
+        """Nothing to require: before set_timesteps the schedule is the training chain (T timesteps, the training
+        σ's), and scale_model_input / step run on it, as in diffusers."""
+
     @property
-    def init_noise_sigma(self) -> float:
-        """σ of x_T: σ_max ("linspace"/"trailing"), or √(σ_max² + 1) ("leading"), as in diffusers."""
+    def init_noise_sigma(self) -> Tensor:
+        """σ of x_T: σ_max ("linspace"/"trailing"), or √(σ_max² + 1) ("leading"), as in diffusers: a 0-dim fp32 CPU
+        tensor (as diffusers gives it; it scales a tensor on any device like a number)."""
         sigma_max = max(self._sigma_list)
-        return sigma_max if self.settings.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+        value = sigma_max if self.settings.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+        return torch.tensor(value, dtype=torch.float32)
 
     def scale_model_input(self, sample: Tensor, timestep) -> Tensor:
         """x/√(σ² + 1), the variance-preserving x_t the model was trained on (Karras et al. 2022, Table 1, c_in)."""

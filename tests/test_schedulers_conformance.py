@@ -1,0 +1,195 @@
+"""Drop-in conformance with diffusers' scheduler API (issue 17): code written against diffusers' schedulers runs
+unchanged on fastdiff's. Each check runs fastdiff's class and diffusers' class of the same name side by side and
+compares what user code sees: output objects as mappings, config values read as attributes, register_to_config,
+compatibles, init_noise_sigma's type, previous_timestep's type, and stepping before set_timesteps where diffusers
+allows it. Skipped where diffusers is not installed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+from utils import assert_rel_close
+
+import fastdiff.schedulers as fs
+
+NAMES = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+         "EulerAncestralDiscreteScheduler"]
+SHAPE = (2, 3, 4, 4)
+TOL = 1e-5
+
+
+def diffusers_cls(name: str):
+    diffusers = pytest.importorskip("diffusers")
+    return getattr(diffusers, name)
+
+
+def _step_once(scheduler, name, seed=0):
+    scheduler.set_timesteps(10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    t = scheduler.timesteps[2]
+    model_output = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    kwargs = {"generator": torch.Generator().manual_seed(seed)} if name != "DDIMScheduler" else {}
+    return scheduler.step(model_output, t, x, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_output_is_a_mapping_like_diffusers(name):
+    ours = _step_once(getattr(fs, name)(), name)
+    theirs = _step_once(diffusers_cls(name)(), name)
+    assert list(ours.keys()) == list(theirs.keys())
+    assert len(ours) == len(theirs)
+    for key in theirs.keys():
+        assert_rel_close(ours[key], theirs[key], TOL, key)
+        assert ours[key] is getattr(ours, key)
+    assert len(ours.to_tuple()) == len(theirs.to_tuple())
+    assert ours[0] is ours.prev_sample and ours[:1] == (ours.prev_sample,)
+    assert [k for k, _ in ours.items()] == list(theirs.keys())
+    assert list(dict(ours)) == list(dict(theirs))
+    assert isinstance(ours, dict)
+    for refused in (lambda o: o.pop("prev_sample"), lambda o: o.update({}), lambda o: o.__delitem__("prev_sample"),
+                    lambda o: o.setdefault("prev_sample", None)):
+        with pytest.raises(Exception):
+            refused(ours)
+    copy = pickle.loads(pickle.dumps(ours))
+    assert torch.equal(copy.prev_sample, ours.prev_sample) and list(copy.keys()) == list(ours.keys())
+
+
+def test_step_output_without_x0_leaves_it_out():
+    out = fs.SchedulerOutput(prev_sample=torch.ones(2))
+    assert list(out.keys()) == ["prev_sample"] and out.pred_original_sample is None and out.to_tuple() == (out[0],)
+    out.pred_original_sample = torch.zeros(2)  # set later: it joins the mapping, as in diffusers
+    assert list(out.keys()) == ["prev_sample", "pred_original_sample"]
+    with pytest.raises(KeyError):
+        out["noise"] = torch.zeros(2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_values_read_as_attributes(name):
+    ours, theirs = getattr(fs, name)(beta_schedule="scaled_linear"), diffusers_cls(name)(beta_schedule="scaled_linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers warns that direct config reads are deprecated
+        for key in ("num_train_timesteps", "beta_schedule", "prediction_type", "timestep_spacing", "beta_start"):
+            assert getattr(ours, key) == getattr(theirs, key), key
+    with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
+        ours.not_a_field
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_register_to_config(name):
+    ours, theirs = getattr(fs, name)(), diffusers_cls(name)()
+    for s in (ours, theirs):
+        s.register_to_config(prediction_type="v_prediction", my_note="kept")
+    assert ours.config.prediction_type == theirs.config.prediction_type == "v_prediction"
+    assert ours.config["my_note"] == theirs.config["my_note"] == "kept"
+    assert ours.settings.prediction_type == "v_prediction"  # what step() reads
+    assert "prediction_type" not in ours.config.get("_use_default_values", [])
+    again = diffusers_cls(name).from_config(ours.config)
+    assert again.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type"):
+        ours.register_to_config(prediction_type="noise")
+    assert ours.config.prediction_type == "v_prediction"  # a rejected value changes nothing
+
+
+def test_register_to_config_is_saved(tmp_path):
+    s = fs.DDIMScheduler()
+    s.register_to_config(steps_offset=1, my_note="kept")
+    s.save_config(tmp_path)
+    back = fs.DDIMScheduler.from_pretrained(tmp_path)
+    assert back.config.steps_offset == 1
+    theirs = diffusers_cls("DDIMScheduler").from_pretrained(tmp_path)
+    assert theirs.config.steps_offset == 1 and theirs.config.my_note == "kept"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compatibles(name):
+    ours = getattr(fs, name)()
+    names = {cls.__name__ for cls in ours.compatibles}
+    assert set(NAMES) <= names
+    assert names <= {cls.__name__ for cls in diffusers_cls(name)().compatibles}  # the same family as diffusers'
+    for cls in ours.compatibles:
+        assert type(cls.from_config(ours.config)) is cls
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_init_noise_sigma_is_a_tensor(name, spacing):
+    ours, theirs = getattr(fs, name)(timestep_spacing=spacing), diffusers_cls(name)(timestep_spacing=spacing)
+    for before in (True, False):
+        if not before:
+            ours.set_timesteps(10), theirs.set_timesteps(10)
+        assert isinstance(ours.init_noise_sigma, torch.Tensor) and ours.init_noise_sigma.dtype == torch.float32
+        assert ours.init_noise_sigma.shape == theirs.init_noise_sigma.shape == ()
+        assert ours.init_noise_sigma.item() == pytest.approx(theirs.init_noise_sigma.item(), rel=1e-6)
+        ours.init_noise_sigma.cpu(), ours.init_noise_sigma.to(torch.float64)  # what user code calls on it
+
+
+def test_ddpm_previous_timestep_types():
+    ours, theirs = fs.DDPMScheduler(), diffusers_cls("DDPMScheduler")()
+    for before in (True, False):
+        if not before:
+            ours.set_timesteps(10), theirs.set_timesteps(10)
+        for t in (theirs.timesteps[3], int(theirs.timesteps[3])):
+            got, want = ours.previous_timestep(t), theirs.previous_timestep(t)
+            assert type(got) is type(want) or (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor))
+            assert int(got) == int(want)
+
+
+def test_ddpm_steps_on_the_training_chain_before_set_timesteps():
+    """diffusers' DDPM steps t → t − 1 without set_timesteps (training code relies on it); so does fastdiff's."""
+    ours, theirs = fs.DDPMScheduler(), diffusers_cls("DDPMScheduler")()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    for t in (999, 500, 20, 1, 0):
+        eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t))
+        got = ours.step(eps, t, x, generator=torch.Generator().manual_seed(t))
+        want = theirs.step(eps, t, x, generator=torch.Generator().manual_seed(t))
+        # at t = 1, 1 − ᾱ_t/ᾱ_{t−1} ≈ β_1 is formed in fp32 by diffusers and in float64 by fastdiff (see
+        # test_schedulers_parity's fp64 arbitration): the two differ by ~5e-5 there
+        tol = TOL if t > 1 else 1e-4
+        assert_rel_close(got.prev_sample, want.prev_sample, tol, f"t={t}")
+        assert_rel_close(got.pred_original_sample, want.pred_original_sample, tol, f"x0 t={t}")
+    assert ours.num_inference_steps is None
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_euler_runs_on_the_training_sigmas_before_set_timesteps(name):
+    ours, theirs = getattr(fs, name)(), diffusers_cls(name)()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    for step in range(3):
+        t = theirs.timesteps[step]
+        assert float(ours.timesteps[step]) == float(t)
+        assert_rel_close(ours.scale_model_input(x, t), theirs.scale_model_input(x, t), TOL, "scale_model_input")
+        eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(step))
+        got = ours.step(eps, t, x, generator=torch.Generator().manual_seed(step)).prev_sample
+        want = theirs.step(eps, t, x, generator=torch.Generator().manual_seed(step)).prev_sample
+        assert_rel_close(got, want, TOL, f"{name} training step {step}")
+        x = want
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_schedulers_that_need_set_timesteps_still_say_so(name):
+    ours, theirs = getattr(fs, name)(), diffusers_cls(name)()
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError):
+        theirs.step(x, 999, x)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ours.step(x, 999, x)
+
+
+@pytest.mark.parametrize("source,kwargs", [("DEISMultistepScheduler", {}),
+                                           ("UniPCMultistepScheduler", {"solver_type": "bh2"}),
+                                           ("UniPCMultistepScheduler", {"solver_type": "bh1"})])
+def test_dpm_solver_from_the_configs_diffusers_maps(source, kwargs):
+    """diffusers builds DPM-Solver from a DEIS config (algorithm_type="deis") or a UniPC one (solver_type "bh1" /
+    "bh2", "logrho"), mapping those values; so does fastdiff, to the same config and schedule."""
+    config = diffusers_cls(source)(**kwargs).config
+    ours = fs.DPMSolverMultistepScheduler.from_config(config)
+    theirs = diffusers_cls("DPMSolverMultistepScheduler").from_config(config)
+    for key in ("algorithm_type", "solver_type", "solver_order", "timestep_spacing"):
+        assert ours.config[key] == theirs.config[key], key
+    ours.set_timesteps(12), theirs.set_timesteps(12)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    assert_rel_close(ours.sigmas, theirs.sigmas, TOL, "sigmas")
