@@ -403,13 +403,13 @@ def test_bad_constructor_values(cls, arg, value):
 
 
 @pytest.mark.parametrize("cls, arg, value", [
-    (DDPMScheduler, "variance_type", "learned_range"),
-    (DDPMScheduler, "variance_type", "fixed_small_log"),
+    (DDPMScheduler, "variance_type", "learned_ranged"),
+    (DDPMScheduler, "variance_type", "small"),
     (DDPMScheduler, "clip_sample_range", 0.0),
     (DDIMScheduler, "clip_sample_range", -1.0),
     (DPMSolverMultistepScheduler, "solver_order", 3),
     (DPMSolverMultistepScheduler, "algorithm_type", "sde-dpmsolver++"),
-    (DPMSolverMultistepScheduler, "solver_type", "bh2"),
+    (DPMSolverMultistepScheduler, "solver_type", "bh3"),
     (DPMSolverMultistepScheduler, "final_sigmas_type", "one"),
     (EulerDiscreteScheduler, "final_sigmas_type", "min"),
     (EulerDiscreteScheduler, "sigma_min", -1.0),

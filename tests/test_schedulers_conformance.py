@@ -193,3 +193,60 @@ def test_dpm_solver_from_the_configs_diffusers_maps(source, kwargs):
     ours.set_timesteps(12), theirs.set_timesteps(12)
     assert torch.equal(ours.timesteps, theirs.timesteps)
     assert_rel_close(ours.sigmas, theirs.sigmas, TOL, "sigmas")
+
+
+def _variance_model(x, t, channels):
+    """A fixed function of (x, t) with 2C channels: a noise prediction, then a variance prediction in [-1, 1] (for
+    "learned_range") or in (0, 0.05) (for "learned")."""
+    eps = 0.7 * torch.tanh(x) + 0.3 * torch.cos(torch.tensor(float(t) / 97.0))
+    v = torch.sin(x + float(t) / 50.0)
+    return eps, v
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "learned",
+                                           "learned_range", "other"])
+def test_ddpm_variance_types_match_diffusers(variance_type):
+    ours = fs.DDPMScheduler(variance_type=variance_type)
+    theirs = diffusers_cls("DDPMScheduler")(variance_type=variance_type)
+    for s in (ours, theirs):
+        s.set_timesteps(10)
+    x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    for t in theirs.timesteps:
+        eps, v = _variance_model(y, t, SHAPE[1])
+        if variance_type == "learned":
+            v = 0.025 * (v + 1.0) + 1e-4  # a positive variance
+        out = torch.cat([eps, v], 1) if variance_type.startswith("learned") else eps
+        got = ours.step(out, t, x, generator=torch.Generator().manual_seed(int(t)))
+        want = theirs.step(out, t, y, generator=torch.Generator().manual_seed(int(t)))
+        tol = TOL if int(t) > 1 else 1e-4
+        assert_rel_close(got.prev_sample, want.prev_sample, tol, f"{variance_type} t={int(t)}")
+        assert_rel_close(got.pred_original_sample, want.pred_original_sample, tol, f"{variance_type} x0 t={int(t)}")
+        x, y = got.prev_sample, want.prev_sample
+
+
+def test_ddpm_learned_variance_needs_the_variance_channels():
+    s = fs.DDPMScheduler(variance_type="learned_range")
+    s.set_timesteps(10)
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="2C = 6 channels"):
+        s.step(x, s.timesteps[0], x)
+    with pytest.raises(ValueError, match="no fused step"):
+        s.fused_step(s.timesteps[0], x)
+    guided = s.step(torch.zeros(4, 6, 4, 4), s.timesteps[0], x, guidance_scale=3.0)  # [uncond; cond] rows
+    assert guided.prev_sample.shape == SHAPE
+
+
+def test_ddpm_fixed_large_log_is_the_fixed_large_step():
+    """diffusers 0.42 takes the square root of log β_t here (NaN for every t > 0); fastdiff samples with the
+    evident σ_t = exp(½·log β_t) = √β_t, the "fixed_large" step."""
+    a, b = fs.DDPMScheduler(variance_type="fixed_large_log"), fs.DDPMScheduler(variance_type="fixed_large")
+    for s in (a, b):
+        s.set_timesteps(10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    t = a.timesteps[2]
+    got = a.step(eps, t, x, generator=torch.Generator().manual_seed(8)).prev_sample
+    assert torch.equal(got, b.step(eps, t, x, generator=torch.Generator().manual_seed(8)).prev_sample)
+    theirs = diffusers_cls("DDPMScheduler")(variance_type="fixed_large_log")
+    theirs.set_timesteps(10)
+    assert torch.isnan(theirs.step(eps, t, x, generator=torch.Generator().manual_seed(8)).prev_sample).all()

@@ -172,7 +172,8 @@ class SchedulerOutput(OrderedDict):
         return type(self), (self.prev_sample, self.pred_original_sample)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(prev_sample={self.prev_sample!r}, pred_original_sample={self.pred_original_sample!r})"
+        return (f"{type(self).__name__}(prev_sample={self.prev_sample!r}, "
+                f"pred_original_sample={self.pred_original_sample!r})")
 
     def to_tuple(self) -> tuple:
         """The fields that are not None, in order."""
