@@ -74,6 +74,13 @@ def classifier_free_guidance(model_output: torch.Tensor, guidance_scale: float |
     return uncond + guidance_scale * (cond - uncond)
 
 
+def _bound_x0(x0, clip_sample_range, threshold):
+    """Dynamic thresholding when ``threshold`` is given (it takes precedence, as in diffusers), else the clamp."""
+    if threshold is not None:
+        return dynamic_threshold(x0, *threshold)
+    return x0.clamp(-clip_sample_range, clip_sample_range)
+
+
 def _x0_and_eps(x, out, alpha_prod_t, prediction_type):
     """Predicted x0 and noise from the model output, for each prediction type."""
     sqrt_a = _sqrt(alpha_prod_t)
@@ -84,6 +91,17 @@ def _x0_and_eps(x, out, alpha_prod_t, prediction_type):
         return out.clone(), (x - sqrt_a * out) / sqrt_b
     # v_prediction
     return sqrt_a * x - sqrt_b * out, sqrt_a * out + sqrt_b * x
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding of a predicted x0 (Saharia et al. 2022, §2.3): per sample, s = the ``ratio`` quantile of
+    |x0| over all its elements, clamped to [1, max_value]; x0 → clamp(x0, −s, s)/s. Computed in fp32 (or x0's
+    float64), returned in x0's dtype."""
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
 def ddim_step(
@@ -97,8 +115,12 @@ def ddim_step(
     clip_sample_range: float | None = None,
     guidance_scale: float | None = None,
     use_clipped_model_output: bool = False,
+    threshold: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM update (Song et al. 2021, eq. 12) → (prev_sample, pred_original_sample), both shaped like sample."""
+    """One DDIM update (Song et al. 2021, eq. 12) → (prev_sample, pred_original_sample), both shaped like sample.
+
+    ``threshold`` = (ratio, max_value): x0 dynamically thresholded (:func:`dynamic_threshold`) instead of clipped
+    (the schedulers' ``thresholding`` option; the fused ops do not take it)."""
     dtype = sample.dtype
     x = sample.float()
     out = classifier_free_guidance(model_output.float(), guidance_scale)
@@ -106,9 +128,9 @@ def ddim_step(
     a_prev = _per_sample(alpha_prod_t_prev, x.ndim)
     # 1. predicted x0 and noise
     x0, eps = _x0_and_eps(x, out, a_t, prediction_type)
-    # 2. clip x0 (and re-derive the noise from the clipped x0 if asked)
-    if clip_sample_range is not None:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    # 2. bound x0 (and re-derive the noise from the bounded x0 if asked)
+    if threshold is not None or clip_sample_range is not None:
+        x0 = _bound_x0(x0, clip_sample_range, threshold)
         if use_clipped_model_output:
             eps = (x - _sqrt(a_t) * x0) / _sqrt(1 - a_t)
     # 3. σ_t = η · sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_prev)
@@ -132,8 +154,10 @@ def ddpm_step(
     prediction_type: str = "epsilon",
     clip_sample_range: float | None = None,
     guidance_scale: float | None = None,
+    threshold: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ancestral DDPM update (Ho et al. 2020, eq. 6–7) → (prev_sample, pred_original_sample)."""
+    """One ancestral DDPM update (Ho et al. 2020, eq. 6–7) → (prev_sample, pred_original_sample); ``threshold`` as in
+    :func:`ddim_step`."""
     dtype = sample.dtype
     x = sample.float()
     out = classifier_free_guidance(model_output.float(), guidance_scale)
@@ -145,9 +169,9 @@ def ddpm_step(
     current_beta_t = 1 - current_alpha_t
     # 1. predicted x0
     x0, _ = _x0_and_eps(x, out, a_t, prediction_type)
-    # 2. clip
-    if clip_sample_range is not None:
-        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    # 2. bound x0
+    if threshold is not None or clip_sample_range is not None:
+        x0 = _bound_x0(x0, clip_sample_range, threshold)
     # 3. posterior mean μ̃ = sqrt(ᾱ_prev)·β_t/(1 − ᾱ_t)·x0 + sqrt(α_t)·(1 − ᾱ_prev)/(1 − ᾱ_t)·x_t
     x0_coeff = _sqrt(a_prev) * current_beta_t / beta_prod_t
     xt_coeff = _sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t

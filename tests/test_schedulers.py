@@ -437,8 +437,6 @@ def test_unknown_keyword_is_a_type_error(cls):
 
 
 @pytest.mark.parametrize("cls, key, default, bad", [
-    (DDIMScheduler, "thresholding", False, True),
-    (DDPMScheduler, "thresholding", False, True),
     (DPMSolverMultistepScheduler, "use_lu_lambdas", False, True),
     (DPMSolverMultistepScheduler, "lambda_min_clipped", -math.inf, -5.1),
     (DPMSolverMultistepScheduler, "variance_type", None, "learned_range"),

@@ -250,3 +250,38 @@ def test_ddpm_fixed_large_log_is_the_fixed_large_step():
     theirs = diffusers_cls("DDPMScheduler")(variance_type="fixed_large_log")
     theirs.set_timesteps(10)
     assert torch.isnan(theirs.step(eps, t, x, generator=torch.Generator().manual_seed(8)).prev_sample).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name,step_kwargs", [("DDIMScheduler", {}), ("DDIMScheduler", {"eta": 0.5}),
+                                              ("DDIMScheduler", {"use_clipped_model_output": True}),
+                                              ("DDPMScheduler", {}), ("DPMSolverMultistepScheduler", {})],
+                         ids=["ddim", "ddim-eta", "ddim-clipped-eps", "ddpm", "dpm"])
+def test_dynamic_thresholding_matches_diffusers(name, step_kwargs, prediction_type):
+    config = {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.5,
+              "prediction_type": prediction_type}
+    ours, theirs = getattr(fs, name)(**config), diffusers_cls(name)(**config)
+    for s in (ours, theirs):
+        s.set_timesteps(12)
+    x = y = 3.0 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))  # x̂0 well past 1: the bound acts
+    for t in theirs.timesteps:
+        out = 2.0 * torch.tanh(y) + 0.5 * torch.cos(torch.tensor(float(t) / 97.0))
+        def kwargs():  # a fresh generator per call: the two steps must draw the same noise
+            if name == "DPMSolverMultistepScheduler":
+                return dict(step_kwargs)
+            return {**step_kwargs, "generator": torch.Generator().manual_seed(int(t))}
+
+        got, want = ours.step(out, t, x, **kwargs()), theirs.step(out, t, y, **kwargs())
+        tol = TOL if int(t) > 1 else 1e-4
+        assert_rel_close(got.prev_sample, want.prev_sample, tol, f"{name} t={int(t)}")
+        if "pred_original_sample" in want.keys():
+            assert_rel_close(got.pred_original_sample, want.pred_original_sample, tol, f"{name} x0 t={int(t)}")
+        x, y = got.prev_sample, want.prev_sample
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("key,value", [("dynamic_thresholding_ratio", 0.0), ("dynamic_thresholding_ratio", 1.5),
+                                       ("sample_max_value", -1.0)])
+def test_bad_thresholding_values(name, key, value):
+    with pytest.raises(ValueError, match=key):
+        getattr(fs, name)(thresholding=True, **{key: value})

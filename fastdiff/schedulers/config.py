@@ -168,17 +168,29 @@ def load_config_mapping(config) -> Mapping:
     raise TypeError(f"config must be a mapping, a scheduler_config.json path or a folder, got {type(config).__name__}")
 
 
+def check_thresholding(config) -> None:
+    """The dynamic-thresholding fields (``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``)."""
+    ratio = check_real("dynamic_thresholding_ratio", config.dynamic_thresholding_ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+    check_real("sample_max_value", config.sample_max_value, positive=True)
+
+
 @dataclass(frozen=True)
 class ClipSampleConfig(SchedulerConfig):
-    """The fields DDPM and DDIM add: clamping the predicted x0 (diffusers' other bound on x0, thresholding, is not
-    implemented)."""
+    """The fields DDPM and DDIM add: the bounds on the predicted x0, a clamp or dynamic thresholding."""
 
     clip_sample: bool = True  # clamp the predicted x0 to [−clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
-
-    UNSUPPORTED: ClassVar[dict] = {"thresholding": False}
-    INERT: ClassVar[tuple] = ("dynamic_thresholding_ratio", "sample_max_value")
+    thresholding: bool = False  # dynamic thresholding of x0 (Saharia et al. 2022) instead of the clamp
+    dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| per sample that sets the threshold s
+    sample_max_value: float = 1.0  # the largest s
 
     def __post_init__(self):
         super().__post_init__()
         check_real("clip_sample_range", self.clip_sample_range, positive=True)
+        check_thresholding(self)
+
+    def threshold(self) -> tuple[float, float] | None:
+        """(ratio, max_value) where thresholding is on, else None (what the steps take)."""
+        return (self.dynamic_thresholding_ratio, self.sample_max_value) if self.thresholding else None

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from fastdiff.schedulers.base import Generator, guided_model_output
-from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig
+from fastdiff import reference
+from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_thresholding
 from fastdiff.schedulers.schedules import (
     check_custom_timesteps,
     check_num_inference_steps,
@@ -41,12 +42,16 @@ class DPMSolverMultistepConfig(SchedulerConfig):
     use_karras_sigmas: bool = False  # σ spaced as in Karras et al. 2022, eq. 5 (ρ = 7)
     final_sigmas_type: str = "zero"  # σ after the last step: "zero" or "sigma_min" (σ at training timestep 0)
 
+    thresholding: bool = False  # dynamic thresholding of x̂0 (Saharia et al. 2022)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
     UNSUPPORTED: ClassVar[dict] = {
-        "thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
         "use_flow_sigmas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
         "use_dynamic_shifting": False,
     }
-    INERT: ClassVar[tuple] = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
+    INERT: ClassVar[tuple] = ("flow_shift", "time_shift_type")
 
     def __post_init__(self):
         # what diffusers maps when it builds DPM-Solver from a DEIS or UniPC config (from_config across compatibles)
@@ -55,6 +60,7 @@ class DPMSolverMultistepConfig(SchedulerConfig):
         if self.solver_type in ("logrho", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "midpoint")
         super().__post_init__()
+        check_thresholding(self)
         check_choice("solver_order", self.solver_order, (1, 2))
         check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
@@ -119,10 +125,15 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         """The data prediction x̂0 at the current σ, from any model parameterisation (Lu et al. 2022b, §3.1)."""
         alpha_t, sigma_t = alpha_sigma(self._sigma_list[self._step_index])
         if self.settings.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        if self.settings.prediction_type == "sample":
-            return model_output
-        return alpha_t * sample - sigma_t * model_output  # v_prediction
+            x0_pred = (sample - sigma_t * model_output) / alpha_t
+        elif self.settings.prediction_type == "sample":
+            x0_pred = model_output
+        else:  # v_prediction
+            x0_pred = alpha_t * sample - sigma_t * model_output
+        if self.settings.thresholding:
+            x0_pred = reference.dynamic_threshold(x0_pred, self.settings.dynamic_thresholding_ratio,
+                                                  self.settings.sample_max_value)
+        return x0_pred
 
     def first_order_update(self, x0_pred: Tensor, sample: Tensor) -> Tensor:
         """DPM-Solver++(1): x_t = (σ_t/σ_s)·x_s − α_t·(e^(−h) − 1)·x̂0, h = λ_t − λ_s (Lu et al. 2022b, eq. 5)."""

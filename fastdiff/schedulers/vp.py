@@ -55,11 +55,13 @@ class FusedStep:
     def run(self, sample: Tensor, model_output: Tensor, guidance_scale: float | None = None,
             alpha_prod_t=None, alpha_prod_t_prev=None) -> tuple[Tensor, Tensor]:
         """(prev_sample, pred_original_sample); the alphas default to this plan's floats (a tensor may replace them)."""
-        from fastdiff import ops
+        from fastdiff import ops, reference
 
         a_t = alpha_arg(self.alpha_prod_t, sample) if alpha_prod_t is None else alpha_prod_t
         a_prev = self.alpha_prod_t_prev if alpha_prod_t_prev is None else alpha_prod_t_prev
-        return getattr(ops, self.op)(sample, model_output, a_t, a_prev, noise=self.noise,
+        # dynamic thresholding needs a per-sample quantile: the reference's torch code, not a fused op
+        run = reference if "threshold" in self.options else ops
+        return getattr(run, self.op)(sample, model_output, a_t, a_prev, noise=self.noise,
                                      guidance_scale=guidance_scale, **self.options)
 
 
@@ -106,8 +108,12 @@ class VariancePreservingScheduler(Scheduler):
 
     def _fused_options(self, **options) -> dict[str, Any]:
         """The fused op's fixed options: the config's prediction type and x̂0 clamp, and ``options``."""
-        clip_sample_range = self.settings.clip_sample_range if self.settings.clip_sample else None
-        return {"prediction_type": self.settings.prediction_type, "clip_sample_range": clip_sample_range, **options}
+        cfg = self.settings
+        if cfg.thresholding:  # it takes precedence over clip_sample, as in diffusers
+            return {"prediction_type": cfg.prediction_type, "clip_sample_range": None, "threshold": cfg.threshold(),
+                    **options}
+        clip_sample_range = cfg.clip_sample_range if cfg.clip_sample else None
+        return {"prediction_type": cfg.prediction_type, "clip_sample_range": clip_sample_range, **options}
 
     def _fused_step_output(self, model_output: Tensor, sample: Tensor, guidance_scale: float | None,
                            return_dict: bool, plan: Callable[[], FusedStep]):
