@@ -440,8 +440,7 @@ def test_unknown_keyword_is_a_type_error(cls):
     (DPMSolverMultistepScheduler, "use_lu_lambdas", False, True),
     (DPMSolverMultistepScheduler, "lambda_min_clipped", -math.inf, -5.1),
     (DPMSolverMultistepScheduler, "variance_type", None, "learned_range"),
-    (EulerDiscreteScheduler, "interpolation_type", "linear", "log_linear"),
-    (EulerDiscreteScheduler, "timestep_type", "discrete", "continuous"),
+    (DPMSolverMultistepScheduler, "use_exponential_sigmas", False, True),
 ])
 def test_unsupported_diffusers_options(cls, key, default, bad, caplog):
     """Accepted at diffusers' default (ignored with a debug log), a clear ValueError otherwise."""

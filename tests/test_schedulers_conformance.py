@@ -285,3 +285,46 @@ def test_dynamic_thresholding_matches_diffusers(name, step_kwargs, prediction_ty
 def test_bad_thresholding_values(name, key, value):
     with pytest.raises(ValueError, match=key):
         getattr(fs, name)(thresholding=True, **{key: value})
+
+
+EULER_OPTIONS = [
+    {"interpolation_type": "log_linear"},
+    {"interpolation_type": "log_linear", "use_karras_sigmas": True},
+    {"use_exponential_sigmas": True},
+    {"use_exponential_sigmas": True, "sigma_min": 0.05, "sigma_max": 40.0},
+    {"use_beta_sigmas": True},
+    {"timestep_type": "continuous", "prediction_type": "v_prediction"},
+    {"timestep_type": "continuous", "prediction_type": "epsilon"},
+    {"timestep_type": "continuous", "prediction_type": "v_prediction", "use_karras_sigmas": True},
+]
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("options", EULER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_euler_sigma_options_match_diffusers(options, spacing):
+    if options.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    config = {**options, "timestep_spacing": spacing}
+    ours, theirs = fs.EulerDiscreteScheduler(**config), diffusers_cls("EulerDiscreteScheduler")(**config)
+    for s in (ours, theirs):
+        s.set_timesteps(12)
+    assert ours.timesteps.dtype == theirs.timesteps.dtype
+    assert_rel_close(ours.timesteps, theirs.timesteps, 1e-6, "timesteps")
+    assert_rel_close(ours.sigmas, theirs.sigmas, 1e-6, "sigmas")
+    assert float(ours.init_noise_sigma) == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
+    x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(10)) * float(theirs.init_noise_sigma)
+    for t in theirs.timesteps:
+        assert_rel_close(ours.scale_model_input(x, t), theirs.scale_model_input(y, t), TOL, "model input")
+        out = 0.7 * torch.tanh(y) + 0.3 * torch.cos(torch.tensor(float(t) / 97.0))
+        got, want = ours.step(out, t, x), theirs.step(out, t, y)
+        assert_rel_close(got.prev_sample, want.prev_sample, TOL, f"t={float(t)}")
+        x, y = got.prev_sample, want.prev_sample
+
+
+def test_euler_sigma_spacings_are_exclusive():
+    with pytest.raises(ValueError, match="only one of"):
+        fs.EulerDiscreteScheduler(use_karras_sigmas=True, use_exponential_sigmas=True)
+    with pytest.raises(ValueError, match="interpolation_type"):
+        fs.EulerDiscreteScheduler(interpolation_type="cubic")
+    with pytest.raises(ValueError, match="timestep_type"):
+        fs.EulerDiscreteScheduler(timestep_type="float")

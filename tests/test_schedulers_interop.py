@@ -114,7 +114,8 @@ def test_unsupported_option_in_a_diffusers_config_is_an_error():
         fs.DPMSolverMultistepScheduler.from_config(
             diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").config)
     with pytest.raises(ValueError, match="use_exponential_sigmas"):
-        fs.EulerDiscreteScheduler.from_config(diffusers.EulerDiscreteScheduler(use_exponential_sigmas=True).config)
+        fs.DPMSolverMultistepScheduler.from_config(
+            diffusers.DPMSolverMultistepScheduler(use_exponential_sigmas=True).config)
 
 
 # --------------------------------------------------------------------------------------------- inside pipelines

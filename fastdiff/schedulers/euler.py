@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fastdiff.schedulers.base import Generator, randn_like
 from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig
 from fastdiff.schedulers.schedules import (
+    beta_sigmas,
     check_custom_timesteps,
     check_schedule_source,
+    check_scipy,
+    exponential_sigmas,
     karras_sigmas,
     sigma_schedule_from_timesteps,
     sigma_to_t,
@@ -30,17 +33,27 @@ class EulerDiscreteConfig(SchedulerConfig):
     sigma_min: float | None = None  # Karras σ range; None: σ at the schedule's last / first timestep
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"  # σ after the last step: "zero" or "sigma_min" (σ at training timestep 0)
-
-    UNSUPPORTED: ClassVar[dict] = {"interpolation_type": "linear", "use_exponential_sigmas": False,
-                                   "use_beta_sigmas": False, "timestep_type": "discrete"}
+    interpolation_type: str = "linear"  # σ at the timesteps: "linear" (interpolated) or "log_linear" (see below)
+    use_exponential_sigmas: bool = False  # σ evenly spaced in log σ between sigma_min and sigma_max
+    use_beta_sigmas: bool = False  # σ spaced by Beta(0.6, 0.6) quantiles (needs scipy)
+    timestep_type: str = "discrete"  # "continuous": with v_prediction, the model sees t = ¼·log σ (EDM-style)
 
     def __post_init__(self):
-        if self.use_karras_sigmas is None:  # diffusers allows None for False
-            object.__setattr__(self, "use_karras_sigmas", False)
+        for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if getattr(self, name) is None:  # diffusers allows None for False
+                object.__setattr__(self, name, False)
         super().__post_init__()
         check_real("sigma_min", self.sigma_min, positive=True, allow_none=True)
         check_real("sigma_max", self.sigma_max, positive=True, allow_none=True)
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        check_choice("interpolation_type", self.interpolation_type, ("linear", "log_linear"))
+        check_choice("timestep_type", self.timestep_type, ("discrete", "continuous"))
+        spacings = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if getattr(self, n)]
+        if len(spacings) > 1:
+            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be on, "
+                             f"got {spacings}")
+        if self.use_beta_sigmas:
+            check_scipy("use_beta_sigmas")
 
 
 class EulerDiscreteScheduler(VarianceExplodingScheduler):
@@ -70,12 +83,22 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
         else:
             schedule = self._spaced_timesteps(num_inference_steps, np.float32, round_linspace=False)
         n = len(schedule)
-        sigma_schedule = sigma_schedule_from_timesteps(schedule, self._train_sigmas)
-        if cfg.use_karras_sigmas:
+        if cfg.interpolation_type == "linear":
+            sigma_schedule = sigma_schedule_from_timesteps(schedule, self._train_sigmas)
+        else:  # log_linear: n + 1 σ's log-spaced over the whole training range, as diffusers makes them (one more σ
+            # than timesteps: the schedule then ends at σ_min, not at the final σ)
+            ends = torch.tensor(np.log(self._train_sigmas[[-1, 0]]), dtype=torch.float32)
+            sigma_schedule = torch.linspace(float(ends[0]), float(ends[1]), n + 1).exp().numpy()
+        spacing = (karras_sigmas if cfg.use_karras_sigmas else exponential_sigmas if cfg.use_exponential_sigmas
+                   else beta_sigmas if cfg.use_beta_sigmas else None)
+        if spacing is not None:
             sigma_min = cfg.sigma_min if cfg.sigma_min is not None else float(sigma_schedule[-1])
             sigma_max = cfg.sigma_max if cfg.sigma_max is not None else float(sigma_schedule[0])
-            sigma_schedule = karras_sigmas(sigma_min, sigma_max, n)
+            sigma_schedule = spacing(sigma_min, sigma_max, n)
             schedule = sigma_to_t(sigma_schedule, self._log_sigmas)
+        if cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction":
+            # t = ¼·log σ for every σ but the final one, from the fp32 σ's (diffusers' EDM-style timesteps)
+            schedule = 0.25 * np.log(np.asarray(sigma_schedule, dtype=np.float32))
         self._set_schedule(schedule, sigma_schedule, self._last_sigma(cfg.final_sigmas_type), device)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,

@@ -137,6 +137,28 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n σ's evenly spaced in log σ from σ_max down to σ_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """n σ's from σ_max down to σ_min spaced by the quantiles of a Beta(α, β) distribution (Lee et al. 2024, "Beta
+    Sampling is All You Need"): σ_i = σ_min + F⁻¹(1 − i/(n − 1); α, β)·(σ_max − σ_min). Needs scipy."""
+    from scipy.special import betaincinv  # the Beta distribution's quantile function
+
+    quantiles = betaincinv(alpha, beta, 1 - np.linspace(0, 1, n))
+    return sigma_min + quantiles * (sigma_max - sigma_min)
+
+
+def check_scipy(option: str) -> None:
+    """ImportError naming ``option`` where scipy (an optional dependency) is missing."""
+    try:
+        import scipy.special  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{option}=True needs scipy (pip install scipy)") from exc
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The (fractional) training timestep of each σ: linear interpolation of log σ between neighbouring timesteps.
 
