@@ -437,10 +437,9 @@ def test_unknown_keyword_is_a_type_error(cls):
 
 
 @pytest.mark.parametrize("cls, key, default, bad", [
-    (DPMSolverMultistepScheduler, "use_lu_lambdas", False, True),
-    (DPMSolverMultistepScheduler, "lambda_min_clipped", -math.inf, -5.1),
     (DPMSolverMultistepScheduler, "variance_type", None, "learned_range"),
-    (DPMSolverMultistepScheduler, "use_exponential_sigmas", False, True),
+    (DPMSolverMultistepScheduler, "use_flow_sigmas", False, True),
+    (DPMSolverMultistepScheduler, "use_dynamic_shifting", False, True),
 ])
 def test_unsupported_diffusers_options(cls, key, default, bad, caplog):
     """Accepted at diffusers' default (ignored with a debug log), a clear ValueError otherwise."""

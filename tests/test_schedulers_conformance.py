@@ -328,3 +328,44 @@ def test_euler_sigma_spacings_are_exclusive():
         fs.EulerDiscreteScheduler(interpolation_type="cubic")
     with pytest.raises(ValueError, match="timestep_type"):
         fs.EulerDiscreteScheduler(timestep_type="float")
+
+
+DPM_OPTIONS = [
+    {"use_exponential_sigmas": True},
+    {"use_beta_sigmas": True},
+    {"use_lu_lambdas": True},
+    {"use_lu_lambdas": True, "beta_schedule": "squaredcos_cap_v2"},
+    {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"},
+    {"lambda_min_clipped": -3.0},
+    {"lambda_min_clipped": -5.1, "use_karras_sigmas": True, "beta_schedule": "squaredcos_cap_v2"},
+]
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("options", DPM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_dpm_solver_sigma_options_match_diffusers(options, spacing):
+    if options.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    config = {**options, "timestep_spacing": spacing}
+    ours = fs.DPMSolverMultistepScheduler(**config)
+    theirs = diffusers_cls("DPMSolverMultistepScheduler")(**config)
+    for s in (ours, theirs):
+        s.set_timesteps(12)
+        s.set_begin_index(0)  # the cosine schedule with Karras / λ spacing repeats its first timestep
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    assert_rel_close(ours.sigmas, theirs.sigmas, 1e-6, "sigmas")
+    x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(12))
+    for t in theirs.timesteps:
+        out = 0.7 * torch.tanh(y) + 0.3 * torch.cos(torch.tensor(float(t) / 97.0))
+        got, want = ours.step(out, t, x), theirs.step(out, t, y)
+        assert_rel_close(got.prev_sample, want.prev_sample, TOL, f"t={int(t)}")
+        x, y = got.prev_sample, want.prev_sample
+    back = fs.DPMSolverMultistepScheduler.from_config(theirs.config)  # and the config round trip
+    assert back.settings == ours.settings
+
+
+def test_dpm_solver_option_errors():
+    with pytest.raises(ValueError, match="only one of"):
+        fs.DPMSolverMultistepScheduler(use_karras_sigmas=True, use_lu_lambdas=True)
+    with pytest.raises(ValueError, match="lambda_min_clipped"):
+        fs.DPMSolverMultistepScheduler(lambda_min_clipped=float("nan"))

@@ -113,9 +113,9 @@ def test_unsupported_option_in_a_diffusers_config_is_an_error():
     with pytest.raises(ValueError, match="algorithm_type"):
         fs.DPMSolverMultistepScheduler.from_config(
             diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").config)
-    with pytest.raises(ValueError, match="use_exponential_sigmas"):
+    with pytest.raises(ValueError, match="variance_type"):
         fs.DPMSolverMultistepScheduler.from_config(
-            diffusers.DPMSolverMultistepScheduler(use_exponential_sigmas=True).config)
+            diffusers.DPMSolverMultistepScheduler(variance_type="learned_range").config)
 
 
 # --------------------------------------------------------------------------------------------- inside pipelines

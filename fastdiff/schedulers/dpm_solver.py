@@ -4,9 +4,10 @@ prediction x̂0, in half-log-SNR time λ = log(α_t/σ_t)."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,10 +17,13 @@ from fastdiff.schedulers.base import Generator, guided_model_output
 from fastdiff import reference
 from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_thresholding
 from fastdiff.schedulers.schedules import (
+    beta_sigmas,
     check_custom_timesteps,
     check_num_inference_steps,
     check_schedule_source,
+    check_scipy,
     check_steps_offset,
+    exponential_sigmas,
     karras_sigmas,
     sigma_schedule_from_timesteps,
     sigma_to_t,
@@ -46,11 +50,13 @@ class DPMSolverMultistepConfig(SchedulerConfig):
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
-    UNSUPPORTED: ClassVar[dict] = {
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-        "use_flow_sigmas": False, "lambda_min_clipped": -math.inf, "variance_type": None,
-        "use_dynamic_shifting": False,
-    }
+    use_exponential_sigmas: bool = False  # σ evenly spaced in log σ over the training range
+    use_beta_sigmas: bool = False  # σ spaced by Beta(0.6, 0.6) quantiles over the training range (needs scipy)
+    use_lu_lambdas: bool = False  # λ evenly spaced (Lu et al. 2022a), timesteps rounded
+    lambda_min_clipped: Any = -math.inf  # the smallest λ = log(α/σ) sampled (a float, −inf: no cut); timesteps
+    # whose λ is below it are not sampled (typed Any so that −inf passes the config's finite-number check)
+
+    UNSUPPORTED: ClassVar[dict] = {"use_flow_sigmas": False, "variance_type": None, "use_dynamic_shifting": False}
     INERT: ClassVar[tuple] = ("flow_shift", "time_shift_type")
 
     def __post_init__(self):
@@ -59,8 +65,22 @@ class DPMSolverMultistepConfig(SchedulerConfig):
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
         if self.solver_type in ("logrho", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "midpoint")
+        for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
+            if getattr(self, name) is None:  # diffusers allows None for False
+                object.__setattr__(self, name, False)
         super().__post_init__()
         check_thresholding(self)
+        clip = self.lambda_min_clipped
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or math.isnan(clip) or clip == math.inf:
+            raise ValueError(f"lambda_min_clipped must be a real number or -inf, got {clip!r}")
+        object.__setattr__(self, "lambda_min_clipped", float(clip))
+        spacings = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+                    if getattr(self, n)]
+        if len(spacings) > 1:
+            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas "
+                             f"can be on, got {spacings}")
+        if self.use_beta_sigmas:
+            check_scipy("use_beta_sigmas")
         check_choice("solver_order", self.solver_order, (1, 2))
         check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
@@ -102,20 +122,40 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             n = len(schedule)
         else:
             n = check_num_inference_steps(num_inference_steps, T)
+            last = self._last_timestep()  # T, or fewer where lambda_min_clipped cuts the small λ's
             if cfg.timestep_spacing == "trailing":
-                schedule = spaced_timesteps("trailing", T, n)
-            else:  # n + 1 points, the smallest dropped
-                schedule = spaced_timesteps(cfg.timestep_spacing, T, n + 1, cfg.steps_offset)[:-1]
+                schedule = np.round(np.arange(last, 0, -T / n)) - 1
+            else:  # n + 1 points over [0, last), the smallest dropped
+                schedule = spaced_timesteps(cfg.timestep_spacing, last, n + 1, cfg.steps_offset)[:-1]
             schedule = check_steps_offset(schedule.astype(np.int64), T, cfg.steps_offset)
-        if cfg.use_karras_sigmas:
-            sigmas = karras_sigmas(float(self._train_sigmas[0]), float(self._train_sigmas[-1]), n)
+        # σ spacings over the whole training range (σ_min = σ at t = 0, σ_max at t = T − 1), as diffusers spaces them
+        sigma_min, sigma_max = float(self._train_sigmas[0]), float(self._train_sigmas[-1])
+        if cfg.use_karras_sigmas or cfg.use_lu_lambdas:
+            # Lu et al.'s λ spacing is diffusers' log-linear σ from σ_max to σ_min; both get rounded timesteps
+            sigmas = (karras_sigmas(sigma_min, sigma_max, n) if cfg.use_karras_sigmas  # log σ of the fp32 table:
+                      else np.exp(np.linspace(float(self._log_sigmas[-1]), float(self._log_sigmas[0]), n)))
             schedule = sigma_to_t(sigmas, self._log_sigmas)
             if cfg.beta_schedule != "squaredcos_cap_v2":  # on the cosine schedule diffusers truncates instead
                 schedule = schedule.round()
+        elif cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
+            spacing = exponential_sigmas if cfg.use_exponential_sigmas else beta_sigmas
+            sigmas = spacing(sigma_min, sigma_max, n)
+            schedule = sigma_to_t(sigmas, self._log_sigmas)  # truncated to int64 below, as diffusers does
         else:
             sigmas = sigma_schedule_from_timesteps(schedule, self._train_sigmas)
         self._set_schedule(schedule, sigmas, self._last_sigma(cfg.final_sigmas_type), device, torch.int64)
         self._reset_history()
+
+    def _last_timestep(self) -> int:
+        """T minus the number of training timesteps whose λ = log α_t − log σ_t (fp32, as diffusers forms it) is below
+        config.lambda_min_clipped: the timesteps are spaced over [0, this)."""
+        T = self.settings.num_train_timesteps
+        if self.settings.lambda_min_clipped == -math.inf:
+            return T
+        alphas_cumprod = self.alphas_cumprod
+        lambda_t = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
+        clipped = int(torch.searchsorted(torch.flip(lambda_t, [0]), self.settings.lambda_min_clipped))
+        return T - clipped
 
     def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
         """DPM-Solver feeds x_t to the model unscaled."""
