@@ -24,13 +24,22 @@ from fastdiff.dispatch import auto_dtype
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "digits-ddpm"
 DEFAULT_STEPS = 25  # sampler steps when neither the caller nor the model's settings say
-# sampler name → scheduler class in fastdiff.schedulers
+# sampler name → scheduler class in fastdiff.schedulers (and SAMPLER_OPTIONS: config values the name sets)
 SAMPLERS = {
     "ddpm": "DDPMScheduler",
     "ddim": "DDIMScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++-2m-sde": "DPMSolverMultistepScheduler",
+    "dpm++-3m": "DPMSolverMultistepScheduler",
+    "dpm++-3m-sde": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
+}
+SAMPLER_OPTIONS = {
+    "dpm++": {"algorithm_type": "dpmsolver++", "solver_order": 2},  # DPM++ 2M
+    "dpm++-2m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+    "dpm++-3m": {"algorithm_type": "dpmsolver++", "solver_order": 3},
+    "dpm++-3m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what ``--dtype`` accepts; "auto" is resolved by :func:`resolve_dtype`
@@ -119,7 +128,8 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[st
     if sampler is not None:
         if getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"--sampler: model {str(name_or_path)!r} has no diffusion sampler (it is a GAN)")
-        pipe.scheduler = getattr(schedulers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(schedulers, SAMPLERS[sampler]).from_config(pipe.scheduler.config,
+                                                                            **SAMPLER_OPTIONS.get(sampler, {}))
     return pipe
 
 

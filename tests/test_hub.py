@@ -20,6 +20,18 @@ def test_load_swaps_the_sampler_and_keeps_its_config():
     assert next(fastdiff.load("digits-ddpm", dtype=torch.bfloat16).unet.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("sampler, algorithm, order", [
+    ("dpm++", "dpmsolver++", 2), ("dpm++-2m-sde", "sde-dpmsolver++", 2), ("dpm++-3m", "dpmsolver++", 3),
+    ("dpm++-3m-sde", "sde-dpmsolver++", 3),
+])
+def test_dpm_sampler_names_set_the_solver(sampler, algorithm, order):
+    pipe = fastdiff.load("digits-ddpm", sampler=sampler)
+    assert (pipe.scheduler.settings.algorithm_type, pipe.scheduler.settings.solver_order) == (algorithm, order)
+    images = pipe(batch_size=2, num_inference_steps=6, generator=0, output_type="pt", progress=False,
+                  class_labels=[3, 7], guidance_scale=2.0)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"sampler": "heun"}, ValueError, "--sampler must be one of"),
     ({"name_or_path": "digits-dcgan", "sampler": "ddim"}, ValueError, "--sampler: model 'digits-dcgan' has no"),

@@ -369,3 +369,39 @@ def test_dpm_solver_option_errors():
         fs.DPMSolverMultistepScheduler(use_karras_sigmas=True, use_lu_lambdas=True)
     with pytest.raises(ValueError, match="lambda_min_clipped"):
         fs.DPMSolverMultistepScheduler(lambda_min_clipped=float("nan"))
+
+
+DPM_SOLVERS = [(algorithm, order, solver_type) for algorithm in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++",
+                                                                   "sde-dpmsolver")
+               for order in (1, 2, 3) for solver_type in ("midpoint", "heun")
+               if not (algorithm == "sde-dpmsolver" and order == 3) and not (order == 1 and solver_type == "heun")]
+
+
+@pytest.mark.parametrize("steps", [8, 20])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("algorithm,order,solver_type", DPM_SOLVERS, ids=lambda v: str(v))
+def test_dpm_solver_algorithms_and_orders_match_diffusers(algorithm, order, solver_type, prediction_type, steps):
+    config = {"algorithm_type": algorithm, "solver_order": order, "solver_type": solver_type,
+              "prediction_type": prediction_type,
+              "final_sigmas_type": "zero" if algorithm.endswith("++") else "sigma_min"}
+    ours = fs.DPMSolverMultistepScheduler(**config)
+    theirs = diffusers_cls("DPMSolverMultistepScheduler")(**config)
+    for s in (ours, theirs):
+        s.set_timesteps(steps)
+    g_ours, g_theirs = torch.Generator().manual_seed(13), torch.Generator().manual_seed(13)
+    x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(14))
+    for t in theirs.timesteps:
+        out = 0.7 * torch.tanh(y) + 0.3 * torch.cos(torch.tensor(float(t) / 97.0))
+        got = ours.step(out, t, x, generator=g_ours).prev_sample
+        want = theirs.step(out, t, y, generator=g_theirs).prev_sample
+        assert_rel_close(got, want, TOL, f"{algorithm} order {order} {solver_type} t={int(t)}")
+        x, y = got, want
+
+
+def test_dpm_solver_algorithm_errors():
+    with pytest.raises(ValueError, match="solver_order=3"):
+        fs.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        fs.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
+    with pytest.raises(ValueError, match="algorithm_type"):
+        fs.DPMSolverMultistepScheduler(algorithm_type="dpmsolver+++")

@@ -110,9 +110,6 @@ def test_switching_scheduler_class_like_diffusers(source, target):
 
 def test_unsupported_option_in_a_diffusers_config_is_an_error():
     diffusers = diffusers_module()
-    with pytest.raises(ValueError, match="algorithm_type"):
-        fs.DPMSolverMultistepScheduler.from_config(
-            diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++").config)
     with pytest.raises(ValueError, match="variance_type"):
         fs.DPMSolverMultistepScheduler.from_config(
             diffusers.DPMSolverMultistepScheduler(variance_type="learned_range").config)

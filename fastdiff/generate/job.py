@@ -85,8 +85,8 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         model: a shipped model name (``fastdiff.list_models()``) or a pipeline folder.
         num: how many images (≥ 1); batch: images per pipeline call on each rank (≥ 1; the files do not depend on it
             when ``batch_invariant`` is on, see the module docstring).
-        sampler: "ddpm", "ddim", "dpm++", "euler" or "euler-a" instead of the model's own; steps: sampler steps
-            (default: the model's default_steps, else 25).
+        sampler: one of fastdiff.hub.SAMPLERS ("ddim", "dpm++", "dpm++-3m", "euler-a", ...) instead of the model's
+            own; steps: sampler steps (default: the model's default_steps, else 25).
         seed: S ≥ 0; image i is drawn with :func:`image_generator` (S, i).
         guidance: classifier-free guidance scale (class-conditional models; default: the model's).
         fmt: "png" or "npz"; device: "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or None (cuda if present).

@@ -1,5 +1,6 @@
-"""DPM-Solver++ multistep (Lu et al. 2022b): first order (= DDIM) or the second-order 2M solver on the data
-prediction x̂0, in half-log-SNR time λ = log(α_t/σ_t)."""
+"""Multistep DPM-Solver (Lu et al. 2022a) and DPM-Solver++ (Lu et al. 2022b), ODE and SDE variants, orders 1–3, in
+half-log-SNR time λ = log(α_t/σ_t): the "++" solvers step with the data prediction x̂0, the others with the noise
+prediction ε̂; the SDE variants add fresh noise every step (diffusers' DPMSolverMultistepScheduler, "DPM++ 2M SDE")."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import Generator, guided_model_output
+from fastdiff.schedulers.base import Generator, guided_model_output, randn_tensor
 from fastdiff import reference
 from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_thresholding
 from fastdiff.schedulers.schedules import (
@@ -33,13 +34,14 @@ from fastdiff.schedulers.sigma import SigmaScheduler
 from fastdiff.validation import check_choice
 
 SOLVER_TYPES = ("midpoint", "heun")
+ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 
 
 @dataclass(frozen=True)
 class DPMSolverMultistepConfig(SchedulerConfig):
     timestep_spacing: str = "linspace"
-    solver_order: int = 2  # 1 (DPM-Solver++(1), i.e. DDIM) or 2 (DPM-Solver++(2M))
-    algorithm_type: str = "dpmsolver++"  # the data-prediction solver (the only one implemented)
+    solver_order: int = 2  # 1 (= DDIM for dpmsolver++), 2 (2M) or 3 (3M)
+    algorithm_type: str = "dpmsolver++"  # one of ALGORITHM_TYPES: "++" on x̂0, else on ε̂; "sde-": stochastic
     solver_type: str = "midpoint"  # how the second-order term is weighted: "midpoint" or "heun"
     lower_order_final: bool = True  # first order for the last step when there are fewer than 15 steps
     euler_at_final: bool = False  # first order for the last step always
@@ -81,8 +83,15 @@ class DPMSolverMultistepConfig(SchedulerConfig):
                              f"can be on, got {spacings}")
         if self.use_beta_sigmas:
             check_scipy("use_beta_sigmas")
-        check_choice("solver_order", self.solver_order, (1, 2))
-        check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++",))
+        check_choice("solver_order", self.solver_order, (1, 2, 3))
+        check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
+        if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
+            raise ValueError("solver_order=3 has no update for algorithm_type='sde-dpmsolver' (diffusers has none "
+                             "either: its third step fails); use solver_order 1 or 2, or 'sde-dpmsolver++'")
+        if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
+            raise ValueError(f"final_sigmas_type='zero' needs a data-prediction solver (algorithm_type dpmsolver++ or "
+                             f"sde-dpmsolver++), got algorithm_type={self.algorithm_type!r}; use "
+                             f"final_sigmas_type='sigma_min'")
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
 
@@ -162,77 +171,144 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         return sample
 
     def convert_model_output(self, model_output: Tensor, sample: Tensor) -> Tensor:
-        """The data prediction x̂0 at the current σ, from any model parameterisation (Lu et al. 2022b, §3.1)."""
+        """What the solver steps with, from any model parameterisation at the current σ: the data prediction x̂0
+        for the "++" solvers (Lu et al. 2022b, §3.1), the noise prediction ε̂ for the others (with thresholding, ε̂
+        re-derived from the thresholded x̂0, as diffusers does)."""
+        cfg = self.settings
         alpha_t, sigma_t = alpha_sigma(self._sigma_list[self._step_index])
-        if self.settings.prediction_type == "epsilon":
-            x0_pred = (sample - sigma_t * model_output) / alpha_t
-        elif self.settings.prediction_type == "sample":
-            x0_pred = model_output
+        if cfg.algorithm_type.endswith("++"):
+            if cfg.prediction_type == "epsilon":
+                x0_pred = (sample - sigma_t * model_output) / alpha_t
+            elif cfg.prediction_type == "sample":
+                x0_pred = model_output
+            else:  # v_prediction
+                x0_pred = alpha_t * sample - sigma_t * model_output
+            if cfg.thresholding:
+                x0_pred = reference.dynamic_threshold(x0_pred, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            return x0_pred
+        if cfg.prediction_type == "epsilon":
+            epsilon = model_output
+        elif cfg.prediction_type == "sample":
+            epsilon = (sample - alpha_t * model_output) / sigma_t
         else:  # v_prediction
-            x0_pred = alpha_t * sample - sigma_t * model_output
-        if self.settings.thresholding:
-            x0_pred = reference.dynamic_threshold(x0_pred, self.settings.dynamic_thresholding_ratio,
-                                                  self.settings.sample_max_value)
-        return x0_pred
+            epsilon = alpha_t * model_output + sigma_t * sample
+        if cfg.thresholding:
+            x0_pred = (sample - sigma_t * epsilon) / alpha_t
+            x0_pred = reference.dynamic_threshold(x0_pred, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            epsilon = (sample - alpha_t * x0_pred) / sigma_t
+        return epsilon
 
-    def first_order_update(self, x0_pred: Tensor, sample: Tensor) -> Tensor:
-        """DPM-Solver++(1): x_t = (σ_t/σ_s)·x_s − α_t·(e^(−h) − 1)·x̂0, h = λ_t − λ_s (Lu et al. 2022b, eq. 5)."""
-        i = self._step_index
-        if self._sigma_list[i + 1] == 0.0:  # σ_t = 0: h = ∞, e^(−h) = 0, and the update is x̂0 itself
-            return x0_pred.to(torch.float32, copy=True)
-        alpha_t, sigma_t = alpha_sigma(self._sigma_list[i + 1])
-        alpha_s, sigma_s = alpha_sigma(self._sigma_list[i])
-        lambda_t = math.log(alpha_t) - math.log(sigma_t)
-        lambda_s = math.log(alpha_s) - math.log(sigma_s)
-        h = lambda_t - lambda_s
-        return (sigma_t / sigma_s) * sample - (alpha_t * math.expm1(-h)) * x0_pred
+    def _lambdas(self, *indices: int) -> list[tuple[float, float, float]]:
+        """(α, σ, λ = log α − log σ) of the VP process at these schedule indices (fp64)."""
+        out = []
+        for j in indices:
+            alpha, sigma = alpha_sigma(self._sigma_list[j])
+            out.append((alpha, sigma, math.log(alpha) - math.log(sigma)))
+        return out
 
-    def second_order_update(self, x0_preds: list[Tensor], sample: Tensor) -> Tensor:
-        """DPM-Solver++(2M): D0 = x̂0(s0), D1 = (x̂0(s0) − x̂0(s1))/r0, r0 = h_0/h; midpoint
-        x_t = (σ_t/σ_s0)·x − α_t(e^(−h) − 1)·D0 − ½α_t(e^(−h) − 1)·D1 (Lu et al. 2022b, Algorithm 2);
-        heun replaces the D1 weight by α_t((e^(−h) − 1)/h + 1)."""
-        i = self._step_index
-        alpha_t, sigma_t = alpha_sigma(self._sigma_list[i + 1])
-        alpha_s0, sigma_s0 = alpha_sigma(self._sigma_list[i])
-        alpha_s1, sigma_s1 = alpha_sigma(self._sigma_list[i - 1])
-        lambda_t = math.log(alpha_t) - math.log(sigma_t)
-        lambda_s0 = math.log(alpha_s0) - math.log(sigma_s0)
-        lambda_s1 = math.log(alpha_s1) - math.log(sigma_s1)
-        m0, m1 = x0_preds[-1], x0_preds[-2]
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        if h == 0.0 or h_0 == 0.0:  # a repeated σ (n close to T): D1 is undefined, take the first-order step
-            return self.first_order_update(m0, sample)
-        r0 = h_0 / h
-        D0, D1 = m0, (1.0 / r0) * (m0 - m1)
-        phi_1 = math.expm1(-h)  # e^(−h) − 1
-        if self.settings.solver_type == "midpoint":
-            return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 - 0.5 * (alpha_t * phi_1) * D1
-        return (sigma_t / sigma_s0) * sample - (alpha_t * phi_1) * D0 + (alpha_t * (phi_1 / h + 1.0)) * D1
+    def first_order_update(self, model_output: Tensor, sample: Tensor, noise: Tensor | None = None) -> Tensor:
+        """One first-order step from σ_s (this index) to σ_t (the next): for dpmsolver++,
+        x_t = (σ_t/σ_s)·x_s − α_t·(e^(−h) − 1)·x̂0, h = λ_t − λ_s (Lu et al. 2022b, eq. 5; = DDIM); the other
+        algorithm types as :meth:`multistep_update` with the history's newest entry only."""
+        return self.multistep_update([model_output], sample, noise, order=1)
+
+    def second_order_update(self, model_outputs: list[Tensor], sample: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The 2M step (:meth:`multistep_update` of order 2)."""
+        return self.multistep_update(model_outputs, sample, noise, order=2)
+
+    def multistep_update(self, model_outputs: list[Tensor], sample: Tensor, noise: Tensor | None,
+                         order: int) -> Tensor:
+        """x_t = c_x·x_s + c_0·D0 + c_1·D1 + c_2·D2 (+ c_z·z for the SDE solvers), the multistep DPM-Solver update of
+        ``order`` from the newest history entries m0, m1, m2 (x̂0 or ε̂; Lu et al. 2022a/b): h = λ_t − λ_s0,
+        r0 = h_0/h, r1 = h_1/h, D0 = m0, and D1 = (m0 − m1)/r0 (order 2) or D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1),
+        D2 = (D1_0 − D1_1)/(r0 + r1) with D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1 (order 3). The coefficients, per
+        algorithm type and solver_type, are diffusers' (computed here in float64), with e^x − 1 as expm1."""
+        cfg, i = self.settings, self._step_index
+        algorithm = cfg.algorithm_type
+        m0 = model_outputs[-1]
+        if self._sigma_list[i + 1] == 0.0:  # σ_t = 0 ("++" solvers only): h = ∞, and the update is x̂0 itself
+            return m0.to(torch.float32, copy=True)
+        (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0) = self._lambdas(i + 1, i)
+        h = lambda_t - lambda_s0
+        D = [m0]
+        if order >= 2:
+            lambdas = [lam for _, _, lam in self._lambdas(*range(i - 1, i - order, -1))]  # λ_s1 (, λ_s2)
+            h_0 = lambda_s0 - lambdas[0]
+            if h == 0.0 or h_0 == 0.0 or (order == 3 and lambdas[0] == lambdas[1]):
+                # a repeated σ (n close to T): the differences are undefined, take the first-order step
+                return self.multistep_update(model_outputs, sample, noise, order=1)
+            r0 = h_0 / h
+            m1 = model_outputs[-2]
+            if order == 2:
+                D.append((1.0 / r0) * (m0 - m1))
+            else:
+                r1 = (lambdas[0] - lambdas[1]) / h
+                m2 = model_outputs[-3]
+                d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+                D.append(d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1))
+                D.append((1.0 / (r0 + r1)) * (d1_0 - d1_1))
+        heun = cfg.solver_type == "heun" or order == 3  # order 3 has one form (the "heun" weights of D1)
+        if algorithm in ("dpmsolver++", "sde-dpmsolver++"):  # on x̂0
+            sde = algorithm == "sde-dpmsolver++"
+            g = 2.0 * h if sde else h  # the SDE solver's terms are the ODE's at 2h
+            e = math.expm1(-g)  # e^(−g) − 1
+            c_x = sigma_t / sigma_s0 * (math.exp(-h) if sde else 1.0)
+            c_z = sigma_t * math.sqrt(-e) if sde else 0.0
+            coeffs = [-alpha_t * e]
+            if len(D) > 1:
+                coeffs.append(alpha_t * (e / g + 1.0) if heun else -0.5 * alpha_t * e)
+            if len(D) > 2:  # (diffusers' SDE form subtracts ½ where the ODE form adds it; kept as diffusers has it)
+                coeffs.append(alpha_t * ((-e - g) / g**2 - 0.5) if sde else -alpha_t * ((e + g) / g**2 - 0.5))
+        else:  # on ε̂
+            sde = algorithm == "sde-dpmsolver"
+            e = math.expm1(h)  # e^h − 1
+            c_x = alpha_t / alpha_s0
+            c_z = sigma_t * math.sqrt(math.expm1(2.0 * h)) if sde else 0.0
+            w = 2.0 if sde else 1.0  # the SDE solver doubles the ε̂ terms
+            coeffs = [-w * sigma_t * e]
+            if len(D) > 1:
+                coeffs.append(-w * sigma_t * (e / h - 1.0) if heun else -0.5 * w * sigma_t * e)
+            if len(D) > 2:
+                coeffs.append(-sigma_t * ((e - h) / h**2 - 0.5))
+        x_t = c_x * sample
+        for c, d in zip(coeffs, D):
+            x_t = x_t + c * d
+        if c_z:
+            x_t = x_t + c_z * noise
+        return x_t
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator: Generator = None,
              variance_noise: Tensor | None = None, return_dict: bool = True, *, guidance_scale: float | None = None):
-        """One multistep DPM-Solver++ step from σ_s (this timestep) to σ_t (the next one).
+        """One multistep DPM-Solver step from σ_s (this timestep) to σ_t (the next one).
 
-        The arguments: see :class:`~fastdiff.schedulers.base.Scheduler`; generator and variance_noise are accepted
-        for diffusers' signature (the ODE solver draws no noise). Returns x_t only, as diffusers' DPM-Solver does: a
-        SchedulerOutput whose only field is prev_sample, or with return_dict=False (prev_sample,).
+        The arguments: see :class:`~fastdiff.schedulers.base.Scheduler`; generator (or variance_noise, the noise
+        itself) for the SDE solvers' fresh noise (the ODE solvers draw none). Returns x_t only, as diffusers'
+        DPM-Solver does: a SchedulerOutput whose only field is prev_sample, or with return_dict=False (prev_sample,).
         """
         model_output = guided_model_output(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
-        n, cfg = self.num_inference_steps, self.settings
-        # 1. the order this step may use: first order for the last step (and for the first, which has no history)
-        is_last = i == n - 1
-        first_order_final = is_last and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                         or cfg.final_sigmas_type == "zero")
-        # 2. x̂0 at this σ, pushed onto the history
-        x0_pred = self.convert_model_output(model_output, sample)
-        self.model_outputs = self.model_outputs[1:] + [x0_pred]
+        n, cfg = len(self._timestep_list), self.settings
+        # 1. the order this step may use: lower near the end (and at the start, which has no history), as diffusers
+        first_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                             or cfg.final_sigmas_type == "zero")
+        second_order_next_to_last = i == n - 2 and cfg.lower_order_final and n < 15
+        # 2. x̂0 (or ε̂) at this σ, pushed onto the history
+        converted = self.convert_model_output(model_output, sample)
+        self.model_outputs = self.model_outputs[1:] + [converted]
         sample = sample.to(torch.float32)
-        # 3. the DPM-Solver++ update
+        # 3. the SDE solvers' fresh noise (fp32, drawn as diffusers draws it)
+        noise = None
+        if cfg.algorithm_type.startswith("sde-"):
+            noise = (variance_noise.to(device=converted.device, dtype=torch.float32) if variance_noise is not None
+                     else randn_tensor(converted.shape, generator, converted.device, torch.float32))
+        # 4. the update
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or first_order_final:
-            prev_sample = self.first_order_update(x0_pred, sample)
+            order = 1
+        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or second_order_next_to_last:
+            order = 2
         else:
-            prev_sample = self.second_order_update(self.model_outputs, sample)
+            order = 3
+        prev_sample = self.multistep_update(self.model_outputs, sample, noise, order)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         out = self._end_step(prev_sample, None, model_output.dtype, return_dict)
         return out if return_dict else out[:1]  # (prev_sample,), as diffusers' DPM-Solver returns
