@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_rel_close
+from utils import assert_rel_close, cap_cpu_isa
 
 import fastdiff
 from fastdiff import nn as fnn
@@ -30,9 +30,7 @@ def _native_ready():
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     _native_ready()
-    if request.param != "as_set":
-        monkeypatch.setenv("FASTDIFF_CPU_ISA", request.param)
-    return request.param
+    return cap_cpu_isa(monkeypatch, request.param)
 
 
 def _inputs(n, c, k, h, w, dtype=torch.float32, seed=0, channels_last=True, offset=0.0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_rel_close, poison_empty
+from utils import assert_rel_close, cap_cpu_isa, poison_empty
 
 import fastdiff
 from fastdiff import ops, reference
@@ -295,9 +295,7 @@ def _native(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu"):
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     _native_ready()
-    if request.param != "as_set":
-        monkeypatch.setenv("FASTDIFF_CPU_ISA", request.param)
-    return request.param
+    return cap_cpu_isa(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16", "bf16"])

@@ -287,6 +287,15 @@ def test_bad_thresholding_values(name, key, value):
         getattr(fs, name)(thresholding=True, **{key: value})
 
 
+def _configured_pair(name: str, options: dict, spacing: str):
+    """fastdiff's and diffusers' ``name`` from the same options and timestep_spacing (skipped without scipy where
+    use_beta_sigmas needs it)."""
+    if options.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    config = {**options, "timestep_spacing": spacing}
+    return getattr(fs, name)(**config), diffusers_cls(name)(**config)
+
+
 EULER_OPTIONS = [
     {"interpolation_type": "log_linear"},
     {"interpolation_type": "log_linear", "use_karras_sigmas": True},
@@ -302,10 +311,7 @@ EULER_OPTIONS = [
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("options", EULER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_euler_sigma_options_match_diffusers(options, spacing):
-    if options.get("use_beta_sigmas"):
-        pytest.importorskip("scipy")
-    config = {**options, "timestep_spacing": spacing}
-    ours, theirs = fs.EulerDiscreteScheduler(**config), diffusers_cls("EulerDiscreteScheduler")(**config)
+    ours, theirs = _configured_pair("EulerDiscreteScheduler", options, spacing)
     for s in (ours, theirs):
         s.set_timesteps(12)
     assert ours.timesteps.dtype == theirs.timesteps.dtype
@@ -344,11 +350,7 @@ DPM_OPTIONS = [
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("options", DPM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_dpm_solver_sigma_options_match_diffusers(options, spacing):
-    if options.get("use_beta_sigmas"):
-        pytest.importorskip("scipy")
-    config = {**options, "timestep_spacing": spacing}
-    ours = fs.DPMSolverMultistepScheduler(**config)
-    theirs = diffusers_cls("DPMSolverMultistepScheduler")(**config)
+    ours, theirs = _configured_pair("DPMSolverMultistepScheduler", options, spacing)
     for s in (ours, theirs):
         s.set_timesteps(12)
         s.set_begin_index(0)  # the cosine schedule with Karras / λ spacing repeats its first timestep

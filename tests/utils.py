@@ -49,3 +49,11 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch, "empty_strided", lambda *a, **k: fill(real_strided(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
+
+
+def cap_cpu_isa(monkeypatch, isa: str) -> str:
+    """Cap the native micro-kernels at ``isa`` for one test (FASTDIFF_CPU_ISA); "as_set" leaves the variable as the
+    environment has it (unset: this CPU's best level; the ISA matrix runs the "as_set" tests under each cap)."""
+    if isa != "as_set":
+        monkeypatch.setenv("FASTDIFF_CPU_ISA", isa)
+    return isa
