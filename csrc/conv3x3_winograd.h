@@ -12,8 +12,9 @@
 // The batch's tiles (m x m output pixels each, m = tile) are cut into blocks of a fixed number of tiles; per block,
 // one thread transforms the input tiles (fp32 arithmetic) into V (A*A, Tb, C), multiplies V by u on the A*A
 // positions (at::bmm_out, one GEMM per position, run on that thread) and transforms the products back, adding the
-// bias. The last block is padded with zero tiles, so every GEMM has the same shape and a tile's output depends only
-// on its own inputs: the same bits whatever the batch size or the thread count.
+// bias. The last block is padded with zero tiles and GEMM rows are padded to 64 bytes, so every GEMM has the same
+// shape and alignment, and each runs on one thread inside the parallel region: a tile's output depends only on its
+// own inputs, the same bits whatever the batch size or the thread count.
 #pragma once
 
 #include <ATen/core/Tensor.h>

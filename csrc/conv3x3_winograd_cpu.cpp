@@ -91,7 +91,11 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& u, con
   const void* xp = x.const_data_ptr();
   void* yp = y.mutable_data_ptr();
   const float* bp = b.empty() ? nullptr : b.data();
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+  // At least two work items, so that at::parallel_for always opens its parallel region (with one it runs inline):
+  // inside it the block's GEMMs run on one thread whatever the batch, never on BLAS's own threads.
+  at::parallel_for(0, std::max<int64_t>(nblk, 2), 1, [&](int64_t b0, int64_t b1) {
+    b1 = std::min(b1, nblk);
+    if (b0 >= b1) return;
     at::Tensor v = at::empty({A * A, Tb, ldv}, x.options());
     at::Tensor mm = at::empty({A * A, Tb, ldm}, x.options());
     for (int64_t blk = b0; blk < b1; ++blk) {

@@ -61,9 +61,17 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros" and x.ndim == 4):
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros" and x.ndim == 4
+                and x.dtype == self.weight.dtype and not _autocast_on(x.device.type)):
             return ops.conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
+        return super().forward(x)  # autocast picks the dtypes; mismatched dtypes get torch's own error
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class Attention(nn.Module):

@@ -153,7 +153,7 @@ _WINOGRAD_G = {
     4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
         (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
 }
-_winograd_weights: dict = {}  # id(weight) -> (key, transformed, weakref to weight); dropped when the weight dies
+_winograd_weights: dict = {}  # (id(weight), tile) -> (weakref, copy of weight, transformed); dropped with the weight
 
 
 def winograd_tile(x_shape, dtype: torch.dtype, weight_shape) -> int:
@@ -190,18 +190,20 @@ def winograd_weight(weight: Tensor, tile: int) -> Tensor:
 
 
 def _cached_winograd_weight(weight: Tensor, tile: int) -> Tensor:
-    """:func:`winograd_weight`, computed once per weight tensor and kept while the weight lives; recomputed when the
-    weight changes (its version counter, storage or dtype: ``load_state_dict``, ``.to()``)."""
-    try:
-        key = (tile, weight.dtype, weight._version, weight.data_ptr())
-    except RuntimeError:  # an inference tensor has no version counter: nothing to key a cache on
-        return winograd_weight(weight, tile)
-    hit = _winograd_weights.get(id(weight))
-    if hit is not None and hit[0] == key and hit[2]() is weight:
-        return hit[1]
+    """:func:`winograd_weight`, computed once per weight tensor and tile and kept while the weight lives (it takes
+    A²/9 times the weight's memory: 4× for F(4×4), 1.8× for F(2×2), plus a copy of the weight). Recomputed whenever
+    the weight's values differ from the copy kept with it (an exact comparison, so in-place updates through
+    ``.data`` — EMA, ``load_state_dict`` — are seen too), or its dtype or device changed."""
+    key = (id(weight), tile)
+    hit = _winograd_weights.get(key)
+    if hit is not None:
+        ref, copy, transformed = hit
+        same = ref() is weight and copy.dtype == weight.dtype and copy.device == weight.device
+        if same and torch.equal(copy, weight):
+            return transformed
     transformed = winograd_weight(weight, tile)
-    ref = weakref.ref(weight, lambda _, ident=id(weight): _winograd_weights.pop(ident, None))
-    _winograd_weights[id(weight)] = (key, transformed, ref)
+    ref = weakref.ref(weight, lambda _, key=key: _winograd_weights.pop(key, None))
+    _winograd_weights[key] = (ref, weight.detach().clone(), transformed)
     return transformed
 
 
@@ -219,7 +221,8 @@ def conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend
         weight: (K, C, 3, 3), x's dtype and device.
         bias: optional (K,), fp32 or x's dtype.
         backend: None/"auto" (the native path on the CPU where the extension has it), "torch" (F.conv2d) or
-            "native" (RuntimeError if the extension cannot run here); "triton" means "torch" (no Triton kernel).
+            "native" (on CPU tensors: RuntimeError if the extension cannot run here; CUDA tensors always take
+            F.conv2d); "triton" means "torch" (no Triton kernel).
     Returns:
         (N, K, H, W) in x's dtype; channels_last where x is, contiguous where x is contiguous.
     Raises:

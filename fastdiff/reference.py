@@ -43,7 +43,10 @@ def group_norm_silu(
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """3×3 convolution, stride 1, zero padding 1. x: (N, C, H, W), weight: (K, C, 3, 3), bias: (K,) → (N, K, H, W)."""
+    """3×3 convolution, stride 1, zero padding 1. x: (N, C, H, W), weight: (K, C, 3, 3), bias: (K,) (fp32 or x's
+    dtype, used in x's) → (N, K, H, W)."""
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     return F.conv2d(x, weight, bias, padding=1)
 
 

@@ -189,12 +189,64 @@ def test_filter_transform_is_cached_and_follows_the_weight(monkeypatch):
     conv.load_state_dict({"weight": torch.zeros_like(conv.weight), "bias": conv.bias.detach().clone()})
     with torch.no_grad():
         assert torch.equal(conv(x), conv.bias.view(1, -1, 1, 1).expand(2, -1, 8, 8))
-    conv.to(torch.bfloat16)
-    ident = id(conv.weight)
     with torch.no_grad():
-        conv(torch.randn(2, 32, 8, 8, dtype=torch.bfloat16))
+        conv.weight.data.mul_(0.5)  # through .data (the EMA idiom): no version bump, still seen
+        conv.weight.data.add_(1.0)
+        assert_rel_close(conv(x), _float64(x, conv.weight, conv.bias), TOL[torch.float32, 4], "after .data update")
+    ident = id(conv.weight)
     del conv
-    assert ident not in ops._winograd_weights  # dropped with the weight
+    assert (ident, 4) not in ops._winograd_weights  # dropped with the weight
+
+
+def test_filter_cache_follows_a_dtype_change(monkeypatch):
+    _native_ready()
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    conv = fnn.Conv2d(128, 64, 3, padding=1)
+    x = torch.randn(2, 128, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        conv.to(torch.bfloat16)
+        fastdiff.reset_counts()
+        y = conv(x.bfloat16())
+    assert fastdiff.counts() == {("conv3x3", "native"): 1} and y.dtype == torch.bfloat16
+    assert ops._winograd_weights[(id(conv.weight), 2)][2].dtype == torch.bfloat16
+    assert_rel_close(y, _float64(x.bfloat16(), conv.weight, conv.bias), TOL[torch.bfloat16, 2], "after .to(bf16)")
+
+
+def test_conv2d_under_autocast_is_torchs(monkeypatch):
+    """Under torch.autocast the module runs torch's own forward (autocast picks the dtypes), as nn.Conv2d does."""
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    ours = fnn.Conv2d(32, 32, 3, padding=1)
+    theirs = torch.nn.Conv2d(32, 32, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got, want = ours(x), theirs(x)
+        got_bf16 = ours(x.bfloat16())  # a bf16 activation with fp32 weights, as autocast models have
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(got_bf16, want)
+
+
+def test_bf16_input_with_fp32_bias_on_every_path(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    x, weight, bias = _inputs(2, 32, 16, 8, 8, seed=15)
+    xb, wb = x.bfloat16(), weight.bfloat16()
+    want = _float64(xb, wb, bias)
+    for backend in (None, "torch"):  # bf16 at 32 channels: oneDNN's direct convolution either way
+        with torch.no_grad():
+            y = ops.conv3x3(xb, wb, bias, backend=backend)
+        assert y.dtype == torch.bfloat16
+        assert_rel_close(y, want, TOL[torch.bfloat16, 2], f"backend={backend}")
+
+
+def test_single_block_and_many_blocks_agree(isa):
+    """A batch whose tiles fit one block and a batch that needs two run their GEMMs alike (one thread each, inside
+    the parallel region): the same bits for the same sample, at GEMM sizes where BLAS would thread on its own."""
+    x, weight, bias = _inputs(9, 320, 320, 8, 8, seed=16)
+    u = ops.winograd_weight(weight, 4)
+    full = torch.ops.fastdiff.conv3x3_winograd_native(x, u, bias, 4)  # 36 tiles: two blocks
+    one = torch.ops.fastdiff.conv3x3_winograd_native(x[:1], u, bias, 4)  # 4 tiles: one block
+    assert torch.equal(one, full[:1])
 
 
 def test_conv2d_module_matches_torch_and_keeps_the_state_dict(monkeypatch):

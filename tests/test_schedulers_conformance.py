@@ -407,3 +407,36 @@ def test_dpm_solver_algorithm_errors():
         fs.DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
     with pytest.raises(ValueError, match="algorithm_type"):
         fs.DPMSolverMultistepScheduler(algorithm_type="dpmsolver+++")
+
+
+@pytest.mark.parametrize("name,options", [
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    ("EulerDiscreteScheduler", {"use_beta_sigmas": True}),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}),
+    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}),
+])
+def test_custom_timesteps_with_a_spacing_option_are_refused(name, options):
+    if options.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    with pytest.raises(ValueError, match=next(iter(options))):
+        getattr(fs, name)(**options).set_timesteps(timesteps=[900, 500, 100])
+
+
+def test_learned_variance_guidance_guides_the_prediction_only():
+    s = fs.DDPMScheduler(variance_type="learned_range")
+    s.set_timesteps(10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(17))
+    rows = torch.randn(4, 6, 4, 4, generator=torch.Generator().manual_seed(18)).clamp(-1, 1)  # [uncond; cond]
+    t = s.timesteps[3]
+    guided = s.step(rows, t, x, generator=torch.Generator().manual_seed(19), guidance_scale=4.0).prev_sample
+    prediction = rows[:2, :3] + 4.0 * (rows[2:, :3] - rows[:2, :3])
+    by_hand = torch.cat([prediction, rows[2:, 3:]], 1)  # the guided prediction, the conditional rows' variance
+    want = s.step(by_hand, t, x, generator=torch.Generator().manual_seed(19)).prev_sample
+    assert_rel_close(guided, want, 1e-6, "guided learned variance")
+
+
+def test_has_fused_step():
+    assert fs.DDPMScheduler().has_fused_step and fs.DDIMScheduler().has_fused_step
+    assert not fs.DDPMScheduler(variance_type="learned").has_fused_step
+    assert not fs.DDIMScheduler(thresholding=True).has_fused_step

@@ -209,7 +209,7 @@ class DiffusionPipeline(Pipeline):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t).to(dtype)
             t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.float32)
-            if graphs is not None and hasattr(self.scheduler, "fused_step"):
+            if graphs is not None and getattr(self.scheduler, "has_fused_step", False):
                 # DDIM/DDPM: the UNet call and the fused update replay as one graph
                 plan = self.scheduler.fused_step(t, latents, **{k: v for k, v in step_kwargs.items()
                                                                  if k != "guidance_scale"})

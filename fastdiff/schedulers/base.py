@@ -135,8 +135,8 @@ class SchedulerOutput(OrderedDict):
     Shaped like diffusers' outputs: an ordered mapping of the fields that are not None (``out["prev_sample"]``,
     ``out.keys()``, ``out.values()``, ``out.items()``, ``dict(out)``), with the fields as attributes
     (``out.prev_sample``), indexable by position over the fields that are not None (``out[0]``, ``out[:1]``), and
-    ``to_tuple()``. Like diffusers', it cannot be unpacked directly (use ``to_tuple()``) and refuses ``pop``,
-    ``update``, ``setdefault`` and ``del``.
+    ``to_tuple()``. Like diffusers', unpacking it gives its keys, not its tensors (use ``to_tuple()``), and it
+    refuses ``pop``, ``update``, ``setdefault`` and ``del``.
     """
 
     FIELDS: ClassVar[tuple[str, ...]] = ("prev_sample", "pred_original_sample")

@@ -10,7 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import Generator, as_float, broadcast_to, guided_model_output, randn_like, step_output
+from fastdiff.schedulers.base import (
+    Generator,
+    as_float,
+    broadcast_to,
+    check_step_inputs,
+    guided_model_output,
+    randn_like,
+    step_output,
+)
 from fastdiff.schedulers.config import ClipSampleConfig
 from fastdiff.schedulers.schedules import check_custom_timesteps, check_schedule_source
 from fastdiff.schedulers.vp import FusedStep, VariancePreservingScheduler
@@ -45,6 +53,11 @@ class DDPMScheduler(VariancePreservingScheduler):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.custom_timesteps = False
+
+    @property
+    def has_fused_step(self) -> bool:
+        """Whether :meth:`fused_step` plans this update (not for a learned variance: it needs the model's variance)."""
+        return super().has_fused_step and self.settings.variance_type not in LEARNED_VARIANCE_TYPES
 
     def _require_timesteps(self) -> None:
         """Nothing to require: before set_timesteps, step() runs the training chain t → t − 1, as in diffusers
@@ -118,9 +131,9 @@ class DDPMScheduler(VariancePreservingScheduler):
     def _learned_variance_step(self, model_output: Tensor, timestep, sample: Tensor, generator: Generator,
                                return_dict: bool, guidance_scale: float | None):
         """step() for a model that predicts its variance: model_output (B, 2C, ...) = [prediction; variance] (with
-        guidance_scale, (2B, 2C, ...), guided over all channels). The posterior mean and x̂0 as in the fused step;
-        σ_t² = the predicted variance ("learned") or exp(v·log β_t + (1 − v)·log β̃_t) with v = (p + 1)/2
-        ("learned_range"), as diffusers computes them."""
+        guidance_scale, (2B, 2C, ...) = [uncond; cond] rows: the prediction guided, the variance the cond rows').
+        The posterior mean and x̂0 as in the fused step; σ_t² = the predicted variance ("learned") or
+        exp(v·log β_t + (1 − v)·log β̃_t) with v = (p + 1)/2 ("learned_range"), as diffusers computes them."""
         channels = sample.shape[1] if isinstance(sample, Tensor) and sample.ndim > 1 else None
         if not isinstance(model_output, Tensor) or channels is None or model_output.ndim != sample.ndim \
                 or model_output.shape[1] != 2 * channels:
@@ -128,9 +141,11 @@ class DDPMScheduler(VariancePreservingScheduler):
             raise ValueError(f"variance_type={self.settings.variance_type!r}: model_output must have 2C = "
                              f"{2 * (channels or 0)} channels (the prediction, then the variance), got {got}")
         shape_2c = (sample.shape[0], 2 * channels, *sample.shape[2:])  # what the checks compare model_output with
-        model_output = guided_model_output(model_output, torch.empty(shape_2c, dtype=sample.dtype, device="meta"),
-                                           guidance_scale)
+        check_step_inputs(model_output, torch.empty(shape_2c, dtype=sample.dtype, device="meta"), guidance_scale)
         prediction, predicted_variance = model_output.split(channels, dim=1)
+        if guidance_scale is not None:  # guide the prediction; the variance is the conditional rows' (as DiT/GLIDE)
+            prediction = guided_model_output(prediction, sample, guidance_scale)
+            predicted_variance = predicted_variance[sample.shape[0]:]
         t = self._plan_timestep(timestep)
         prev_t = self._previous_timestep(t)
         a_t = self._alphas_cumprod_list[t]

@@ -103,8 +103,8 @@ def alpha_sigma(sigma: float) -> tuple[float, float]:
 
 
 class DPMSolverMultistepScheduler(SigmaScheduler):
-    """DPM-Solver++ (Lu et al. 2022b, Algorithm 2, "2M"), diffusers-compatible, order 1 or 2; configured by
-    :class:`DPMSolverMultistepConfig`."""
+    """Multistep DPM-Solver / DPM-Solver++ (Lu et al. 2022a/b; "2M", "3M", ODE or SDE), diffusers-compatible, orders
+    1–3; configured by :class:`DPMSolverMultistepConfig`."""
 
     config_class = DPMSolverMultistepConfig
     init_noise_sigma = 1.0
@@ -127,7 +127,9 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         cfg = self.settings
         T = cfg.num_train_timesteps
         if check_schedule_source(num_inference_steps=num_inference_steps, timesteps=timesteps) == "timesteps":
-            schedule = check_custom_timesteps(timesteps, T, np.int64, cfg.use_karras_sigmas)
+            schedule = check_custom_timesteps(timesteps, T, np.int64, cfg.use_karras_sigmas,
+                                              use_exponential_sigmas=cfg.use_exponential_sigmas,
+                                              use_beta_sigmas=cfg.use_beta_sigmas, use_lu_lambdas=cfg.use_lu_lambdas)
             n = len(schedule)
         else:
             n = check_num_inference_steps(num_inference_steps, T)
@@ -206,15 +208,16 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             out.append((alpha, sigma, math.log(alpha) - math.log(sigma)))
         return out
 
-    def first_order_update(self, model_output: Tensor, sample: Tensor, noise: Tensor | None = None) -> Tensor:
+    def first_order_update(self, x0_pred: Tensor, sample: Tensor, noise: Tensor | None = None) -> Tensor:
         """One first-order step from σ_s (this index) to σ_t (the next): for dpmsolver++,
         x_t = (σ_t/σ_s)·x_s − α_t·(e^(−h) − 1)·x̂0, h = λ_t − λ_s (Lu et al. 2022b, eq. 5; = DDIM); the other
-        algorithm types as :meth:`multistep_update` with the history's newest entry only."""
-        return self.multistep_update([model_output], sample, noise, order=1)
+        algorithm types as :meth:`multistep_update` of order 1 (``x0_pred`` is then ε̂, what
+        :meth:`convert_model_output` gave)."""
+        return self.multistep_update([x0_pred], sample, noise, order=1)
 
-    def second_order_update(self, model_outputs: list[Tensor], sample: Tensor, noise: Tensor | None = None) -> Tensor:
-        """The 2M step (:meth:`multistep_update` of order 2)."""
-        return self.multistep_update(model_outputs, sample, noise, order=2)
+    def second_order_update(self, x0_preds: list[Tensor], sample: Tensor, noise: Tensor | None = None) -> Tensor:
+        """The 2M step (:meth:`multistep_update` of order 2) from the history (x̂0's, or ε̂'s)."""
+        return self.multistep_update(x0_preds, sample, noise, order=2)
 
     def multistep_update(self, model_outputs: list[Tensor], sample: Tensor, noise: Tensor | None,
                          order: int) -> Tensor:

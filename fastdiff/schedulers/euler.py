@@ -79,7 +79,11 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
             self._set_schedule(sigma_to_t(sigmas[:-1], self._log_sigmas), sigmas[:-1], sigmas[-1], device)
             return
         if source == "timesteps":
-            schedule = check_custom_timesteps(timesteps, cfg.num_train_timesteps, np.float32, cfg.use_karras_sigmas)
+            continuous = cfg.timestep_type == "continuous" and cfg.prediction_type == "v_prediction"
+            schedule = check_custom_timesteps(timesteps, cfg.num_train_timesteps, np.float32, cfg.use_karras_sigmas,
+                                              use_exponential_sigmas=cfg.use_exponential_sigmas,
+                                              use_beta_sigmas=cfg.use_beta_sigmas,
+                                              timestep_type=cfg.timestep_type if continuous else False)
         else:
             schedule = self._spaced_timesteps(num_inference_steps, np.float32, round_linspace=False)
         n = len(schedule)

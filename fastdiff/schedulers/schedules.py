@@ -104,12 +104,15 @@ def check_schedule_source(**given) -> str:
     return names[0]
 
 
-def check_custom_timesteps(timesteps, num_train_timesteps: int, dtype, use_karras_sigmas: bool = False) -> np.ndarray:
+def check_custom_timesteps(timesteps, num_train_timesteps: int, dtype, use_karras_sigmas: bool = False,
+                           **schedule_options) -> np.ndarray:
     """User-given timesteps as a 1-D array of ``dtype`` (np.int64 truncates): non-empty, strictly descending, in
-    [0, T − 1]. ValueError naming timesteps otherwise, or naming use_karras_sigmas (Karras σ pick their own
-    timesteps, so custom ones cannot be combined with them)."""
-    if use_karras_sigmas:
-        raise ValueError("custom timesteps cannot be combined with use_karras_sigmas=True")
+    [0, T − 1]. ValueError naming timesteps otherwise, or naming use_karras_sigmas or any other of
+    ``schedule_options`` that is on (those schedules pick their own timesteps, so custom ones cannot be combined
+    with them; diffusers refuses them too)."""
+    for name, on in {"use_karras_sigmas": use_karras_sigmas, **schedule_options}.items():
+        if on:
+            raise ValueError(f"custom timesteps cannot be combined with {name}={on!r}")
     T = num_train_timesteps
     values = timesteps.tolist() if isinstance(timesteps, Tensor) else timesteps
     try:

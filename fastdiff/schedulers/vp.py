@@ -89,6 +89,12 @@ class VariancePreservingScheduler(Scheduler):
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._timestep_list = timesteps.tolist()
 
+    @property
+    def has_fused_step(self) -> bool:
+        """Whether ``fused_step()`` plans this scheduler's update as one fused op (what a CUDA graph replays): not
+        with dynamic thresholding, whose per-sample quantile runs the reference's torch code."""
+        return not self.settings.thresholding
+
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         """DDPM and DDIM feed x_t to the model unscaled."""
         return sample
