@@ -447,20 +447,12 @@ def _dpm_loop_float64(config: dict, steps: int, x: torch.Tensor, model) -> torch
     fp16 runs are measured against."""
     s = fs.DPMSolverMultistepScheduler(**config)
     s.set_timesteps(steps)
-    x, n, cfg = x.double(), len(s.timesteps), s.settings
+    x = x.double()
     for i, t in enumerate(s.timesteps):
         s._step_index = i
         s.model_outputs = s.model_outputs[1:] + [s.convert_model_output(model(x, t).double(), x)]
-        first = i == n - 1 and ((cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero")
-        second = i == n - 2 and cfg.lower_order_final and n < 15
-        if cfg.solver_order == 1 or s.lower_order_nums < 1 or first:
-            order = 1
-        elif cfg.solver_order == 2 or s.lower_order_nums < 2 or second:
-            order = 2
-        else:
-            order = 3
-        x = s.multistep_update(s.model_outputs, x, None, order)
-        s.lower_order_nums = min(s.lower_order_nums + 1, cfg.solver_order)
+        x = s.multistep_update(s.model_outputs, x, None, s.step_order(i))
+        s.lower_order_nums = min(s.lower_order_nums + 1, s.settings.solver_order)
     return x
 
 

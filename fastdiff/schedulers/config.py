@@ -168,6 +168,28 @@ def load_config_mapping(config) -> Mapping:
     raise TypeError(f"config must be a mapping, a scheduler_config.json path or a folder, got {type(config).__name__}")
 
 
+def check_scipy(option: str) -> None:
+    """ImportError naming ``option`` where scipy (an optional dependency) is missing."""
+    try:
+        import scipy.special  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{option}=True needs scipy (pip install scipy)") from exc
+
+
+def check_sigma_spacings(config, names: tuple[str, ...]) -> None:
+    """The σ-spacing switches ``names`` (use_karras_sigmas, use_exponential_sigmas, ...): None stored as False (as
+    diffusers allows), at most one on (ValueError naming them), scipy present for use_beta_sigmas (ImportError). Call
+    before the base class's checks, which type-check the booleans."""
+    for name in names:
+        if getattr(config, name) is None:
+            object.__setattr__(config, name, False)
+    on = [name for name in names if getattr(config, name)]
+    if len(on) > 1:
+        raise ValueError(f"only one of {', '.join(names)} can be on, got {on}")
+    if "use_beta_sigmas" in on:
+        check_scipy("use_beta_sigmas")
+
+
 def check_thresholding(config) -> None:
     """The dynamic-thresholding fields (``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``)."""
     ratio = check_real("dynamic_thresholding_ratio", config.dynamic_thresholding_ratio)

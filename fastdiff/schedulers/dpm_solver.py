@@ -16,13 +16,17 @@ from torch import Tensor
 
 from fastdiff.schedulers.base import Generator, guided_model_output, randn_tensor
 from fastdiff import reference
-from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_thresholding
+from fastdiff.schedulers.config import (
+    FINAL_SIGMAS_TYPES,
+    SchedulerConfig,
+    check_sigma_spacings,
+    check_thresholding,
+)
 from fastdiff.schedulers.schedules import (
     beta_sigmas,
     check_custom_timesteps,
     check_num_inference_steps,
     check_schedule_source,
-    check_scipy,
     check_steps_offset,
     exponential_sigmas,
     karras_sigmas,
@@ -67,22 +71,13 @@ class DPMSolverMultistepConfig(SchedulerConfig):
             object.__setattr__(self, "algorithm_type", "dpmsolver++")
         if self.solver_type in ("logrho", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "midpoint")
-        for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
-            if getattr(self, name) is None:  # diffusers allows None for False
-                object.__setattr__(self, name, False)
+        check_sigma_spacings(self, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"))
         super().__post_init__()
         check_thresholding(self)
         clip = self.lambda_min_clipped
         if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or math.isnan(clip) or clip == math.inf:
             raise ValueError(f"lambda_min_clipped must be a real number or -inf, got {clip!r}")
         object.__setattr__(self, "lambda_min_clipped", float(clip))
-        spacings = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-                    if getattr(self, n)]
-        if len(spacings) > 1:
-            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas "
-                             f"can be on, got {spacings}")
-        if self.use_beta_sigmas:
-            check_scipy("use_beta_sigmas")
         check_choice("solver_order", self.solver_order, (1, 2, 3))
         check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
         if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
@@ -280,6 +275,21 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             x_t = x_t + c_z * noise
         return x_t
 
+    def step_order(self, i: int) -> int:
+        """The order step ``i`` may use (diffusers' rule): at most solver_order and the history taken so far
+        (lower_order_nums), first order for the last step (euler_at_final, final_sigmas_type="zero", or
+        lower_order_final under 15 steps) and at most second order for the one before it (lower_order_final under 15
+        steps)."""
+        n, cfg = len(self._timestep_list), self.settings
+        first_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                             or cfg.final_sigmas_type == "zero")
+        second_order_next_to_last = i == n - 2 and cfg.lower_order_final and n < 15
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or first_order_final:
+            return 1
+        if cfg.solver_order == 2 or self.lower_order_nums < 2 or second_order_next_to_last:
+            return 2
+        return 3
+
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator: Generator = None,
              variance_noise: Tensor | None = None, return_dict: bool = True, *, guidance_scale: float | None = None):
         """One multistep DPM-Solver step from σ_s (this timestep) to σ_t (the next one).
@@ -290,28 +300,18 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         """
         model_output = guided_model_output(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
-        n, cfg = len(self._timestep_list), self.settings
-        # 1. the order this step may use: lower near the end (and at the start, which has no history), as diffusers
-        first_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                             or cfg.final_sigmas_type == "zero")
-        second_order_next_to_last = i == n - 2 and cfg.lower_order_final and n < 15
-        # 2. x̂0 (or ε̂) at this σ, pushed onto the history
+        cfg = self.settings
+        # 1. x̂0 (or ε̂) at this σ, pushed onto the history
         converted = self.convert_model_output(model_output, sample)
         self.model_outputs = self.model_outputs[1:] + [converted]
         sample = sample.to(torch.float32)
-        # 3. the SDE solvers' fresh noise (fp32, drawn as diffusers draws it)
+        # 2. the SDE solvers' fresh noise (fp32, drawn as diffusers draws it)
         noise = None
         if cfg.algorithm_type.startswith("sde-"):
             noise = (variance_noise.to(device=converted.device, dtype=torch.float32) if variance_noise is not None
                      else randn_tensor(converted.shape, generator, converted.device, torch.float32))
-        # 4. the update
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or first_order_final:
-            order = 1
-        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or second_order_next_to_last:
-            order = 2
-        else:
-            order = 3
-        prev_sample = self.multistep_update(self.model_outputs, sample, noise, order)
+        # 3. the update
+        prev_sample = self.multistep_update(self.model_outputs, sample, noise, self.step_order(i))
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         out = self._end_step(prev_sample, None, model_output.dtype, return_dict)
         return out if return_dict else out[:1]  # (prev_sample,), as diffusers' DPM-Solver returns

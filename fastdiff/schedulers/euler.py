@@ -11,12 +11,11 @@ import torch
 from torch import Tensor
 
 from fastdiff.schedulers.base import Generator, randn_like
-from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig
+from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_sigma_spacings
 from fastdiff.schedulers.schedules import (
     beta_sigmas,
     check_custom_timesteps,
     check_schedule_source,
-    check_scipy,
     exponential_sigmas,
     karras_sigmas,
     sigma_schedule_from_timesteps,
@@ -39,21 +38,13 @@ class EulerDiscreteConfig(SchedulerConfig):
     timestep_type: str = "discrete"  # "continuous": with v_prediction, the model sees t = ¼·log σ (EDM-style)
 
     def __post_init__(self):
-        for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
-            if getattr(self, name) is None:  # diffusers allows None for False
-                object.__setattr__(self, name, False)
+        check_sigma_spacings(self, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
         super().__post_init__()
         check_real("sigma_min", self.sigma_min, positive=True, allow_none=True)
         check_real("sigma_max", self.sigma_max, positive=True, allow_none=True)
         check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         check_choice("interpolation_type", self.interpolation_type, ("linear", "log_linear"))
         check_choice("timestep_type", self.timestep_type, ("discrete", "continuous"))
-        spacings = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if getattr(self, n)]
-        if len(spacings) > 1:
-            raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be on, "
-                             f"got {spacings}")
-        if self.use_beta_sigmas:
-            check_scipy("use_beta_sigmas")
 
 
 class EulerDiscreteScheduler(VarianceExplodingScheduler):

@@ -154,14 +154,6 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, 
     return sigma_min + quantiles * (sigma_max - sigma_min)
 
 
-def check_scipy(option: str) -> None:
-    """ImportError naming ``option`` where scipy (an optional dependency) is missing."""
-    try:
-        import scipy.special  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"{option}=True needs scipy (pip install scipy)") from exc
-
-
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """The (fractional) training timestep of each σ: linear interpolation of log σ between neighbouring timesteps.
 
