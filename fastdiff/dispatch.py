@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger("fastdiff")
 
 BACKENDS = ("auto", "torch", "triton", "native")
-TRITON_OPS = ("group_norm_silu", "attention", "ddim_step", "ddpm_step")
+TRITON_OPS = ("group_norm_silu", "attention", "ddim_step", "ddpm_step", "linear_step")
 NATIVE_OPS = ("vq_nearest",)  # ops whose fast path is the native extension (fastdiff._C)
 # Ops without a Triton kernel whose CPU fast path is a native kernel (the extension's operator name); elsewhere torch's
 # own kernel (cuDNN, oneDNN) is the fast path.

@@ -27,7 +27,7 @@ from fastdiff.validation import (
     check_tensor,
 )
 
-__all__ = ["group_norm_silu", "conv3x3", "attention", "ddim_step", "ddpm_step", "vq_nearest"]
+__all__ = ["group_norm_silu", "conv3x3", "attention", "ddim_step", "ddpm_step", "linear_step", "vq_nearest"]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -479,6 +479,131 @@ def ddpm_step(
                          clip_sample_range, guidance_scale, backend)
 
 
+# --------------------------------------------------------------------------------------------- linear_step
+MAX_STEP_INPUTS = 6  # history tensors, stored samples and noise one linear_step call reads
+MAX_STEP_OUTPUTS = 3
+
+
+def _check_coefficients(coefficients, n_inputs: int) -> list[list[float]]:
+    """1..3 rows; row j has 2 + n_inputs + j finite numbers."""
+    if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__len__"):
+        raise TypeError(f"coefficients must be a sequence of rows of numbers, got {type(coefficients).__name__}")
+    if not 1 <= len(coefficients) <= MAX_STEP_OUTPUTS:
+        raise ValueError(f"coefficients must have 1 to {MAX_STEP_OUTPUTS} rows (one per output), "
+                         f"got {len(coefficients)}")
+    rows = []
+    for j, row in enumerate(coefficients):
+        expected = 2 + n_inputs + j
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or len(row) != expected:
+            raise ValueError(f"coefficients[{j}] must have {expected} numbers (x, model output, {n_inputs} inputs, "
+                             f"{j} earlier outputs), got {row!r}")
+        rows.append([check_real(f"coefficients[{j}][{i}]", c) for i, c in enumerate(row)])
+    return rows
+
+
+@torch.library.custom_op("fastdiff::linear_step", mutates_args=())
+def _linear_step_op(
+    sample: Tensor, model_output: Tensor, inputs: list[Tensor], coefficients: list[float], n_outputs: int,
+    guidance_scale: Optional[float], clip_sample_range: Optional[float], backend: str,
+) -> list[Tensor]:
+    return _run("linear_step", sample.device, backend, "linear_step", sample, model_output, inputs,
+                _coefficient_rows(coefficients, n_outputs, len(inputs)), guidance_scale, clip_sample_range)
+
+
+def _coefficient_rows(flat: list[float], n_outputs: int, n_inputs: int) -> list[list[float]]:
+    """The flat coefficient list of the op's schema back into rows of 2 + n_inputs + j numbers."""
+    rows, start = [], 0
+    for j in range(n_outputs):
+        width = 2 + n_inputs + j
+        rows.append(list(flat[start:start + width]))
+        start += width
+    return rows
+
+
+@_linear_step_op.register_fake
+def _(sample, model_output, inputs, coefficients, n_outputs, guidance_scale, clip_sample_range, backend):
+    dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    return [torch.empty_like(sample, dtype=dtype) for _ in range(n_outputs)]
+
+
+def linear_step(
+    sample: Tensor,
+    model_output: Tensor,
+    inputs=(),
+    *,
+    coefficients,
+    guidance_scale: Optional[float] = None,
+    clip_sample_range: Optional[float] = None,
+    threshold: Optional[tuple[float, float]] = None,
+    backend: Optional[str] = None,
+) -> list[Tensor]:
+    """One sampler update written as linear combinations, with classifier-free guidance fused in: on the GPU one
+    kernel reads x, the model output and each input once and writes each output once. The schedulers whose update
+    is elementwise once the step's coefficients are known run through it (Euler, DPM-Solver, UniPC, DEIS, LMS, PNDM,
+    Heun, KDPM2, LCM; see docs/schedulers.md).
+
+    Operands, in order: x = ``sample``; m = ``model_output`` (guided: uncond + s·(cond − uncond) with
+    ``guidance_scale``); the ``inputs``; then the outputs already computed. Output j =
+    Σ_i coefficients[j][i]·operand_i over its 2 + len(inputs) + j operands (a coefficient of exactly 0 skips its
+    term: 0·NaN stays out). Output 0 (usually the predicted x0) is clamped to [−r, r] with ``clip_sample_range``, or
+    dynamically thresholded with ``threshold`` = (ratio, max_value) (a per-sample quantile: the reference's torch
+    code, not the kernel), before later outputs read it.
+
+    Args:
+        sample: x, (B, ...) fp32/fp16/bf16 (float64 runs the reference in float64).
+        model_output: sample's shape and dtype; with guidance_scale, (2B, ...) = [uncond; cond].
+        inputs: up to 6 tensors of sample's shape, any floating dtype, on sample's device.
+        coefficients: 1 to 3 rows of Python numbers (computed on the host, in float64 by the schedulers).
+    Returns:
+        a list with one tensor per row: fp32 (float64 for float64 samples), sample's shape.
+    """
+    guidance_scale = check_real("guidance_scale", guidance_scale, allow_none=True)
+    check_step_inputs_common(sample, model_output, guidance_scale)
+    if isinstance(inputs, Tensor) or not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
+    if len(inputs) > MAX_STEP_INPUTS:
+        raise ValueError(f"inputs takes at most {MAX_STEP_INPUTS} tensors, got {len(inputs)}")
+    for i, t in enumerate(inputs):
+        check_tensor(f"inputs[{i}]", t, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if t.shape != sample.shape:
+            raise ValueError(f"inputs[{i}] must have sample's shape {tuple(sample.shape)}, got {tuple(t.shape)}")
+        if t.device != sample.device:
+            raise ValueError(f"inputs[{i}] is on {t.device} but sample is on {sample.device}")
+    rows = _check_coefficients(coefficients, len(inputs))
+    clip_sample_range = check_real("clip_sample_range", clip_sample_range, allow_none=True, positive=True)
+    if threshold is not None:
+        if not isinstance(threshold, (tuple, list)) or len(threshold) != 2:
+            raise ValueError(f"threshold must be (ratio, max_value), got {threshold!r}")
+        ratio, max_value = (check_real("threshold", v, positive=True) for v in threshold)
+        if ratio > 1.0:
+            raise ValueError(f"threshold's ratio must be in (0, 1], got {ratio}")
+        threshold = (ratio, max_value)
+    backend = dispatch.check_backend(backend)
+    if threshold is not None or sample.dtype == torch.float64 or _needs_grad(sample, model_output, *inputs):
+        dispatch.record("linear_step", "torch")
+        return reference.linear_step(sample, model_output, list(inputs), rows, guidance_scale, clip_sample_range,
+                                     threshold)
+    flat = [c for row in rows for c in row]
+    return _call(_linear_step_op, sample.contiguous(), model_output.contiguous(), [t.contiguous() for t in inputs],
+                 flat, len(rows), guidance_scale, clip_sample_range, backend)
+
+
+def check_step_inputs_common(sample, model_output, guidance_scale) -> None:
+    """sample and model_output: floating tensors of one dtype and device; model_output sample's shape, or
+    (2B, ...) = [uncond; cond] with guidance_scale."""
+    check_tensor("sample", sample, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    check_tensor("model_output", model_output, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if model_output.dtype != sample.dtype:
+        raise TypeError(f"model_output must have sample's dtype {sample.dtype}, got {model_output.dtype}")
+    if sample.ndim < 1:
+        raise ValueError("sample must have a batch dimension")
+    check_same_device(sample=sample, model_output=model_output)
+    expected = tuple(sample.shape) if guidance_scale is None else (2 * sample.shape[0], *sample.shape[1:])
+    if tuple(model_output.shape) != expected:
+        what = "sample's shape" if guidance_scale is None else "(2B, ...) = [uncond; cond] with guidance_scale"
+        raise ValueError(f"model_output must have {what} {expected}, got {tuple(model_output.shape)}")
+
+
 # --------------------------------------------------------------------------------------------- vq_nearest
 def vq_nearest(
     z: Tensor,
@@ -594,8 +719,17 @@ def triton_ops() -> dict:
             sample, model_output, _join_alpha(alpha_t, alpha_t_value), _join_alpha(alpha_prev, alpha_prev_value),
             noise, variance_type, prediction_type, clip_sample_range, guidance_scale)
 
+    @triton_op("fastdiff::linear_step_triton", mutates_args=())
+    def linear_step_triton(
+        sample: Tensor, model_output: Tensor, inputs: list[Tensor], coefficients: list[float], n_outputs: int,
+        guidance_scale: Optional[float], clip_sample_range: Optional[float],
+    ) -> list[Tensor]:
+        return dispatch.load_kernels("linear_step").linear_step(
+            sample, model_output, inputs, _coefficient_rows(coefficients, n_outputs, len(inputs)), guidance_scale,
+            clip_sample_range)
+
     return {"group_norm_silu": group_norm_silu_triton, "attention": attention_triton,
-            "ddim_step": ddim_step_triton, "ddpm_step": ddpm_step_triton}
+            "ddim_step": ddim_step_triton, "ddpm_step": ddpm_step_triton, "linear_step": linear_step_triton}
 
 
 def _inline_for_compile(name: str, opaque) -> None:
@@ -633,5 +767,6 @@ def _inline_for_compile(name: str, opaque) -> None:
 
 
 for _name, _opaque in (("group_norm_silu", _group_norm_silu_op), ("attention", _attention_op),
-                       ("ddim_step", _ddim_step_op), ("ddpm_step", _ddpm_step_op)):
+                       ("ddim_step", _ddim_step_op), ("ddpm_step", _ddpm_step_op),
+                       ("linear_step", _linear_step_op)):
     _inline_for_compile(_name, _opaque)

@@ -7,6 +7,7 @@ result is cast back, as the kernels do.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,46 @@ def ddpm_step(
             variance = current_beta_t
         prev = prev + _sqrt(variance) * noise.float()
     return prev.to(dtype), x0.to(dtype)
+
+
+def linear_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    coefficients: Sequence[Sequence[float]],
+    guidance_scale: float | None = None,
+    clip_sample_range: float | None = None,
+    threshold: tuple[float, float] | None = None,
+) -> list[torch.Tensor]:
+    """A sampler update written as linear combinations: every scheduler step that is elementwise once its per-step
+    coefficients are known (Euler, DPM-Solver, UniPC, LMS, PNDM, Heun, LCM, ...), with classifier-free guidance.
+
+    Operands, in order: x (``sample``), m (the model output, guided: uncond + s·(cond − uncond) when
+    ``guidance_scale`` is given and model_output is (2B, ...) = [uncond; cond]), then ``inputs`` (history, stored
+    samples, noise; each sample's shape), then the outputs already computed. Output j is
+    Σ_i coefficients[j][i]·operand_i over its first 2 + len(inputs) + j operands; terms whose coefficient is exactly
+    0 are skipped. Output 0 is bounded: clamped to [−r, r] (``clip_sample_range``) or dynamically thresholded
+    (``threshold`` = (ratio, max_value)) before later outputs read it. Computed in fp32 (float64 inputs in float64);
+    returns the outputs as fp32 tensors of sample's shape (float64 for float64 inputs).
+    """
+    work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    operands = [sample.to(work), classifier_free_guidance(model_output.to(work), guidance_scale),
+                *(t.to(work) for t in inputs)]
+    outputs = []
+    for j, row in enumerate(coefficients):
+        out = None
+        for c, operand in zip(row, operands):
+            if c == 0.0:
+                continue
+            out = operand * c if out is None else out.add(operand, alpha=c)
+        out = torch.zeros_like(operands[0]) if out is None else out
+        if j == 0 and threshold is not None:
+            out = dynamic_threshold(out, *threshold)
+        elif j == 0 and clip_sample_range is not None:
+            out = out.clamp(-clip_sample_range, clip_sample_range)
+        outputs.append(out)
+        operands.append(out)
+    return outputs
 
 
 def vq_nearest(

@@ -46,7 +46,7 @@ def step_offsets(
 
 
 @triton.jit
-def _guided_model_output(
+def guided_model_output(
     M,  # (N,) model output, or (2N,) = [uncond; cond] with HAS_GUIDANCE
     offs,
     mask,
@@ -94,7 +94,7 @@ def _x0_and_eps(
 
 
 @triton.jit
-def _clip(x0, clip_range):
+def clip(x0, clip_range):
     """clamp(x0, −r, r), NaN propagating like torch.clamp."""
     x0 = tl.maximum(x0, -clip_range, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(x0, clip_range, propagate_nan=tl.PropagateNan.ALL)
@@ -132,10 +132,10 @@ def predict_x0(
 ):
     """x_t in fp32, the predicted x0 from the (guided) model output (clipped with CLIP), and ε from the unclipped x0."""
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    out = _guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
+    out = guided_model_output(M, offs, mask, n_elements, guidance_scale, HAS_GUIDANCE)
     x0, eps = _x0_and_eps(x, out, sqrt_alpha, sqrt_beta, inv_sqrt_alpha, inv_sqrt_beta, PREDICTION_TYPE)
     if CLIP:
-        x0 = _clip(x0, clip_range)
+        x0 = clip(x0, clip_range)
     return x, x0, eps
 
 
@@ -175,7 +175,7 @@ def alpha_roots_host(alpha_prod_t: float) -> tuple[float, float, float, float]:
 MAXNREG = 64
 
 
-def _block_size(n_elements: int, sample: torch.Tensor) -> tuple[int, int]:
+def block_size(n_elements: int, sample: torch.Tensor) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps). Interpreter: small blocks, so small test tensors span several programs."""
     if not target.compiled_gpu(sample):
         return 128, 1
@@ -194,7 +194,7 @@ def launch(kernel, sample, model_output, noise, alpha_prod_t, alpha_prod_t_prev,
         return prev, x0
     batch = sample.shape[0]
     per_sample_numel = n_elements // batch
-    block, num_warps = _block_size(n_elements, sample)
+    block, num_warps = block_size(n_elements, sample)
     per_sample_alpha = isinstance(alpha_prod_t, torch.Tensor) or isinstance(alpha_prod_t_prev, torch.Tensor)
     if per_sample_alpha:
         # a float next to a tensor becomes a (B,) tensor too (a fill, no host sync)
