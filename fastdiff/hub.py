@@ -34,6 +34,7 @@ SAMPLERS = {
     "dpm++-3m-sde": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",
 }
 SAMPLER_OPTIONS = {
     "dpm++": {"algorithm_type": "dpmsolver++", "solver_order": 2},  # DPM++ 2M

@@ -29,6 +29,9 @@ def _op_cases(backend):
                                                 False, backend)),
         (torch.ops.fastdiff.ddpm_step.default, (s, eps, a_t, a_t + 0.1, 0.0, 0.0, torch.randn_like(s), "fixed_small",
                                                 "sample", None, None, backend)),
+        (torch.ops.fastdiff.linear_step.default, (s, eps, [s.clone()], [0.5, -1.0, 0.0, 1.0, 0.2, 0.3, 0.4], 2, None,
+                                                  1.0, backend)),
+        (torch.ops.fastdiff.linear_step.default, (s, eps2, [], [0.5, -1.0], 1, 3.0, None, backend)),
     ]
 
 
@@ -127,7 +130,8 @@ def test_import_without_triton():
 
 def test_info_reports_every_op():
     info = fastdiff.info()
-    assert set(info["ops"]) == {"group_norm_silu", "attention", "ddim_step", "ddpm_step", "vq_nearest", "conv3x3"}
+    assert set(info["ops"]) == {"group_norm_silu", "attention", "ddim_step", "ddpm_step", "linear_step", "vq_nearest",
+                                "conv3x3"}
     assert info["torch"] == torch.__version__
     assert info["ops"]["attention"] in ("torch", "interpreter", "triton")
 

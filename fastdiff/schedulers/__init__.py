@@ -16,6 +16,7 @@ from fastdiff.schedulers.ddpm import DDPMConfig, DDPMScheduler
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
 from fastdiff.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
 from fastdiff.schedulers.euler_ancestral import EulerAncestralDiscreteConfig, EulerAncestralDiscreteScheduler
+from fastdiff.schedulers.lcm import LCMConfig, LCMScheduler, LCMSchedulerOutput
 
 __all__ = [
     "CONFIG_NAME",
@@ -29,6 +30,9 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteConfig",
     "EulerDiscreteScheduler",
+    "LCMConfig",
+    "LCMScheduler",
+    "LCMSchedulerOutput",
     "Scheduler",
     "ConfigDict",
     "SchedulerConfig",

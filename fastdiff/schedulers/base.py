@@ -32,7 +32,7 @@ from fastdiff.schedulers.config import (
     split_config,
 )
 from fastdiff.schedulers.schedules import check_num_inference_steps, check_steps_offset, make_betas, spaced_timesteps
-from fastdiff.validation import check_real
+from fastdiff.validation import check_int, check_real
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -141,10 +141,17 @@ class SchedulerOutput(OrderedDict):
 
     FIELDS: ClassVar[tuple[str, ...]] = ("prev_sample", "pred_original_sample")
 
-    def __init__(self, prev_sample: Tensor | None = None, pred_original_sample: Tensor | None = None):
+    def __init__(self, *args, **kwargs):
         super().__init__()
-        self.prev_sample = prev_sample
-        self.pred_original_sample = pred_original_sample
+        if len(args) > len(self.FIELDS):
+            raise TypeError(f"{type(self).__name__} takes at most {len(self.FIELDS)} fields {self.FIELDS}")
+        values = dict(zip(self.FIELDS, args))
+        for key, value in kwargs.items():
+            if key not in self.FIELDS or key in values:
+                raise TypeError(f"{type(self).__name__} got an unexpected or repeated field {key!r}")
+            values[key] = value
+        for name in self.FIELDS:
+            setattr(self, name, values.get(name))
 
     def __setattr__(self, name, value) -> None:
         if name in self.FIELDS and value is not None:
@@ -169,11 +176,11 @@ class SchedulerOutput(OrderedDict):
     __delitem__ = pop = popitem = setdefault = update = clear = _refuse
 
     def __reduce__(self):
-        return type(self), (self.prev_sample, self.pred_original_sample)
+        return type(self), tuple(getattr(self, name) for name in self.FIELDS)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(prev_sample={self.prev_sample!r}, "
-                f"pred_original_sample={self.pred_original_sample!r})")
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
+        return f"{type(self).__name__}({fields})"
 
     def to_tuple(self) -> tuple:
         """The fields that are not None, in order."""
@@ -186,6 +193,59 @@ def step_output(prev_sample: Tensor, pred_original_sample: Tensor | None, return
     if not return_dict:
         return prev_sample, pred_original_sample
     return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+# --------------------------------------------------------------------------------------------- the step counter
+class StepCounter:
+    """diffusers' step counter, for schedulers whose step() reads its place in ``timesteps`` from a counter rather
+    than from the timestep's value (σ-space and multistep solvers, LCM): it starts at the index of the first timestep
+    passed to step() (or at ``set_begin_index``) and advances by one per step. The scheduler keeps
+    ``self._timestep_list`` (its timesteps as Python numbers) and resets ``_step_index`` / ``_begin_index`` to None in
+    set_timesteps.
+    """
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the current step in ``timesteps``; None until the first step (diffusers' name)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the step counter at ``begin_index`` (pipelines that start mid-schedule, e.g. image-to-image)."""
+        self._begin_index = check_int("begin_index", begin_index, minimum=0)
+
+    def index_for_timestep(self, timestep, schedule_timesteps: Sequence[float] | None = None) -> int:
+        """Position of ``timestep`` in the schedule; of two equal entries the second, so that a run starting mid-way
+        does not skip a σ (diffusers' rule)."""
+        value = as_float(timestep)
+        schedule = self._timestep_list if schedule_timesteps is None else schedule_timesteps
+        matches = [i for i, s in enumerate(schedule) if s == value]
+        if not matches:
+            raise ValueError(f"timestep {value} is not in this scheduler's timesteps {schedule}")
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _current_step(self, timestep) -> int:
+        """The step index for this call of step(): set from ``timestep`` on the first call, then counted."""
+        self._require_timesteps()
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self._timestep_list):
+            first = self._timestep_list[0]
+            hint = (f" (timestep {first} repeats at the start of the schedule, so the counter started at index 1 as in "
+                    f"diffusers; call set_begin_index(0) before sampling to start at 0)"
+                    if self._timestep_list.count(first) > 1 else "")
+            raise RuntimeError(f"all {len(self._timestep_list)} steps are done; call set_timesteps() to sample "
+                               f"again{hint}")
+        return self._step_index
 
 
 # --------------------------------------------------------------------------------------------- the base class
@@ -208,7 +268,9 @@ class Scheduler:
     """
 
     config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
-    order: ClassVar[int] = 1  # model calls per step (all of ours are single-call; diffusers' name)
+    order: ClassVar[int] = 1  # model calls per timestep of the sampling schedule (diffusers' name)
+    # the family whose configs interchange (diffusers' compatibles): the samplers of any ε/x0/v model, or LCM alone
+    compatible_family: ClassVar[str] = "diffusion"
 
     def __init__(self, **kwargs):
         known = split_config(self.config_class, kwargs, strict=True)
@@ -257,12 +319,13 @@ class Scheduler:
 
     @property
     def compatibles(self) -> list[type]:
-        """The scheduler classes whose ``from_config`` takes this scheduler's config: every fastdiff scheduler (as
-        diffusers' ``compatibles``, this class included)."""
+        """The scheduler classes meant to take this scheduler's config with ``from_config``: the fastdiff schedulers
+        of its family, this class included (as diffusers' ``compatibles``: LCM stands alone, the others interchange)."""
         from fastdiff import schedulers
 
         return [cls for cls in vars(schedulers).values()
-                if isinstance(cls, type) and issubclass(cls, Scheduler) and cls is not Scheduler]
+                if isinstance(cls, type) and issubclass(cls, Scheduler) and cls is not Scheduler
+                and cls.compatible_family == self.compatible_family]
 
     def __setstate__(self, state: dict) -> None:
         if "config" in state:  # pickled when the config was a dict-subclass attribute

@@ -12,8 +12,6 @@ from torch import Tensor
 
 from fastdiff.schedulers.base import (
     Generator,
-    as_float,
-    broadcast_to,
     check_step_inputs,
     guided_model_output,
     randn_like,
@@ -80,23 +78,6 @@ class DDPMScheduler(VariancePreservingScheduler):
             schedule = self._spaced_timesteps(num_inference_steps, np.int64)
         self._set_schedule(schedule, device)
         self.custom_timesteps = custom
-
-    def previous_timestep(self, timestep):
-        """The timestep after ``timestep`` in the schedule, −1 after the last (then ᾱ_prev = 1); before
-        set_timesteps, t − 1 (the training chain). As in diffusers: after set_timesteps a tensor (on the timesteps'
-        device); before, ``timestep − 1`` in timestep's own type."""
-        if self.num_inference_steps is None:
-            return timestep - 1
-        return torch.tensor(self._previous_timestep(int(as_float(timestep))), device=self.timesteps.device)
-
-    def _previous_timestep(self, t: int) -> int:
-        if self.num_inference_steps is None:
-            return t - 1
-        try:
-            i = self._timestep_list.index(t)
-        except ValueError:
-            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._timestep_list}") from None
-        return self._timestep_list[i + 1] if i + 1 < len(self._timestep_list) else -1
 
     def fused_step(self, timestep, sample: Tensor, generator: Generator = None) -> FusedStep:
         """The plan of one fused ``ops.ddpm_step`` call (ᾱ_t, ᾱ_prev, z), which :meth:`step` runs at once."""
@@ -165,9 +146,3 @@ class DDPMScheduler(VariancePreservingScheduler):
             std = torch.exp(0.5 * (frac * math.log(beta_t) + (1 - frac) * min_log))
         prev_sample = (prev_mean.float() + std * noise.float()).to(sample.dtype)
         return step_output(prev_sample, x0_pred, return_dict)
-
-    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps) -> Tensor:
-        """The v-prediction target v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0 (Salimans & Ho 2022, §4)."""
-        alpha_prod = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
-        alpha_prod_t = broadcast_to(alpha_prod[torch.as_tensor(timesteps, device=sample.device).long()], sample)
-        return alpha_prod_t**0.5 * noise - (1 - alpha_prod_t) ** 0.5 * sample

@@ -6,7 +6,6 @@ model fed x/√(σ² + 1)), model-input scaling, x̂0 from the model output and 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -14,17 +13,16 @@ from torch import Tensor
 
 from fastdiff.schedulers.base import (
     Scheduler,
-    as_float,
+    StepCounter,
     broadcast_to,
     check_add_noise,
     guided_model_output,
     step_output,
 )
 from fastdiff.schedulers.schedules import train_sigmas
-from fastdiff.validation import check_int
 
 
-class SigmaScheduler(Scheduler):
+class SigmaScheduler(StepCounter, Scheduler):
     """Schedulers that step in σ (variance-exploding) space, DPM-Solver and Euler: a step counter, σ tables, add_noise.
 
     ``self.sigmas`` holds σ for each inference timestep plus the final σ (fp32 CPU, n + 1); ``self.timesteps`` the n
@@ -58,46 +56,6 @@ class SigmaScheduler(Scheduler):
     def _last_sigma(self, final_sigmas_type: str) -> float:
         """σ after the last step: 0 ("zero", a clean sample) or σ at training timestep 0 ("sigma_min")."""
         return 0.0 if final_sigmas_type == "zero" else float(self._train_sigmas[0])
-
-    @property
-    def step_index(self) -> int | None:
-        """Index of the current step in ``timesteps``; None until the first step (diffusers' name)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the step counter at ``begin_index`` (pipelines that start mid-schedule, e.g. image-to-image)."""
-        self._begin_index = check_int("begin_index", begin_index, minimum=0)
-
-    def index_for_timestep(self, timestep, schedule_timesteps: Sequence[float] | None = None) -> int:
-        """Position of ``timestep`` in the schedule; of two equal entries the second, so that a run starting mid-way
-        does not skip a σ (diffusers' rule)."""
-        value = as_float(timestep)
-        schedule = self._timestep_list if schedule_timesteps is None else schedule_timesteps
-        matches = [i for i, s in enumerate(schedule) if s == value]
-        if not matches:
-            raise ValueError(f"timestep {value} is not in this scheduler's timesteps {schedule}")
-        return matches[1] if len(matches) > 1 else matches[0]
-
-    def _init_step_index(self, timestep) -> None:
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-
-    def _current_step(self, timestep) -> int:
-        """The step index for this call of step(): set from ``timestep`` on the first call, then counted."""
-        self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index >= len(self._timestep_list):
-            first = self._timestep_list[0]
-            hint = (f" (timestep {first} repeats at the start of the schedule, so the counter started at index 1 as in "
-                    f"diffusers; call set_begin_index(0) before sampling to start at 0)"
-                    if self._timestep_list.count(first) > 1 else "")
-            raise RuntimeError(f"all {len(self._timestep_list)} steps are done; call set_timesteps() to sample "
-                               f"again{hint}")
-        return self._step_index
 
     def _sigma_indices(self, timesteps: Tensor) -> list[int]:
         """Schedule index of each timestep, for add_noise (the running index once a pipeline has set a begin index)."""

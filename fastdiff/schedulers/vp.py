@@ -103,6 +103,29 @@ class VariancePreservingScheduler(Scheduler):
         """x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε for integer timesteps of shape () or (B,)."""
         return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
 
+    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps) -> Tensor:
+        """The v-prediction target v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0 (Salimans & Ho 2022, §4)."""
+        alpha_prod = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
+        alpha_prod_t = broadcast_to(alpha_prod[torch.as_tensor(timesteps, device=sample.device).long()], sample)
+        return alpha_prod_t**0.5 * noise - (1 - alpha_prod_t) ** 0.5 * sample
+
+    def previous_timestep(self, timestep):
+        """The timestep after ``timestep`` in the schedule, −1 after the last (then ᾱ_prev = 1); before
+        set_timesteps, t − 1 (the training chain). As in diffusers: after set_timesteps a tensor (on the timesteps'
+        device); before, ``timestep − 1`` in timestep's own type."""
+        if self.num_inference_steps is None:
+            return timestep - 1
+        return torch.tensor(self._previous_timestep(int(as_float(timestep))), device=self.timesteps.device)
+
+    def _previous_timestep(self, t: int) -> int:
+        if self.num_inference_steps is None:
+            return t - 1
+        try:
+            i = self._timestep_list.index(t)
+        except ValueError:
+            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._timestep_list}") from None
+        return self._timestep_list[i + 1] if i + 1 < len(self._timestep_list) else -1
+
     # ----------------------------------------------------------------- the step, shared by DDPM and DDIM
     def _plan_timestep(self, timestep) -> int:
         """The start of fused_step(): t as an int, after set_timesteps; ValueError when it is outside [0, T)."""
