@@ -15,8 +15,9 @@ What is replaced (counted per kind, see :func:`accelerate_report`):
   ``AttnProcessor``) gets a :class:`FastdiffAttnProcessor` (``Attention.set_processor``), which reproduces
   AttnProcessor2_0 with :func:`fastdiff.ops.attention` and hands calls with an ``attention_mask`` to the original
   processor.
-* ``scheduler``: a diffusers pipeline's DDIMScheduler / DDPMScheduler is swapped for fastdiff's scheduler of the same
-  name built from its config (fused step); a config fastdiff does not support keeps diffusers' scheduler (logged).
+* ``scheduler``: a diffusers pipeline's scheduler is swapped for fastdiff's scheduler of the same name (every class
+  in :mod:`fastdiff.schedulers`) built from its config (fused step); a config fastdiff does not support keeps
+  diffusers' scheduler (logged).
 
 What is recorded lives in the object's ``_fastdiff_acceleration`` attribute; :func:`restore` replays it backwards.
 """
@@ -221,10 +222,12 @@ def _swap_scheduler(pipe: Any, state: _Acceleration) -> int:
 
     scheduler = getattr(pipe, "scheduler", None)
     name = type(scheduler).__name__
-    if scheduler is None or not is_diffusers_object(scheduler) or name not in ("DDIMScheduler", "DDPMScheduler"):
+    ours_class = getattr(schedulers, name, None)
+    if (scheduler is None or not is_diffusers_object(scheduler) or not isinstance(ours_class, type)
+            or not issubclass(ours_class, schedulers.Scheduler)):
         return 0
     try:
-        ours = getattr(schedulers, name).from_config(scheduler.config)
+        ours = ours_class.from_config(scheduler.config)
     except (ValueError, TypeError) as exc:
         logger.info("fastdiff.accelerate: keeping diffusers' %s (%s)", name, exc)
         return 0

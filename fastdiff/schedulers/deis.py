@@ -201,8 +201,9 @@ class DEISMultistepScheduler(SigmaScheduler):
         alpha, sigma = alpha_sigma(self._sigma_list[i])
         rows = conversion_rows(cfg.prediction_type, "eps-via-x0", alpha, sigma, cfg.thresholding)
         coefficients = self.update_coefficients(order)
-        if not cfg.thresholding:  # x_t straight from (x, m): the float64 coefficients cancel what fp32 would not
-            coefficients = substitute(coefficients, "m0", rows[-1][1])
+        # x_t from (x, m) (or the thresholded x̂0), not from the rounded ε̂/x̂0: the float64 coefficients then cancel
+        # what fp32 arithmetic would not
+        coefficients = substitute(coefficients, "m0", rows[-1][1])
         inputs = {f"m{j}": self.model_outputs[-j] for j in range(1, order)}
         threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
         outs = fused_linear_step(sample, model_output, inputs, [*rows, ("prev_sample", coefficients)],

@@ -365,8 +365,9 @@ class DPMSolverSinglestepScheduler(SigmaScheduler):
         target = "x0" if cfg.algorithm_type.endswith("++") else "eps"
         rows = conversion_rows(cfg.prediction_type, target, alpha, sigma, cfg.thresholding)
         threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
-        if not cfg.thresholding:  # x_t straight from (x, m): the float64 coefficients cancel what fp32 would not
-            coefficients = substitute(coefficients, "m0", rows[-1][1])
+        # x_t from (x, m) (or the thresholded x̂0), not from the rounded ε̂/x̂0: the float64 coefficients then cancel
+        # what fp32 arithmetic would not
+        coefficients = substitute(coefficients, "m0", rows[-1][1])
         outs = fused_linear_step(sample, model_output, inputs, [*rows, ("prev_sample", coefficients)],
                                  guidance_scale, threshold)
         self.model_outputs = self.model_outputs[1:] + [outs[-2]]
