@@ -269,9 +269,10 @@ class DPMSolverSinglestepScheduler(SigmaScheduler):
 
     def update_coefficients(self, order: int) -> dict[str, float]:
         """The singlestep update of ``order`` ending this step, as coefficients of "x_s" (the sample stored at the
-        group's start s; "x", this step's sample, for order 1), "m0" (this step's x̂0/ε̂), "m1", "m2" (the group's earlier ones) and "noise" (float64).
+        group's start s; "x", this step's sample, for order 1), "m0" (this step's x̂0/ε̂), "m1", "m2" (the group's
+        earlier ones) and "noise" (float64).
 
-        With h = λ_t − λ_s, the group's λ's s = s_{k−1} < … < s_0 (this step) and r_j = (λ_{s_j} − λ_s)/h:
+        With h = λ_t − λ_s, s_0 this step, s_1 the one before, and r_j = (λ_{s_j} − λ_s)/h:
         order 1: D0 = m0; order 2: D0 = m1, D1 = (m0 − m1)/r0; order 3: D0 = m2, D1_1 = (m0 − m2)/r0,
         D1_0 = (m1 − m2)/r1, D1 = (r0·D1_0 − r1·D1_1)/(r0 − r1), D2 = 2·(D1_1 − D1_0)/(r0 − r1). Then x_t =
         c_x·x_s + c_0·D0 + c_1·D1 (+ c_2·D2) (+ c_z·z), with (Lu et al. 2022b eq. 5 / §4, Lu et al. 2022a Alg. 1–2)
@@ -366,8 +367,9 @@ class DPMSolverSinglestepScheduler(SigmaScheduler):
         rows = conversion_rows(cfg.prediction_type, target, alpha, sigma, cfg.thresholding)
         threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
         # x_t from (x, m) (or the thresholded x̂0), not from the rounded ε̂/x̂0: the float64 coefficients then cancel
-        # what fp32 arithmetic would not
-        coefficients = substitute(coefficients, "m0", rows[-1][1])
+        # what fp32 arithmetic would not (a thresholded x̂0 itself is not linear in (x, m): it stays an operand)
+        if not (cfg.thresholding and len(rows) == 1):
+            coefficients = substitute(coefficients, "m0", rows[-1][1])
         outs = fused_linear_step(sample, model_output, inputs, [*rows, ("prev_sample", coefficients)],
                                  guidance_scale, threshold)
         self.model_outputs = self.model_outputs[1:] + [outs[-2]]

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import Generator, guided_model_output, randn_tensor
-from fastdiff import reference
+from fastdiff import ops, reference
+from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
 from fastdiff.schedulers.config import (
     FINAL_SIGMAS_TYPES,
     SchedulerConfig,
@@ -216,35 +216,52 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
 
     def multistep_update(self, model_outputs: list[Tensor], sample: Tensor, noise: Tensor | None,
                          order: int) -> Tensor:
-        """x_t = c_x·x_s + c_0·D0 + c_1·D1 + c_2·D2 (+ c_z·z for the SDE solvers), the multistep DPM-Solver update of
-        ``order`` from the newest history entries m0, m1, m2 (x̂0 or ε̂; Lu et al. 2022a/b): h = λ_t − λ_s0,
-        r0 = h_0/h, r1 = h_1/h, D0 = m0, and D1 = (m0 − m1)/r0 (order 2) or D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1),
-        D2 = (D1_0 − D1_1)/(r0 + r1) with D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1 (order 3). The coefficients, per
-        algorithm type and solver_type, are diffusers' (computed here in float64), with e^x − 1 as expm1."""
+        """x_t = c_x·x_s + Σ_k w_k·m_k (+ c_z·z for the SDE solvers): the multistep DPM-Solver update of ``order``
+        from the newest history entries m0, m1, m2 (x̂0 or ε̂), with the weights of :meth:`update_weights`, in torch
+        (step() runs the same weights in one fused ``ops.linear_step``)."""
+        c_x, weights, c_z = self.update_weights(order)
+        x_t = c_x * sample if c_x != 0.0 else None
+        for w, m in zip(weights, reversed(model_outputs)):
+            if w != 0.0:
+                x_t = w * m if x_t is None else x_t + w * m
+        if c_z:
+            x_t = x_t + c_z * noise
+        return x_t.to(torch.float32, copy=True)
+
+    def update_weights(self, order: int) -> tuple[float, list[float], float]:
+        """(c_x, [w_0, …, w_{order−1}], c_z): the step from σ_s (this index) to σ_t (the next) as
+        x_t = c_x·x_s + Σ_k w_k·m_k + c_z·z over the newest history entries m0, m1, m2 (Lu et al. 2022a/b), computed
+        on the host in float64.
+
+        The solver's own form is x_t = c_x·x_s + c_0·D0 + c_1·D1 + c_2·D2 with h = λ_t − λ_s0, r0 = h_0/h,
+        r1 = h_1/h, D0 = m0, and D1 = (m0 − m1)/r0 (order 2) or D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1),
+        D2 = (D1_0 − D1_1)/(r0 + r1) with D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1 (order 3); the c's per algorithm
+        type and solver_type are diffusers' (e^x − 1 as expm1). The D's are linear in the m's, so each weight w_k
+        collects the c's times the D's coefficients of m_k.
+        """
         cfg, i = self.settings, self._step_index
         algorithm = cfg.algorithm_type
-        m0 = model_outputs[-1]
         if self._sigma_list[i + 1] == 0.0:  # σ_t = 0 ("++" solvers only): h = ∞, and the update is x̂0 itself
-            return m0.to(torch.float32, copy=True)
+            return 0.0, [1.0], 0.0
         (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0) = self._lambdas(i + 1, i)
         h = lambda_t - lambda_s0
-        D = [m0]
+        D = [[1.0]]  # each D as its weights on [m0, m1, m2]
         if order >= 2:
             lambdas = [lam for _, _, lam in self._lambdas(*range(i - 1, i - order, -1))]  # λ_s1 (, λ_s2)
             h_0 = lambda_s0 - lambdas[0]
             if h == 0.0 or h_0 == 0.0 or (order == 3 and lambdas[0] == lambdas[1]):
                 # a repeated σ (n close to T): the differences are undefined, take the first-order step
-                return self.multistep_update(model_outputs, sample, noise, order=1)
+                return self.update_weights(1)
             r0 = h_0 / h
-            m1 = model_outputs[-2]
+            d1_0 = [1.0 / r0, -1.0 / r0, 0.0]  # (m0 − m1)/r0
             if order == 2:
-                D.append((1.0 / r0) * (m0 - m1))
+                D.append(d1_0)
             else:
                 r1 = (lambdas[0] - lambdas[1]) / h
-                m2 = model_outputs[-3]
-                d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
-                D.append(d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1))
-                D.append((1.0 / (r0 + r1)) * (d1_0 - d1_1))
+                d1_1 = [0.0, 1.0 / r1, -1.0 / r1]  # (m1 − m2)/r1
+                diff = [u - v for u, v in zip(d1_0, d1_1)]
+                D.append([u + r0 / (r0 + r1) * d for u, d in zip(d1_0, diff)])
+                D.append([d / (r0 + r1) for d in diff])
         heun = cfg.solver_type == "heun" or order == 3  # order 3 has one form (the "heun" weights of D1)
         if algorithm in ("dpmsolver++", "sde-dpmsolver++"):  # on x̂0
             sde = algorithm == "sde-dpmsolver++"
@@ -268,12 +285,18 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                 coeffs.append(-w * sigma_t * (e / h - 1.0) if heun else -0.5 * w * sigma_t * e)
             if len(D) > 2:
                 coeffs.append(-sigma_t * ((e - h) / h**2 - 0.5))
-        x_t = c_x * sample
-        for c, d in zip(coeffs, D):
-            x_t = x_t + c * d
-        if c_z:
-            x_t = x_t + c_z * noise
-        return x_t
+        weights = [sum(c * d[k] for c, d in zip(coeffs, D) if k < len(d)) for k in range(order)]
+        return c_x, weights, c_z
+
+    def convert_weights(self) -> tuple[float, float]:
+        """(a, b): what :meth:`convert_model_output` gives without thresholding, a·x + b·m at the current σ."""
+        cfg = self.settings
+        alpha_t, sigma_t = alpha_sigma(self._sigma_list[self._step_index])
+        if cfg.algorithm_type.endswith("++"):  # x̂0
+            return {"epsilon": (1.0 / alpha_t, -sigma_t / alpha_t), "sample": (0.0, 1.0),
+                    "v_prediction": (alpha_t, -sigma_t)}[cfg.prediction_type]
+        return {"epsilon": (0.0, 1.0), "sample": (1.0 / sigma_t, -alpha_t / sigma_t),  # ε̂
+                "v_prediction": (sigma_t, alpha_t)}[cfg.prediction_type]
 
     def step_order(self, i: int) -> int:
         """The order step ``i`` may use (diffusers' rule): at most solver_order and the history taken so far
@@ -298,22 +321,43 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         itself) for the SDE solvers' fresh noise (the ODE solvers draw none). Returns x_t only, as diffusers'
         DPM-Solver does: a SchedulerOutput whose only field is prev_sample, or with return_dict=False (prev_sample,).
         """
-        model_output = guided_model_output(model_output, sample, guidance_scale)
+        check_step_inputs(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
         cfg = self.settings
-        # 1. x̂0 (or ε̂) at this σ, pushed onto the history
-        converted = self.convert_model_output(model_output, sample)
-        self.model_outputs = self.model_outputs[1:] + [converted]
-        sample = sample.to(torch.float32)
-        # 2. the SDE solvers' fresh noise (fp32, drawn as diffusers draws it)
-        noise = None
+        dtype = model_output.dtype
+        if model_output.dtype != sample.dtype:
+            model_output, sample = model_output.float(), sample.float()
+        # 1. the SDE solvers' fresh noise (fp32, drawn as diffusers draws it)
+        inputs = []
         if cfg.algorithm_type.startswith("sde-"):
-            noise = (variance_noise.to(device=converted.device, dtype=torch.float32) if variance_noise is not None
-                     else randn_tensor(converted.shape, generator, converted.device, torch.float32))
-        # 3. the update
-        prev_sample = self.multistep_update(self.model_outputs, sample, noise, self.step_order(i))
+            noise = (variance_noise.to(device=sample.device, dtype=torch.float32) if variance_noise is not None
+                     else randn_tensor(sample.shape, generator, sample.device, torch.float32))
+            inputs.append(noise)
+        # 2. one fused call: the converted output m0 (x̂0, or ε̂), then x_t = c_x·x + Σ w_k·m_k + c_z·z over m0 and
+        #    the history m1, m2 (inputs)
+        order = self.step_order(i)
+        c_x, weights, c_z = self.update_weights(order)
+        weights = weights + [0.0] * (order - len(weights))  # a first-order fallback leaves the history unweighted
+        history = [m for m in self.model_outputs[::-1][:order - 1]]  # m1, m2 (newest first)
+        a_x, a_m = self.convert_weights()
+        zeros = [0.0] * (len(inputs) + len(history))
+        noise_weight = [c_z] if inputs else []
+        if cfg.thresholding and not cfg.algorithm_type.endswith("++"):
+            # ε̂ re-derived from the thresholded x̂0: x̂0 first (thresholded), then ε̂ = (x − α·x̂0)/σ
+            alpha_t, sigma_t = alpha_sigma(self._sigma_list[i])
+            x0_a, x0_b = {"epsilon": (1.0 / alpha_t, -sigma_t / alpha_t), "sample": (0.0, 1.0),
+                          "v_prediction": (alpha_t, -sigma_t)}[cfg.prediction_type]
+            rows = [[x0_a, x0_b, *zeros], [1.0 / sigma_t, 0.0, *zeros, -alpha_t / sigma_t],
+                    [c_x, 0.0, *noise_weight, *weights[1:], 0.0, weights[0]]]
+        else:
+            rows = [[a_x, a_m, *zeros], [c_x, 0.0, *noise_weight, *weights[1:], weights[0]]]
+        threshold = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
+        outs = ops.linear_step(sample, model_output, [*inputs, *history], coefficients=rows,
+                               guidance_scale=guidance_scale, threshold=threshold)
+        converted, prev_sample = outs[-2], outs[-1]
+        self.model_outputs = self.model_outputs[1:] + [converted]
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
-        out = self._end_step(prev_sample, None, model_output.dtype, return_dict)
+        out = self._end_step(prev_sample, None, dtype, return_dict)
         return out if return_dict else out[:1]  # (prev_sample,), as diffusers' DPM-Solver returns
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps) -> Tensor:

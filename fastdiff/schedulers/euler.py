@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.schedulers.base import Generator, randn_like
+from fastdiff import ops
+from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
 from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_sigma_spacings
 from fastdiff.schedulers.schedules import (
     beta_sigmas,
@@ -21,7 +22,7 @@ from fastdiff.schedulers.schedules import (
     sigma_schedule_from_timesteps,
     sigma_to_t,
 )
-from fastdiff.schedulers.sigma import VarianceExplodingScheduler, euler_step, x0_from_sigma
+from fastdiff.schedulers.sigma import VarianceExplodingScheduler, x0_weights
 from fastdiff.validation import check_choice, check_real
 
 
@@ -105,16 +106,26 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
         churn noise). Besides, s_churn, s_tmin, s_tmax, s_noise: Karras et al. 2022, Algorithm 2 (S_churn, S_tmin,
         S_tmax, S_noise). Returns x_{i+1} and x̂0.
         """
-        model_output, sample, sigma, sigma_next = self._begin_step(model_output, timestep, sample, guidance_scale)
-        # 1. churn: γ = min(S_churn/n, √2 − 1) for σ in [S_tmin, S_tmax]; σ̂ = (γ + 1)σ; x̂ = x + √(σ̂² − σ²)·S_noise·z
+        check_step_inputs(model_output, sample, guidance_scale)
+        i = self._current_step(timestep)
+        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
+        dtype = model_output.dtype
+        if model_output.dtype != sample.dtype:
+            model_output, sample = model_output.float(), sample.float()
+        # 1. churn: γ = min(S_churn/n, √2 − 1) for σ in [S_tmin, S_tmax]; σ̂ = (γ + 1)σ; x̂ = x + g·z,
+        #    g = √(σ̂² − σ²)·S_noise
         gamma = min(s_churn / (len(self._sigma_list) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
+        inputs, g = [], 0.0
         if gamma > 0:
-            noise = randn_like(model_output, generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
-        # 2. x̂0 = D(x̂; σ̂) (the v-prediction form takes σ, as in diffusers)
-        sigma_x0 = sigma_hat if self.settings.prediction_type == "epsilon" else sigma
-        x0_pred = x0_from_sigma(model_output, sample, sigma_x0, self.settings.prediction_type)
-        # 3. d = (x̂ − x̂0)/σ̂; x_{i+1} = x̂ + (σ_{i+1} − σ̂)·d
-        prev_sample = euler_step(sample, x0_pred, sigma_hat, sigma_next)
-        return self._end_step(prev_sample, x0_pred, model_output.dtype, return_dict)
+            inputs = [randn_tensor(sample.shape, generator, sample.device, dtype)]
+            g = s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        # 2. x̂0 = D(x̂; σ̂) = a·x̂ + b·m (the v-prediction form takes σ, as in diffusers)
+        a, b = x0_weights(sigma_hat if self.settings.prediction_type == "epsilon" else sigma,
+                          self.settings.prediction_type)
+        # 3. x_{i+1} = x̂ + (σ_{i+1} − σ̂)·(x̂ − x̂0)/σ̂ = (1 + r)·x̂ − r·x̂0, r = (σ_{i+1} − σ̂)/σ̂; one fused call
+        r = (sigma_next - sigma_hat) / sigma_hat
+        rows = [[a, b, *([a * g] if inputs else [])], [1.0 + r, 0.0, *([(1.0 + r) * g] if inputs else []), -r]]
+        x0_pred, prev_sample = ops.linear_step(sample, model_output, inputs, coefficients=rows,
+                                               guidance_scale=guidance_scale)
+        return self._end_step(prev_sample, x0_pred.to(dtype), dtype, return_dict)

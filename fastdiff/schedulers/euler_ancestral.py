@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from fastdiff.schedulers.base import Generator, randn_like
+from fastdiff import ops
+from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
 from fastdiff.schedulers.config import SchedulerConfig
 from fastdiff.schedulers.schedules import sigma_schedule_from_timesteps
-from fastdiff.schedulers.sigma import VarianceExplodingScheduler, euler_step, x0_from_sigma
+from fastdiff.schedulers.sigma import VarianceExplodingScheduler, x0_weights
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,22 @@ class EulerAncestralDiscreteScheduler(VarianceExplodingScheduler):
         The arguments: see :class:`~fastdiff.schedulers.base.Scheduler` (z is drawn at every step, as diffusers
         does). Returns x_{i+1} and x̂0.
         """
-        model_output, sample, sigma, sigma_next = self._begin_step(model_output, timestep, sample, guidance_scale)
-        # 1. x̂0 = D(x; σ)
-        x0_pred = x0_from_sigma(model_output, sample, sigma, self.settings.prediction_type)
+        check_step_inputs(model_output, sample, guidance_scale)
+        i = self._current_step(timestep)
+        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
+        dtype = model_output.dtype
+        if model_output.dtype != sample.dtype:
+            model_output, sample = model_output.float(), sample.float()
+        # 1. x̂0 = D(x; σ) = a·x + b·m
+        a, b = x0_weights(sigma, self.settings.prediction_type)
         # 2. split σ_{i+1}² = σ_down² + σ_up², σ_up² = σ_{i+1}²(σ_i² − σ_{i+1}²)/σ_i²
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-        # 3. Euler to σ_down: d = (x − x̂0)/σ, x ← x + (σ_down − σ)·d
-        prev_sample = euler_step(sample, x0_pred, sigma, sigma_down)
-        # 4. + σ_up·z
-        noise = randn_like(model_output, generator)
-        return self._end_step(prev_sample + noise * sigma_up, x0_pred, model_output.dtype, return_dict)
+        # 3. Euler to σ_down, + σ_up·z: x + (σ_down − σ)·(x − x̂0)/σ + σ_up·z = (1 + r)·x − r·x̂0 + σ_up·z,
+        #    r = (σ_down − σ)/σ; one fused call (z drawn at every step, as diffusers does)
+        noise = randn_tensor(sample.shape, generator, sample.device, dtype)
+        r = (sigma_down - sigma) / sigma
+        x0_pred, prev_sample = ops.linear_step(sample, model_output, [noise],
+                                               coefficients=[[a, b, 0.0], [1.0 + r, 0.0, sigma_up, -r]],
+                                               guidance_scale=guidance_scale)
+        return self._end_step(prev_sample, x0_pred.to(dtype), dtype, return_dict)

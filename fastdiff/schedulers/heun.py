@@ -141,6 +141,13 @@ class TwoStageSigmaScheduler(VarianceExplodingScheduler):
         self._set_schedule(timesteps, sigmas_long[:-1], float(sigmas_long[-1]), device, timestep_dtype)
         self.num_inference_steps = n
 
+    @property
+    def init_noise_sigma(self) -> Tensor:
+        """σ of x_T: σ_max ("linspace"/"trailing"), or √(σ_max² + 1) ("leading"), a 0-dim fp32 CPU tensor formed in
+        fp32 as diffusers forms it (the same last bit)."""
+        sigma_max = torch.tensor(max(self._sigma_list), dtype=torch.float32)
+        return sigma_max if self.settings.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+
     # ----------------------------------------------------------------- step() helpers
     def _x0_row(self, sigma: float) -> list[float]:
         """x̂0 = a·x + b·m as the row [a, b], for the model output m of each prediction type at σ (x = x0 + σ·ε, the
@@ -258,8 +265,12 @@ class HeunDiscreteScheduler(TwoStageSigmaScheduler):
         if self.state_in_first_order:
             sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
             dt = sigma_next - sigma
-            # 1. x̂0 at σ_i; 2. d_i = (x − x̂0)/σ_i; 3. x̃ = x + (σ_{i+1} − σ_i)·d_i
-            rows = [self._x0_row(sigma), self._derivative_row(sigma, clip), [1.0, 0.0, 0.0, dt]]
+            # 1. x̂0 at σ_i; 2. d_i = (x − x̂0)/σ_i; 3. x̃ = x + (σ_{i+1} − σ_i)·d_i, straight from x and m where x̂0 is
+            # not clamped (the coefficients combined in float64: x̃ = σ_{i+1}/σ_i·x + (1 − σ_{i+1}/σ_i)·m for
+            # x0-prediction, where x + dt·d_i would cancel two terms of size |x|)
+            d_row = self._derivative_row(sigma, clip)
+            x_next = [1.0, 0.0, 0.0, dt] if clip is not None else [1.0 + dt * d_row[0], dt * d_row[1], 0.0, 0.0]
+            rows = [self._x0_row(sigma), d_row, x_next]
             x0_pred, derivative, prev_sample = ops.linear_step(sample, model_output, [], coefficients=rows,
                                                                guidance_scale=guidance_scale, clip_sample_range=clip)
             self.prev_derivative, self.dt, self.sample, self._predictor = derivative, dt, sample, prev_sample

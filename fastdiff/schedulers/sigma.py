@@ -113,6 +113,16 @@ class VarianceExplodingScheduler(SigmaScheduler):
         return model_output, sample.to(torch.float32), self._sigma_list[i], self._sigma_list[i + 1]
 
 
+def x0_weights(sigma: float, prediction_type: str) -> tuple[float, float]:
+    """(a, b) with D(x; σ) = x̂0 = a·x + b·m for the model output m of each parameterisation (see
+    :func:`x0_from_sigma`), in float64."""
+    if prediction_type == "epsilon":
+        return 1.0, -sigma
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    return 1.0 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
+
+
 def euler_step(sample: Tensor, x0_pred: Tensor, sigma: float, sigma_next: float) -> Tensor:
     """One Euler step of the probability-flow ODE from σ to σ_next (Karras et al. 2022, Algorithm 2, lines 7–8):
     d = (x − x̂0)/σ, x + (σ_next − σ)·d."""
