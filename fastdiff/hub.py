@@ -32,15 +32,21 @@ SAMPLERS = {
     "dpm++-2m-sde": "DPMSolverMultistepScheduler",
     "dpm++-3m": "DPMSolverMultistepScheduler",
     "dpm++-3m-sde": "DPMSolverMultistepScheduler",
+    "dpm++-1s": "DPMSolverSinglestepScheduler",
+    "dpm++-2s": "DPMSolverSinglestepScheduler",
+    "deis": "DEISMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "lcm": "LCMScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 SAMPLER_OPTIONS = {
     "dpm++": {"algorithm_type": "dpmsolver++", "solver_order": 2},  # DPM++ 2M
     "dpm++-2m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
     "dpm++-3m": {"algorithm_type": "dpmsolver++", "solver_order": 3},
     "dpm++-3m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+    "dpm++-1s": {"algorithm_type": "dpmsolver++", "solver_order": 1},  # singlestep
+    "dpm++-2s": {"algorithm_type": "dpmsolver++", "solver_order": 2},
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what ``--dtype`` accepts; "auto" is resolved by :func:`resolve_dtype`

@@ -13,10 +13,13 @@ from fastdiff.schedulers.base import Scheduler, SchedulerOutput, TimestepsNotSet
 from fastdiff.schedulers.config import CONFIG_NAME, ConfigDict, SchedulerConfig
 from fastdiff.schedulers.ddim import DDIMConfig, DDIMScheduler
 from fastdiff.schedulers.ddpm import DDPMConfig, DDPMScheduler
+from fastdiff.schedulers.deis import DEISMultistepConfig, DEISMultistepScheduler
+from fastdiff.schedulers.dpm_singlestep import DPMSolverSinglestepConfig, DPMSolverSinglestepScheduler
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
 from fastdiff.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
 from fastdiff.schedulers.euler_ancestral import EulerAncestralDiscreteConfig, EulerAncestralDiscreteScheduler
 from fastdiff.schedulers.lcm import LCMConfig, LCMScheduler, LCMSchedulerOutput
+from fastdiff.schedulers.unipc import UniPCMultistepConfig, UniPCMultistepScheduler
 
 __all__ = [
     "CONFIG_NAME",
@@ -24,8 +27,12 @@ __all__ = [
     "DDIMScheduler",
     "DDPMConfig",
     "DDPMScheduler",
+    "DEISMultistepConfig",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepConfig",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepConfig",
+    "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteConfig",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteConfig",
@@ -38,5 +45,7 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "TimestepsNotSetError",
+    "UniPCMultistepConfig",
+    "UniPCMultistepScheduler",
     "randn_tensor",
 ]

@@ -185,11 +185,12 @@ class DEISMultistepScheduler(SigmaScheduler):
         return {"x": alpha_t / alpha_s, **{f"m{j}": alpha_t * w for j, w in enumerate(weights)}}
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True, *,
-             guidance_scale: float | None = None):
+             generator=None, guidance_scale: float | None = None):
         """One multistep DEIS step from σ_s (this timestep) to σ_t (the next one).
 
-        The arguments: see :class:`~fastdiff.schedulers.base.Scheduler` (DEIS draws no noise, and like diffusers'
-        DEIS takes no generator). Returns x_t only, as diffusers' DEIS does: a SchedulerOutput whose only field is
+        The arguments: see :class:`~fastdiff.schedulers.base.Scheduler` (DEIS draws no noise: ``generator``, a
+        keyword diffusers' DEIS does not have, is accepted and unused, so that pipelines may pass it to every
+        scheduler). Returns x_t only, as diffusers' DEIS does: a SchedulerOutput whose only field is
         prev_sample, or with return_dict=False (prev_sample,). Raises ValueError (model_output's shape), TypeError
         (non-tensors), TimestepsNotSetError.
         """
