@@ -51,7 +51,7 @@ def test_sample_writes_a_png_grid_and_same_seed_same_bytes(tmp_path, tiny_model)
         assert im.format == "PNG" and im.mode == "L" and im.size[0] > 8
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "euler", "euler-a"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++", "euler", "euler-a", "lcm", "unipc", "heun", "pndm"])
 def test_every_sampler(tmp_path, tiny_model, sampler):
     out = tmp_path / f"{sampler}.png"
     res = run("sample", "--model", str(tiny_model), "--num", "2", "--steps", "2", "--sampler", sampler,

@@ -26,7 +26,7 @@ from fastdiff.kernels import compile_check as cc  # noqa: E402  (after the impor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {"_attention_kernel", "_attention_fp32_kernel", "_group_norm_silu_kernel", "_group_norm_stats_kernel",
-            "_group_norm_silu_apply_kernel", "_ddim_step_kernel", "_ddpm_step_kernel"}
+            "_group_norm_silu_apply_kernel", "_ddim_step_kernel", "_ddpm_step_kernel", "_linear_step_kernel"}
 
 
 def _compiler_env() -> dict:
