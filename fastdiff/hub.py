@@ -39,6 +39,8 @@ SAMPLERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "lcm": "LCMScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
 }
 SAMPLER_OPTIONS = {
     "dpm++": {"algorithm_type": "dpmsolver++", "solver_order": 2},  # DPM++ 2M

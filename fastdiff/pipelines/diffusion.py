@@ -7,6 +7,8 @@ uncond + s·(cond − uncond) happens inside the fused step kernel (fastdiff.ops
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -34,6 +36,12 @@ def _size_pair(sample_size) -> tuple[int, int]:
     h, w = sample_size
     return int(h), int(w)
 
+
+
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    """The parameter names of a scheduler class's step() (read once per class)."""
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
 
 class DiffusionPipeline(Pipeline):
     """Pixel-space diffusion sampling: ``DiffusionPipeline(unet, scheduler, sample_size=32)``.
@@ -188,7 +196,8 @@ class DiffusionPipeline(Pipeline):
             latents = latents.to(device, state_dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator}
+        # the generator goes to schedulers whose step() draws noise (takes ``generator``); LMS, PNDM, ... do not
+        step_kwargs = {"generator": generator} if "generator" in _step_parameters(type(self.scheduler)) else {}
         if eta:
             step_kwargs["eta"] = eta
         if cfg:

@@ -19,6 +19,8 @@ from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMu
 from fastdiff.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
 from fastdiff.schedulers.euler_ancestral import EulerAncestralDiscreteConfig, EulerAncestralDiscreteScheduler
 from fastdiff.schedulers.lcm import LCMConfig, LCMScheduler, LCMSchedulerOutput
+from fastdiff.schedulers.lms import LMSDiscreteConfig, LMSDiscreteScheduler
+from fastdiff.schedulers.pndm import PNDMConfig, PNDMScheduler
 from fastdiff.schedulers.unipc import UniPCMultistepConfig, UniPCMultistepScheduler
 
 __all__ = [
@@ -40,6 +42,10 @@ __all__ = [
     "LCMConfig",
     "LCMScheduler",
     "LCMSchedulerOutput",
+    "LMSDiscreteConfig",
+    "LMSDiscreteScheduler",
+    "PNDMConfig",
+    "PNDMScheduler",
     "Scheduler",
     "ConfigDict",
     "SchedulerConfig",

@@ -2,7 +2,8 @@
 space (Karras et al. 2022, eq. 3; k-diffusion's ``sample_lms``), diffusers' LMSDiscreteScheduler.
 
 Each step integrates the Lagrange polynomial through the last ``order`` derivatives d_k exactly:
-x_{i+1} = x_i + Σ_k c_k·d_{i−k}, c_k = ∫_{σ_i}^{σ_{i+1}} ℓ_k(τ) dτ, ℓ_k the Lagrange basis polynomial on σ_i..σ_{i−order+1}.
+x_{i+1} = x_i + Σ_k c_k·d_{i−k}, c_k = ∫_{σ_i}^{σ_{i+1}} ℓ_k(τ) dτ, with ℓ_k the Lagrange basis polynomial of σ_{i−k} on
+the nodes σ_i, …, σ_{i−order+1}.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from fastdiff.schedulers.base import check_step_inputs
 from fastdiff.schedulers.config import SchedulerConfig, check_sigma_spacings, load_config_mapping
 from fastdiff.schedulers.schedules import (
     beta_sigmas,
+    check_num_inference_steps,
     exponential_sigmas,
     karras_sigmas,
     sigma_schedule_from_timesteps,
     sigma_to_t,
+    spaced_timesteps,
 )
 from fastdiff.schedulers.sigma import VarianceExplodingScheduler
 from fastdiff.validation import check_int
@@ -98,11 +101,14 @@ class LMSDiscreteScheduler(VarianceExplodingScheduler):
         """Choose n timesteps (config.timestep_spacing), σ interpolated at them, then respaced by the Karras,
         exponential or beta σ spacing if one is on (between the interpolated σ's ends); the final σ is 0.
 
-        Raises ValueError naming num_inference_steps (not an integer in [1, T]) or steps_offset.
+        Raises ValueError naming num_inference_steps (not an integer in [1, T]).
         """
         cfg = self.settings
-        schedule = self._spaced_timesteps(num_inference_steps, np.float32, round_linspace=False)
-        n = len(schedule)
+        n = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
+        # a steps_offset that pushes "leading" timesteps to T is allowed, as in diffusers: σ there is σ_{T−1} (np.interp
+        # holds the end value), and the timestep only labels the step (the model sees it as given)
+        schedule = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset,
+                                    round_linspace=False).astype(np.float32)
         sigmas = sigma_schedule_from_timesteps(schedule, self._train_sigmas)
         spacing = (karras_sigmas if cfg.use_karras_sigmas else exponential_sigmas if cfg.use_exponential_sigmas
                    else beta_sigmas if cfg.use_beta_sigmas else None)
@@ -147,7 +153,9 @@ class LMSDiscreteScheduler(VarianceExplodingScheduler):
         else:  # v_prediction
             a, b = 1.0 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
         # 3. d_i = (x − x̂0)/σ = (1 − a)/σ·x − b/σ·m, formed from x and m (for ε-prediction d_i = m exactly)
-        d_x, d_m = (sigma / (sigma**2 + 1) if cfg.prediction_type == "v_prediction" else 1.0 - a) / sigma, -b / sigma
+        # ((1 − a)/σ = σ/(σ² + 1) for v-prediction, formed without the difference)
+        d_x = sigma / (sigma**2 + 1) if cfg.prediction_type == "v_prediction" else (1.0 - a) / sigma
+        d_m = -b / sigma
         # 4. x_{i+1} = x + c_0·d_i + Σ_{k≥1} c_k·d_{i−k}, with c_0·d_i expanded into x and m: where σ_{i+1} ≪ σ_i the
         #    terms x and c_0·d_i nearly cancel, and (1 + c_0·d_x) computed in float64 keeps that exact
         pad = [0.0] * len(older)

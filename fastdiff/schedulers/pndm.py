@@ -156,8 +156,8 @@ class PNDMScheduler(Scheduler):
         only, as diffusers' PNDM does: a SchedulerOutput whose only field is prev_sample, or with return_dict=False
         (prev_sample,).
         """
-        if self.counter < len(self.prk_timesteps if self.prk_timesteps is not None else ()) \
-                and not self.settings.skip_prk_steps:
+        prk_steps = len(self.prk_timesteps) if self.prk_timesteps is not None else 0
+        if self.counter < prk_steps and not self.settings.skip_prk_steps:
             return self.step_prk(model_output, timestep, sample, return_dict, guidance_scale=guidance_scale)
         return self.step_plms(model_output, timestep, sample, return_dict, guidance_scale=guidance_scale)
 
@@ -172,6 +172,11 @@ class PNDMScheduler(Scheduler):
         work = torch.promote_types(sample.dtype, model_output.dtype)
         return ops.linear_step(sample.to(work), model_output.to(work), inputs, coefficients=rows,
                                guidance_scale=guidance_scale)
+
+    @staticmethod
+    def _output(prev_sample: Tensor, return_dict: bool):
+        """x_{t−δ} alone, as diffusers' PNDM returns it: SchedulerOutput(prev_sample) or (prev_sample,)."""
+        return step_output(prev_sample, None, True) if return_dict else (prev_sample,)
 
     def step_prk(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True, *,
                  guidance_scale: float | None = None):
@@ -209,7 +214,7 @@ class PNDMScheduler(Scheduler):
             running, prev_sample = self._run(start.to(sample.device), model_output, inputs, rows, guidance_scale)
             self.cur_model_output = running if j < 3 else 0
         self.counter += 1
-        return step_output(prev_sample.to(dtype), None, return_dict) if return_dict else (prev_sample.to(dtype),)
+        return self._output(prev_sample.to(dtype), return_dict)
 
     def step_plms(self, model_output: Tensor, timestep, sample: Tensor, return_dict: bool = True, *,
                   guidance_scale: float | None = None):
@@ -246,7 +251,4 @@ class PNDMScheduler(Scheduler):
             if len(self.ets) == 1 and self.counter == 0:
                 self.cur_sample = sample
         self.counter += 1
-        return step_output(prev_sample.to(dtype), None, return_dict) if return_dict else (prev_sample.to(dtype),)
-
-    def __len__(self) -> int:
-        return self.settings.num_train_timesteps
+        return self._output(prev_sample.to(dtype), return_dict)
