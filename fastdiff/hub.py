@@ -41,6 +41,8 @@ SAMPLERS = {
     "unipc": "UniPCMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
     "pndm": "PNDMScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "kdpm2": "KDPM2DiscreteScheduler",
 }
 SAMPLER_OPTIONS = {
     "dpm++": {"algorithm_type": "dpmsolver++", "solver_order": 2},  # DPM++ 2M

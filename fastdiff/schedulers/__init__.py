@@ -18,6 +18,8 @@ from fastdiff.schedulers.dpm_singlestep import DPMSolverSinglestepConfig, DPMSol
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
 from fastdiff.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
 from fastdiff.schedulers.euler_ancestral import EulerAncestralDiscreteConfig, EulerAncestralDiscreteScheduler
+from fastdiff.schedulers.heun import HeunDiscreteConfig, HeunDiscreteScheduler
+from fastdiff.schedulers.kdpm2 import KDPM2DiscreteConfig, KDPM2DiscreteScheduler
 from fastdiff.schedulers.lcm import LCMConfig, LCMScheduler, LCMSchedulerOutput
 from fastdiff.schedulers.lms import LMSDiscreteConfig, LMSDiscreteScheduler
 from fastdiff.schedulers.pndm import PNDMConfig, PNDMScheduler
@@ -39,6 +41,10 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteConfig",
     "EulerDiscreteScheduler",
+    "HeunDiscreteConfig",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteConfig",
+    "KDPM2DiscreteScheduler",
     "LCMConfig",
     "LCMScheduler",
     "LCMSchedulerOutput",
