@@ -51,6 +51,7 @@ SAMPLER_OPTIONS = {
     "dpm++-3m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
     "dpm++-1s": {"algorithm_type": "dpmsolver++", "solver_order": 1},  # singlestep
     "dpm++-2s": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    "pndm": {"skip_prk_steps": True},  # PLMS steps only, as Stable Diffusion 1.x configures it
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what ``--dtype`` accepts; "auto" is resolved by :func:`resolve_dtype`
