@@ -3,8 +3,8 @@ without a GPU.
 
 How it works. A stand-in Triton driver names the target GPU (``GPUTarget("cuda", 90 or 80, 32)``) and
 :func:`fastdiff.kernels.target.planning_for` tells the host functions they launch on that GPU. The project's own host
-functions (``attention``, ``group_norm_silu``, ``ddim_step``, ``ddpm_step``) are then called with CPU tensors of
-representative shapes; Triton binds and specialises the arguments exactly as for a real launch, and the check takes
+functions (``attention``, ``group_norm_silu``, ``ddim_step``, ``ddpm_step``, ``linear_step``) are then called with
+CPU tensors of representative shapes; Triton binds and specialises the arguments exactly as for a real launch, and the check takes
 each launch at the point where Triton would compile it (``JITFunction._do_compile``), so nothing runs. The autotuner
 is asked as usual: its pruned config list is what the check compiles (its benchmark is replaced by "compile this
 config"); attention's heuristic default (FASTDIFF_AUTOTUNE=0) is asked for too. Every distinct launch is then
@@ -180,7 +180,7 @@ class _Launches(list):
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    family: str  # attention, group_norm_silu, ddim_step, ddpm_step
+    family: str  # attention, group_norm_silu, ddim_step, ddpm_step, linear_step
     dtype: str
     run: Callable[[], None]  # calls the host function(s)
 
@@ -281,7 +281,28 @@ def _step_cases(dtypes, full: bool) -> list[Case]:
     return cases
 
 
-FAMILIES = ("attention", "group_norm_silu", "ddim_step", "ddpm_step")
+def _linear_step_cases(dtypes, full: bool) -> list[Case]:
+    """The sampler update as linear combinations: input counts 0 … 6 and 1 … 3 outputs (the schedulers use
+    0–5 inputs and 2–3 outputs), with and without guidance and the x0 clamp."""
+    from fastdiff.kernels import linear_step
+
+    def run(dtype, n_inputs, n_outputs, guided, clip):
+        def go():
+            b = 2
+            x = torch.empty(b, 4, 64, 64, dtype=DTYPES[dtype])
+            mo = torch.empty(2 * b if guided else b, 4, 64, 64, dtype=DTYPES[dtype])
+            inputs = [torch.empty(b, 4, 64, 64, dtype=torch.float32) for _ in range(n_inputs)]
+            rows = [[0.5] * (2 + n_inputs + j) for j in range(n_outputs)]
+            linear_step.linear_step(x, mo, inputs, rows, 7.5 if guided else None, 1.0 if clip else None)
+        return go
+
+    combos = ([(i, o, g, c) for i in range(7) for o in (1, 2, 3) for g in (False, True) for c in (False, True)]
+              if full else [(0, 2, False, False), (3, 2, True, False), (6, 3, True, True)])
+    return [Case(f"linear_step {dtype} inputs={i} outputs={o} guided={g} clip={c}", "linear_step", dtype,
+                 run(dtype, i, o, g, c)) for dtype in dtypes for i, o, g, c in combos]
+
+
+FAMILIES = ("attention", "group_norm_silu", "ddim_step", "ddpm_step", "linear_step")
 SELF_SHAPES = [("self N=1024", 1024, 1024), ("self N=4096", 4096, 4096)]
 CROSS_SHAPES = [("cross N=4096 M=77", 4096, 77), ("cross N=4096 M=1", 4096, 1)]
 GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 2560, 8, 8), (2, 320, 8, 8)]
@@ -296,13 +317,15 @@ def cases(full: bool, families=None) -> list[Case]:
         return (_attention_cases(("fp32", "tf32", "fp16", "bf16"), (16, 40, 64, 80, 128, 160),
                                  SELF_SHAPES + CROSS_SHAPES, misaligned=True)
                 + _group_norm_cases(("fp32", "fp16", "bf16"), GN_SHAPES)
-                + _step_cases(("fp32", "fp16", "bf16"), full=True))
+                + _step_cases(("fp32", "fp16", "bf16"), full=True)
+                + _linear_step_cases(("fp32", "fp16", "bf16"), full=True))
     return (_attention_cases(("fp16",), (64,), SELF_SHAPES[1:2] + CROSS_SHAPES[:1], misaligned=False)
             + _attention_cases(("fp32",), (40, 160), SELF_SHAPES[:1], misaligned=False)
             + _attention_cases(("tf32",), (64, 128), CROSS_SHAPES[:1], misaligned=False)
             + _attention_cases(("bf16",), (160,), CROSS_SHAPES[:1], misaligned=True)
             + _group_norm_cases(("fp16",), [GN_SHAPES[0], GN_SHAPES[4]])
-            + _fast_steps())
+            + _fast_steps()
+            + _linear_step_cases(("fp16",), full=False))
 
 
 def _fast_steps() -> list[Case]:

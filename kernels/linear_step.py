@@ -50,9 +50,11 @@ def _row(x, m, i0, i1, i2, i3, i4, i5, cx, cm, c0, c1, c2, c3, c4, c5, N_IN: tl.
 
 @triton.jit
 def _load(P, offs, mask, USE: tl.constexpr):
+    """The input at ``offs`` in fp32, or zeros (never read) when it is not one of the N_IN inputs."""
+    value = tl.zeros(offs.shape, tl.float32)
     if USE:
-        return tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
-    return 0.0
+        value = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+    return value
 
 
 @triton.jit
@@ -127,6 +129,10 @@ def linear_step(
     if n_elements == 0:
         return outputs
     block, num_warps = common.block_size(n_elements, sample)
+    if target.compiled_gpu(sample) and len(inputs) + len(coefficients) > 3:
+        # many live operands: 4 elements per thread (one 128-bit fp32 access each), not 8 or 16, so that the values
+        # of up to 6 inputs and 3 outputs fit the register cap without spilling (ptxas report: docs/kernels.md)
+        block = 128 * num_warps
     ins = list(inputs) + [sample] * (MAX_INPUTS - len(inputs))  # placeholders, never read
     outs = outputs + [outputs[0]] * (MAX_OUTPUTS - len(outputs))  # placeholders, never written
     grid = (triton.cdiv(n_elements, block),)
