@@ -24,6 +24,7 @@ The schedule interleaves the timesteps of σ_i and σ_mid (diffusers' layout, ``
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,7 +93,11 @@ class BrownianTreeNoiseSampler:
         """z for the step from ``sigma`` to ``sigma_next`` (0-dim tensors or numbers); x's shape and dtype."""
         sigma, sigma_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         low, high, sign = _ordered(sigma, sigma_next)
-        w = torch.stack([tree(low, high) for tree in self.trees]) * (self._sign * sign)
+        with warnings.catch_warnings():
+            # σ's that went through fp32 log and exp (as diffusers forms them) may pass the tree's ends by an ulp;
+            # torchsde clamps them to the ends, with a warning per query that says nothing to a user
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            w = torch.stack([tree(low, high) for tree in self.trees]) * (self._sign * sign)
         if not self.batched:
             w = w[0]
         return w / (sigma_next - sigma).abs().sqrt()
@@ -260,7 +265,7 @@ class DPMSolverSDEScheduler(TwoStageSigmaScheduler):
                 self.sample, self.mid_point_sigma = sample, sigma_mid
             else:
                 # 3. x_{i+1} = r·x_i + (1 − r)·x̂0(x_mid) + c·z (operands: x_mid, m, x_i, z, x̂0)
-                rows = [[a, b, 0.0, 0.0], [(1.0 - ratio) * a, (1.0 - ratio) * b, ratio, c, 0.0]]
+                rows = [[a, b, 0.0, 0.0], [(1.0 - ratio) * a, (1.0 - ratio) * b, ratio, -c, 0.0]]
                 x0_pred, prev_sample = ops.linear_step(sample, model_output, [self.sample, noise], coefficients=rows,
                                                        guidance_scale=guidance_scale)
                 self._reset_stage()
