@@ -115,8 +115,8 @@ if want bench; then
 echo "== 4. benchmarks on CUDA $(elapsed)"
 # one pytest per benchmark file against a shared deadline, each with its own JSON: a file cut off by the deadline
 # (say, by torch.compile's per-shape builds) loses only its own rows
-files=(attention group_norm_silu ddim_ddpm_step vq_nearest rows_matmul pipeline)
-[ "${QUICK:-0}" = "1" ] && files=(attention group_norm_silu ddim_ddpm_step vq_nearest rows_matmul)
+files=(attention group_norm_silu ddim_ddpm_step scheduler_step vq_nearest rows_matmul pipeline)
+[ "${QUICK:-0}" = "1" ] && files=(attention group_norm_silu ddim_ddpm_step scheduler_step vq_nearest rows_matmul)
 [ -n "${BENCH_FILES:-}" ] && read -ra files <<< "$BENCH_FILES"  # e.g. BENCH_FILES="rows_matmul pipeline"
 rm -f "$OUT"/bench_*.json; : > "$OUT/bench.txt"
 kargs=(); [ -n "${BENCH_K:-}" ] && kargs=(-k "$BENCH_K")

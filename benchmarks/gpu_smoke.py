@@ -52,6 +52,11 @@ def _cases():
     yield "ddpm_step fp16 per-sample ᾱ", torch.float16, lambda b=None: ops.ddpm_step(
         x, m[:2], torch.tensor([0.5, 0.4], device=DEVICE), torch.tensor([0.6, 0.5], device=DEVICE), noise=z,
         backend=b)[0]
+    h = [randn(2, 4, 32, 32, dtype=torch.float32) for _ in range(3)]
+    yield "linear_step fp16 3 inputs 3 outputs + CFG + clip", torch.float16, lambda b=None: ops.linear_step(
+        x, m, h, coefficients=[[0.5, -1.0, 0.0, 0.1, 0.0], [1.0, 0.0, 0.2, 0.0, -0.3, 0.7],
+                               [0.0, 0.0, 0.0, 0.0, 0.4, 0.6, 0.5]], guidance_scale=5.0, clip_sample_range=1.0,
+        backend=b)[2]
     zq, codebook = randn(1000, 64, dtype=torch.float32), randn(512, 64, dtype=torch.float32)
     yield "vq_nearest fp32 (native)", None, lambda b=None: ops.vq_nearest(zq, codebook, backend=b or "native")
 

@@ -265,7 +265,7 @@ class DPMSolverSDEScheduler(TwoStageSigmaScheduler):
                 self.sample, self.mid_point_sigma = sample, sigma_mid
             else:
                 # 3. x_{i+1} = r·x_i + (1 − r)·x̂0(x_mid) + c·z (operands: x_mid, m, x_i, z, x̂0)
-                rows = [[a, b, 0.0, 0.0], [(1.0 - ratio) * a, (1.0 - ratio) * b, ratio, -c, 0.0]]
+                rows = [[a, b, 0.0, 0.0], [(1.0 - ratio) * a, (1.0 - ratio) * b, ratio, c, 0.0]]
                 x0_pred, prev_sample = ops.linear_step(sample, model_output, [self.sample, noise], coefficients=rows,
                                                        guidance_scale=guidance_scale)
                 self._reset_stage()
