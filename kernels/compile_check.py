@@ -4,8 +4,9 @@ without a GPU.
 How it works. A stand-in Triton driver names the target GPU (``GPUTarget("cuda", 90 or 80, 32)``) and
 :func:`fastdiff.kernels.target.planning_for` tells the host functions they launch on that GPU. The project's own host
 functions (``attention``, ``group_norm_silu``, ``ddim_step``, ``ddpm_step``, ``linear_step``) are then called with
-CPU tensors of representative shapes; Triton binds and specialises the arguments exactly as for a real launch, and the check takes
-each launch at the point where Triton would compile it (``JITFunction._do_compile``), so nothing runs. The autotuner
+CPU tensors of representative shapes; Triton binds and specialises the arguments exactly as for a real launch, and
+the check takes each launch at the point where Triton would compile it (``JITFunction._do_compile``), so nothing
+runs. The autotuner
 is asked as usual: its pruned config list is what the check compiles (its benchmark is replaced by "compile this
 config"); attention's heuristic default (FASTDIFF_AUTOTUNE=0) is asked for too. Every distinct launch is then
 compiled with ``triton.compile`` for that target, and ptxas's own report gives registers, spills and stack.
