@@ -27,7 +27,8 @@ from utils import assert_rel_close, rel_err
 from fastdiff import dispatch
 from fastdiff.schedulers.dpm_sde import BrownianTreeNoiseSampler, DPMSolverSDEScheduler
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# diffusers' noise sampler lets torchsde warn when a σ passes the tree's ends by an ulp (fastdiff's keeps quiet)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:Should have t:UserWarning")]
 
 TOL = 1e-5
 SHAPE = (2, 3, 4, 4)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import ops
-from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
+from fastdiff.schedulers.base import Generator, randn_tensor
 from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_sigma_spacings
 from fastdiff.schedulers.schedules import (
     beta_sigmas,
@@ -106,12 +106,8 @@ class EulerDiscreteScheduler(VarianceExplodingScheduler):
         churn noise). Besides, s_churn, s_tmin, s_tmax, s_noise: Karras et al. 2022, Algorithm 2 (S_churn, S_tmin,
         S_tmax, S_noise). Returns x_{i+1} and x̂0.
         """
-        check_step_inputs(model_output, sample, guidance_scale)
-        i = self._current_step(timestep)
-        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
-        dtype = model_output.dtype
-        if model_output.dtype != sample.dtype:
-            model_output, sample = model_output.float(), sample.float()
+        model_output, sample, sigma, sigma_next, dtype = self._begin_step(model_output, timestep, sample,
+                                                                          guidance_scale)
         # 1. churn: γ = min(S_churn/n, √2 − 1) for σ in [S_tmin, S_tmax]; σ̂ = (γ + 1)σ; x̂ = x + g·z,
         #    g = √(σ̂² − σ²)·S_noise
         gamma = min(s_churn / (len(self._sigma_list) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0

@@ -9,7 +9,7 @@ import numpy as np
 from torch import Tensor
 
 from fastdiff import ops
-from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
+from fastdiff.schedulers.base import Generator, randn_tensor
 from fastdiff.schedulers.config import SchedulerConfig
 from fastdiff.schedulers.schedules import sigma_schedule_from_timesteps
 from fastdiff.schedulers.sigma import VarianceExplodingScheduler, x0_weights
@@ -41,12 +41,8 @@ class EulerAncestralDiscreteScheduler(VarianceExplodingScheduler):
         The arguments: see :class:`~fastdiff.schedulers.base.Scheduler` (z is drawn at every step, as diffusers
         does). Returns x_{i+1} and x̂0.
         """
-        check_step_inputs(model_output, sample, guidance_scale)
-        i = self._current_step(timestep)
-        sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
-        dtype = model_output.dtype
-        if model_output.dtype != sample.dtype:
-            model_output, sample = model_output.float(), sample.float()
+        model_output, sample, sigma, sigma_next, dtype = self._begin_step(model_output, timestep, sample,
+                                                                          guidance_scale)
         # 1. x̂0 = D(x; σ) = a·x + b·m
         a, b = x0_weights(sigma, self.settings.prediction_type)
         # 2. split σ_{i+1}² = σ_down² + σ_up², σ_up² = σ_{i+1}²(σ_i² − σ_{i+1}²)/σ_i²

@@ -16,7 +16,7 @@ from fastdiff.schedulers.base import (
     StepCounter,
     broadcast_to,
     check_add_noise,
-    guided_model_output,
+    check_step_inputs,
     step_output,
 )
 from fastdiff.schedulers.schedules import train_sigmas
@@ -106,35 +106,24 @@ class VarianceExplodingScheduler(SigmaScheduler):
         return original_samples + noise * self._add_noise_sigma(original_samples, noise, timesteps)
 
     def _begin_step(self, model_output: Tensor, timestep, sample: Tensor,
-                    guidance_scale: float | None) -> tuple[Tensor, Tensor, float, float]:
-        """The start of step(): (guided model output, x in fp32, σ_i, σ_{i+1}) for this call's place in the schedule."""
-        model_output = guided_model_output(model_output, sample, guidance_scale)
+                    guidance_scale: float | None) -> tuple[Tensor, Tensor, float, float, torch.dtype]:
+        """The start of step(): the inputs checked, and (model output, sample, σ_i, σ_{i+1}, the output dtype) for
+        this call's place in the schedule; model output and sample in one dtype (fp32 where they differ). Guidance
+        is not applied here: the fused op combines [uncond; cond] itself."""
+        check_step_inputs(model_output, sample, guidance_scale)
         i = self._current_step(timestep)
-        return model_output, sample.to(torch.float32), self._sigma_list[i], self._sigma_list[i + 1]
+        dtype = model_output.dtype
+        if model_output.dtype != sample.dtype:
+            model_output, sample = model_output.float(), sample.float()
+        return model_output, sample, self._sigma_list[i], self._sigma_list[i + 1], dtype
 
 
 def x0_weights(sigma: float, prediction_type: str) -> tuple[float, float]:
-    """(a, b) with D(x; σ) = x̂0 = a·x + b·m for the model output m of each parameterisation (see
-    :func:`x0_from_sigma`), in float64."""
+    """(a, b) with the denoiser D(x; σ) = x̂0 = a·x + b·m for the model output m of each parameterisation, with
+    x = x0 + σ·ε (VE) and the model fed x/√(σ² + 1), in float64: ε-prediction x − σ·ε̂; x0-prediction as is;
+    v-prediction x/(σ² + 1) − σ/√(σ² + 1)·v̂."""
     if prediction_type == "epsilon":
         return 1.0, -sigma
     if prediction_type == "sample":
         return 0.0, 1.0
     return 1.0 / (sigma**2 + 1), -sigma / (sigma**2 + 1) ** 0.5
-
-
-def euler_step(sample: Tensor, x0_pred: Tensor, sigma: float, sigma_next: float) -> Tensor:
-    """One Euler step of the probability-flow ODE from σ to σ_next (Karras et al. 2022, Algorithm 2, lines 7–8):
-    d = (x − x̂0)/σ, x + (σ_next − σ)·d."""
-    derivative = (sample - x0_pred) / sigma
-    return sample + derivative * (sigma_next - sigma)
-
-
-def x0_from_sigma(model_output: Tensor, sample: Tensor, sigma: float, prediction_type: str) -> Tensor:
-    """The denoiser D(x; σ) = x̂0 for each model parameterisation, with x = x0 + σ·ε (VE) and the model fed
-    x/√(σ² + 1): ε-prediction x − σ·ε̂; x0-prediction as is; v-prediction −σ/√(σ² + 1)·v̂ + x/(σ² + 1)."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "sample":
-        return model_output
-    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
