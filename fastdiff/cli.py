@@ -274,6 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:  # library validation: the message names the argument
         print(f"fastdiff: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # an optional dependency the chosen option needs (the message names the package)
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130

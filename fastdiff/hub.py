@@ -35,6 +35,7 @@ SAMPLERS = {
     "dpm++-1s": "DPMSolverSinglestepScheduler",
     "dpm++-2s": "DPMSolverSinglestepScheduler",
     "deis": "DEISMultistepScheduler",
+    "dpm++-sde": "DPMSolverSDEScheduler",  # needs torchsde (the sde extra)
     "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler",
     "lcm": "LCMScheduler",

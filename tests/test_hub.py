@@ -3,6 +3,8 @@ defaults that the command (sample, eval, generate) and the library share."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -36,6 +38,8 @@ def test_dpm_sampler_names_set_the_solver(sampler, algorithm, order):
 def test_every_sampler_name_loads_and_samples(sampler):
     """Every short name (the CLI's --sampler choices) swaps in its scheduler class, with the name's options, and
     samples finite digits with guidance in the fused step."""
+    if sampler == "dpm++-sde":
+        pytest.importorskip("torchsde")  # the sde extra
     pipe = fastdiff.load("digits-ddpm", sampler=sampler)
     assert type(pipe.scheduler).__name__ == hub.SAMPLERS[sampler]
     for key, value in hub.SAMPLER_OPTIONS.get(sampler, {}).items():
@@ -43,6 +47,14 @@ def test_every_sampler_name_loads_and_samples(sampler):
     images = pipe(batch_size=2, num_inference_steps=4, generator=0, output_type="pt", progress=False,
                   class_labels=[3, 7], guidance_scale=2.0)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all() and images.std() > 0.05
+
+
+def test_sampler_needing_a_missing_optional_package_says_which(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchsde", None)  # as if the sde extra were not installed
+    with pytest.raises(ImportError, match="torchsde"):
+        fastdiff.load("digits-ddpm", sampler="dpm++-sde")
+    assert cli.main(["-q", "sample", "--sampler", "dpm++-sde", "--num", "1", "--steps", "2"]) == 2
+    assert "torchsde" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -14,6 +14,7 @@ from fastdiff.schedulers.config import CONFIG_NAME, ConfigDict, SchedulerConfig
 from fastdiff.schedulers.ddim import DDIMConfig, DDIMScheduler
 from fastdiff.schedulers.ddpm import DDPMConfig, DDPMScheduler
 from fastdiff.schedulers.deis import DEISMultistepConfig, DEISMultistepScheduler
+from fastdiff.schedulers.dpm_sde import DPMSolverSDEConfig, DPMSolverSDEScheduler
 from fastdiff.schedulers.dpm_singlestep import DPMSolverSinglestepConfig, DPMSolverSinglestepScheduler
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepConfig, DPMSolverMultistepScheduler
 from fastdiff.schedulers.euler import EulerDiscreteConfig, EulerDiscreteScheduler
@@ -35,6 +36,8 @@ __all__ = [
     "DEISMultistepScheduler",
     "DPMSolverMultistepConfig",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEConfig",
+    "DPMSolverSDEScheduler",
     "DPMSolverSinglestepConfig",
     "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteConfig",
