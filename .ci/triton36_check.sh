@@ -11,6 +11,7 @@ pip install -q -U setuptools wheel torch==2.13.0
 pip install -q triton==3.6.0 numpy pytest safetensors pillow tqdm  # fastdiff's runtime dependencies
 python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__; print('triton', triton.__version__)"
 PYTHONPATH="$PWD" python -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_group_norm_silu.py \
-    tests/test_ddim_step.py tests/test_ddpm_step.py tests/test_triton_versions.py tests/test_gpu_paths.py \
+    tests/test_ddim_step.py tests/test_ddpm_step.py tests/test_linear_step.py tests/test_schedulers_fused.py \
+    tests/test_triton_versions.py tests/test_gpu_paths.py \
     tests/test_compile_check.py tests/test_interpreter_bounds.py tests/test_compile_traced.py
 deactivate

@@ -485,7 +485,7 @@ def markdown(rows: list[dict], command: str, triton_version: str) -> str:
         f"Written by `{command}` (triton {triton_version}): every launch fastdiff's host code can make for the",
         "representative shapes in `fastdiff/kernels/compile_check.py` (attention D 16–160, self N 1024/4096, cross",
         "M = 77 and M = 1, offset views; GroupNorm C 320–2560, NCHW and channels_last; every DDIM/DDPM step variant;",
-        "fp32, TF32, fp16, bf16), compiled for sm_90 (H200) and sm_80 (A100) without a GPU. Registers, spills and",
+        "the sampler update linear_step with 0–6 inputs and 1–3 outputs; fp32, TF32, fp16, bf16), compiled for sm_90 (H200) and sm_80 (A100) without a GPU. Registers, spills and",
         "stack from ptxas; shared memory per block from Triton; CTAs per SM estimated from registers (65,536 per SM),",
         "shared memory (228 / 164 KiB per SM) and warps (64 per SM); tensor cores: the MMA instruction in the PTX.",
         "",

@@ -32,10 +32,11 @@ EXPECTED = {  # case → the kernels its graph must launch, in order
     "attention fp32 D=160 (sliced)": ["_attention_fp32_kernel"],
     "ddim_step float alphas + CFG": ["_ddim_step_kernel"],
     "ddpm_step tensor alphas": ["_ddpm_step_kernel"],
+    "linear_step 2 inputs 2 outputs + CFG": ["_linear_step_kernel"],
     "block: group_norm_silu → attention": ["_group_norm_stats_kernel", "_group_norm_silu_apply_kernel",
                                            "_attention_kernel"],
 }
-WRITTEN = {"Y", "WS", "O", "PREV", "X0"}  # the kernels' output arguments (everything else is only read)
+WRITTEN = {"Y", "WS", "O", "PREV", "X0", "O0", "O1", "O2"}  # the kernels' output arguments (everything else is only read)
 
 
 def _child(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -106,7 +107,7 @@ def test_the_interpreter_path_keeps_the_opaque_op(monkeypatch):
 def test_triton_ops_are_registered():
     if not hasattr(torch.library, "triton_op"):
         pytest.skip("torch without torch.library.triton_op")
-    for name in ("group_norm_silu", "attention", "ddim_step", "ddpm_step"):
+    for name in ("group_norm_silu", "attention", "ddim_step", "ddpm_step", "linear_step"):
         assert name in ops.triton_ops()
         assert hasattr(torch.ops.fastdiff, f"{name}_triton"), name
 

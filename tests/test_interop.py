@@ -422,9 +422,9 @@ def test_pipeline_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         fastdiff.pipeline_from_diffusers(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "unet": ["diffusers", "UNet2DModel"],
-                                                           "scheduler": ["diffusers", "PNDMScheduler"]}))
+                                                           "scheduler": ["diffusers", "TCDScheduler"]}))
     write_diffusers_unet(tmp_path / "unet")
-    with pytest.raises(ValueError, match="'PNDMScheduler' has no fastdiff equivalent.*DDIMScheduler"):
+    with pytest.raises(ValueError, match="'TCDScheduler' has no fastdiff equivalent.*DDIMScheduler"):
         fastdiff.pipeline_from_diffusers(tmp_path)
     pipe = fastdiff.pipeline_from_diffusers(tmp_path, scheduler=fs.DDPMScheduler())
     assert isinstance(pipe.scheduler, fs.DDPMScheduler)

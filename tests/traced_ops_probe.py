@@ -45,6 +45,8 @@ def _cases(cuda):
     yield "ddim_step float alphas + CFG", lambda: ops.ddim_step(s, e2, 0.4, 0.7, guidance_scale=3.0)
     e, a, a_prev, z = randn(4, 4, 16, 16), randn(4), randn(4), randn(4, 4, 16, 16)
     yield "ddpm_step tensor alphas", lambda: ops.ddpm_step(s, e, a, a_prev, noise=z)
+    yield "linear_step 2 inputs 2 outputs + CFG", lambda: ops.linear_step(
+        s, e2, [e, z], coefficients=[[0.5, -0.2, 0.0, 0.1], [1.0, 0.0, 0.3, 0.0, -0.4]], guidance_scale=3.0)
 
     def unet_block():  # ops in a row with torch code between them, as in a UNet block
         h = ops.group_norm_silu(x, 32, None, None)
