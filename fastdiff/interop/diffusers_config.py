@@ -15,7 +15,9 @@ supported, raised before any weight is read):
   nn.Embedding class conditioning (``num_class_embeds`` = fastdiff ``num_classes + 1``: the extra "null" class).
 * UNet2DConditionModel: CrossAttnDownBlock2D / DownBlock2D, CrossAttnUpBlock2D / UpBlock2D,
   UNetMidBlock2DCrossAttn, transformer depth 1, one cross_attention_dim, use_linear_projection, per-level head counts
-  that reduce to one head count or one head width, optional class embedding.
+  that reduce to one head count or one head width, optional class embedding, and ``time_cond_proj_dim`` (an LCM's
+  guidance embedding: fastdiff's ``guidance_embedding_dim``; fastdiff computes the ``timestep_cond`` from the
+  guidance scale as diffusers' LatentConsistencyModelPipeline does, see ``blocks.guidance_embedding``).
 * AutoencoderKL and VQModel (``norm_type="group"``): DownEncoderBlock2D / UpDecoderBlock2D, SiLU, mid-block
   attention on or off, quant convs, scaling/shift factors.
 """
@@ -42,7 +44,7 @@ SUPPORTED_TEXT = {
                             "mirroring them, mid block UNetMidBlock2DCrossAttn, transformer_layers_per_block 1, one "
                             "cross_attention_dim, use_linear_projection, head counts reducing to one head count or "
                             "one head width, num_class_embeds class embedding, positional time embedding, "
-                            "act_fn 'silu'",
+                            "time_cond_proj_dim (≥ 4: LCM's guidance embedding), act_fn 'silu'",
     "AutoencoderKL": "DownEncoderBlock2D/UpDecoderBlock2D blocks, act_fn 'silu', mid_block_add_attention, "
                      "use_quant_conv/use_post_quant_conv, scaling_factor/shift_factor",
     "VQModel": "DownEncoderBlock2D/UpDecoderBlock2D blocks, act_fn 'silu', norm_type 'group', mid_block_add_attention, "
@@ -242,7 +244,7 @@ def _unet2d_condition(cfg: Mapping, problems: _Problems):
     num_classes = _time_and_class(cfg, channels, problems)
     problems.expect(cfg, "mid_block_type", "UNetMidBlock2DCrossAttn")
     for key in ("encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type", "time_embedding_act_fn",
-                "timestep_post_act", "time_cond_proj_dim", "projection_class_embeddings_input_dim",
+                "timestep_post_act", "projection_class_embeddings_input_dim",
                 "cross_attention_norm", "reverse_transformer_layers_per_block"):
         problems.expect(cfg, key, None)
     for key in ("dual_cross_attention", "resnet_skip_time_act", "class_embeddings_concat"):
@@ -259,6 +261,10 @@ def _unet2d_condition(cfg: Mapping, problems: _Problems):
     if any(d != 1 for d in (depth if isinstance(depth, (list, tuple)) else [depth])):
         problems.add(f"transformer_layers_per_block={depth!r} (supported: 1, fastdiff's transformer depth)")
     layers = _uniform(cfg, "layers_per_block", n, problems)
+    guidance_dim = cfg.get("time_cond_proj_dim")
+    if guidance_dim is not None and (isinstance(guidance_dim, bool) or not isinstance(guidance_dim, int)
+                                     or guidance_dim < 4):
+        problems.add(f"time_cond_proj_dim={guidance_dim!r} (supported: None or an int ≥ 4, LCM's guidance embedding)")
     context_dim = _uniform(cfg, "cross_attention_dim", n, problems)
     levels = _attention_levels(cfg, n, {"DownBlock2D": False, "CrossAttnDownBlock2D": True},
                                {"UpBlock2D": False, "CrossAttnUpBlock2D": True}, problems)
@@ -277,7 +283,7 @@ def _unet2d_condition(cfg: Mapping, problems: _Problems):
                 norm_num_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"], num_classes=num_classes,
                 context_dim=context_dim, use_linear_projection=bool(cfg.get("use_linear_projection")),
                 dropout=float(cfg.get("dropout") or 0.0), flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
-                freq_shift=cfg["freq_shift"])
+                freq_shift=cfg["freq_shift"], guidance_embedding_dim=guidance_dim)
     return _unet_config(base, sites, prefer, problems)
 
 
@@ -365,6 +371,10 @@ def diffusers_config(model, sample_size=None) -> tuple[str, dict]:
                       freq_shift=_int_if_integral(cfg.freq_shift),
                       num_class_embeds=cfg.num_classes + 1 if cfg.num_classes is not None else None)
         if cfg.context_dim is None:
+            if cfg.guidance_embedding_dim is not None:
+                raise ValueError(f"guidance_embedding_dim={cfg.guidance_embedding_dim} is not supported by diffusers' "
+                                 f"UNet2DModel (it has no time_cond_proj_dim); only a UNet with context_dim, which "
+                                 f"converts to UNet2DConditionModel, carries the guidance embedding to diffusers")
             sites = [heads[i] for i in sorted(levels)] + ([heads[-1]] if cfg.mid_attention else [])
             widths = {w for _, w in sites}
             if len(widths) == 1:
@@ -388,6 +398,7 @@ def diffusers_config(model, sample_size=None) -> tuple[str, dict]:
         return "UNet2DConditionModel", dict(
             kwargs, down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
             cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear_projection,
+            time_cond_proj_dim=cfg.guidance_embedding_dim,
             # diffusers' naming quirk: attention_head_dim is the head count here
             attention_head_dim=head_counts[0] if len(set(head_counts)) == 1 else head_counts)
     if isinstance(model, (AutoencoderKL, VQVAE)):

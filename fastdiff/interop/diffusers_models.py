@@ -109,7 +109,9 @@ def from_diffusers(path_or_model: PathLike | nn.Module, *, subfolder: str | None
         dtype: floating dtype; None keeps the checkpoint's (the diffusers model's) dtype when it has one.
     Returns:
         a fastdiff UNet, AutoencoderKL or VQVAE in eval mode. The UNet's output equals diffusers' ``.sample`` (for
-        ``class_labels``, fastdiff's ``num_classes`` is diffusers' ``num_class_embeds − 1``).
+        ``class_labels``, fastdiff's ``num_classes`` is diffusers' ``num_class_embeds − 1``; for a
+        ``time_cond_proj_dim`` UNet, fastdiff's ``guidance=w`` is diffusers'
+        ``timestep_cond=fastdiff.models.blocks.guidance_embedding(w, time_cond_proj_dim)``).
     Raises:
         ValueError: an unsupported model class or option (listing what is supported), a corrupt file, or weights
             that do not match the config. FileNotFoundError: a missing folder or file. ImportError: a model object

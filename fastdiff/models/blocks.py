@@ -42,15 +42,35 @@ def timestep_embedding(t: Tensor, dim: int, flip_sin_to_cos: bool = True, freq_s
     return emb  # (B, dim)
 
 
-class TimestepEmbedding(nn.Module):
-    """The MLP after the sinusoidal embedding: linear_1 → SiLU → linear_2 (diffusers' TimestepEmbedding)."""
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of the guidance scale w (B,) → (B, dim) fp32, for a guidance-distilled UNet (latent
+    consistency models, Luo et al. 2023, §4.2; the embedding of VDM): [sin, cos] of (w − 1)·1000 at the frequencies
+    10000^(−i/(dim/2 − 1)), i < dim/2 (zero-padded to an odd dim).
 
-    def __init__(self, in_dim: int, embed_dim: int):
+    w = 1 (the conditional model alone) embeds to [0…0, 1…1]. This is the ``timestep_cond`` diffusers'
+    LatentConsistencyModelPipeline computes for its guidance_scale, so a UNet converted to UNet2DConditionModel
+    (``time_cond_proj_dim``) takes exactly this input. Needs dim ≥ 4 (dim/2 − 1 > 0).
+    """
+    return timestep_embedding((w.float() - 1.0) * 1000.0, dim, flip_sin_to_cos=False, freq_shift=1.0)
+
+
+class TimestepEmbedding(nn.Module):
+    """The MLP after the sinusoidal embedding: linear_1 → SiLU → linear_2 (diffusers' TimestepEmbedding).
+
+    With ``cond_dim`` a bias-free ``cond_proj`` (cond_dim → in_dim) adds a condition (B, cond_dim) to the sinusoidal
+    input before linear_1: the guidance embedding of a guidance-distilled UNet (diffusers' ``cond_proj``, the same
+    name and place, so its checkpoints map by name).
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, cond_dim: Optional[int] = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim is not None else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond)  # (B, in_dim)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 

@@ -1,4 +1,5 @@
-"""Training losses for the model families of the seed chapter: DDPM, VAE, VQ-VAE and GANs.
+"""Training losses for the model families of the seed chapter: DDPM, VAE, VQ-VAE and GANs, and the pseudo-Huber
+distance of consistency distillation.
 
 GAN losses take discriminator *logits* (pre-sigmoid) and compute the chapter's BCE through log-sigmoid, which is
 the same value as ``F.binary_cross_entropy(sigmoid(logits), target)`` without its overflow at large |logits|.
@@ -18,6 +19,7 @@ __all__ = [
     "q_sample",
     "ddpm_target",
     "ddpm_loss",
+    "pseudo_huber_loss",
     "gaussian_kl",
     "vae_loss",
     "vector_quantization_loss",
@@ -89,6 +91,24 @@ def ddpm_loss(model: Callable[..., Tensor], x0: Tensor, t: Tensor, noise: Option
     if pred.shape != target.shape:
         raise ValueError(f"model output has shape {tuple(pred.shape)}, the target has {tuple(target.shape)}")
     return F.mse_loss(pred.float(), target.float())
+
+
+def pseudo_huber_loss(pred: Tensor, target: Tensor, c: Optional[float] = None) -> Tensor:
+    """The pseudo-Huber distance of consistency training (Song & Dhariwal 2023, §3.3), mean over the batch:
+    d(x, y) = √(‖x − y‖² + c²) − c per sample, the norm over all of a sample's d elements; c = 0.001·√d by default
+    (LCM's choice; ~‖x − y‖²/2c for small errors, ~‖x − y‖ for large ones, so outliers do not dominate).
+
+    pred, target: (B, ...) of one shape. Returns a scalar fp32 loss. Raises ValueError for mismatched shapes or a
+    c ≤ 0.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    d = pred[0].numel()
+    c = 0.001 * d**0.5 if c is None else float(c)
+    if not c > 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    sq = (pred.float() - target.float()).flatten(1).pow(2).sum(1)  # (B,) ‖x − y‖²
+    return ((sq + c * c).sqrt() - c).mean()
 
 
 # --------------------------------------------------------------------------------------------- VAE / VQ-VAE

@@ -26,6 +26,7 @@ from fastdiff.models.blocks import (
     Transformer2D,
     UpBlock2D,
     attention_heads,
+    guidance_embedding,
     timestep_embedding,
 )
 from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
@@ -57,6 +58,9 @@ class UNetConfig:
     dropout: float = 0.0  # dropout inside residual blocks and feed-forwards
     flip_sin_to_cos: bool = True  # time embedding order [cos, sin] (diffusers' default) or [sin, cos]
     freq_shift: float = 0.0  # diffusers' downscale_freq_shift of the sinusoidal embedding
+    # guidance-distilled (LCM): forward takes the guidance scale w, embedded by blocks.guidance_embedding at this
+    # width (≥ 4) and projected onto the time embedding's input (time_embedding.cond_proj); None: no such input
+    guidance_embedding_dim: Optional[int] = None
 
     def __post_init__(self):
         normalize_config(self)  # tuples of plain Python ints, floats, bools (numpy scalars are accepted)
@@ -89,6 +93,10 @@ class UNetConfig:
             check_positive_int("num_classes", self.num_classes)
         if self.context_dim is not None:
             check_positive_int("context_dim", self.context_dim)
+        if self.guidance_embedding_dim is not None:
+            check_positive_int("guidance_embedding_dim", self.guidance_embedding_dim)
+            if self.guidance_embedding_dim < 4:  # the embedding's frequencies divide by dim/2 − 1
+                raise ValueError(f"guidance_embedding_dim must be ≥ 4 (or None), got {self.guidance_embedding_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -103,16 +111,19 @@ class UNetConfig:
 class UNet(ModelMixin):
     """ε/v/x0-prediction UNet. ``UNet(UNetConfig(...))`` or ``UNet(**config_fields)``.
 
-    forward(x, t, class_labels=None, context=None):
+    forward(x, t, class_labels=None, context=None, guidance=None):
         x: (B, in_channels, H, W), H and W divisible by 2**(levels − 1); fp32/fp16/bf16, any memory format.
         t: timestep(s): a number, a 0-d tensor or a (B,) tensor.
         class_labels: (B,) integer labels in [0, num_classes] (num_classes is the null class); None means the null
             class for a class-conditional UNet. Only for a UNet with ``num_classes``.
         context: (B, M, context_dim); required when the UNet has ``context_dim``.
+        guidance: the guidance scale w the UNet was distilled to follow (a number, a 0-d tensor or a (B,) float
+            tensor; 1 = the conditional model alone); required when the UNet has ``guidance_embedding_dim``, refused
+            otherwise. It enters as blocks.guidance_embedding(w) through time_embedding.cond_proj.
     Returns (B, out_channels, H, W).
     Raises ValueError for wrong shapes or channel counts, sizes the levels cannot halve, labels for an
     unconditional UNet or out of range (checked for CPU tensors only: no device sync), a missing or unexpected
-    context.
+    context, a missing or unexpected guidance; TypeError for t or guidance neither a number nor a tensor.
     """
 
     config_class = UNetConfig
@@ -132,7 +143,7 @@ class UNet(ModelMixin):
             return SpatialSelfAttention(c, heads, dim_head, groups, eps)
 
         self.conv_in = Conv2d(cfg.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.time_embedding = TimestepEmbedding(channels[0], temb, cfg.guidance_embedding_dim)
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, temb) if cfg.num_classes is not None else None
 
         skip_channels = [channels[0]]  # channels of every skip state, in push order
@@ -171,16 +182,19 @@ class UNet(ModelMixin):
         return 2 ** (len(self.config.channels) - 1)
 
     def forward(self, x: Tensor, t: Timesteps, class_labels: Optional[Tensor] = None,
-                context: Optional[Tensor] = None) -> Tensor:
+                context: Optional[Tensor] = None, guidance: Optional[Timesteps] = None) -> Tensor:
         self._check_input(x)
         b = x.shape[0]
         t = self._timesteps(t, b, x.device)  # (B,)
         class_labels = self._class_labels(class_labels, b, x.device)  # (B,) or None
         self._check_context(context, b)
+        w = self._guidance(guidance, b, x.device)  # (B,) or None
 
-        # 1. time (+ class) embedding; every residual block starts with SiLU(emb), done once here
-        emb = self.time_embedding(timestep_embedding(t, self.config.channels[0], self.config.flip_sin_to_cos,
-                                                     self.config.freq_shift).to(self.conv_in.weight.dtype))  # (B, E)
+        # 1. time (+ guidance) (+ class) embedding; every residual block starts with SiLU(emb), done once here
+        dtype = self.conv_in.weight.dtype
+        t_emb = timestep_embedding(t, self.config.channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)
+        w_emb = None if w is None else guidance_embedding(w, self.config.guidance_embedding_dim).to(dtype)  # (B, G)
+        emb = self.time_embedding(t_emb.to(dtype), w_emb)  # (B, E)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels)
         emb = torch.nn.functional.silu(emb)
@@ -212,7 +226,8 @@ class UNet(ModelMixin):
                              f"times by the UNet's levels: H and W must be multiples of {f}")
 
     @staticmethod
-    def _timesteps(t: Timesteps, batch: int, device: torch.device) -> Tensor:
+    def _timesteps(t: Timesteps, batch: int, device: torch.device, name: str = "t") -> Tensor:
+        """A per-sample (B,) tensor from a number, a 0-d, (1,) or (B,) tensor; errors name the argument."""
         if isinstance(t, Tensor):
             if t.ndim == 0:
                 return t.to(device).expand(batch)
@@ -220,10 +235,26 @@ class UNet(ModelMixin):
                 return t.to(device)
             if t.shape == (1,):
                 return t.to(device).expand(batch)
-            raise ValueError(f"t must be a number, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be a number, a 0-d tensor or a ({batch},) tensor, got shape "
+                             f"{tuple(t.shape)}")
         if isinstance(t, bool) or not isinstance(t, numbers.Real):
-            raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a number or a tensor, got {type(t).__name__}")
         return torch.full((batch,), float(t), device=device)
+
+    def _guidance(self, guidance: Optional[Timesteps], batch: int, device: torch.device) -> Optional[Tensor]:
+        dim = self.config.guidance_embedding_dim
+        if dim is None:
+            if guidance is not None:
+                raise ValueError("guidance was given to a UNet without a guidance embedding "
+                                 "(config.guidance_embedding_dim is None): guide it with the scheduler instead")
+            return None
+        if guidance is None:
+            raise ValueError("this UNet was distilled with the guidance scale as an input "
+                             "(config.guidance_embedding_dim is set): pass guidance, w as a number or a "
+                             f"({batch},) tensor (1.0 = the conditional model alone)")
+        if isinstance(guidance, Tensor) and not guidance.dtype.is_floating_point:
+            raise ValueError(f"guidance must be a floating tensor (the guidance scale w), got dtype {guidance.dtype}")
+        return self._timesteps(guidance, batch, device, name="guidance")
 
     def _class_labels(self, labels: Optional[Tensor], batch: int, device: torch.device) -> Optional[Tensor]:
         n = self.config.num_classes

@@ -2,7 +2,9 @@
 (:class:`LatentDiffusionPipeline`), both with class labels or a context sequence and classifier-free guidance.
 
 Guidance batches [uncond; cond] through one UNet call; with a DDIM/DDPM scheduler the combine
-uncond + s·(cond − uncond) happens inside the fused step kernel (fastdiff.ops.ddim_step / ddpm_step).
+uncond + s·(cond − uncond) happens inside the fused step kernel (fastdiff.ops.ddim_step / ddpm_step). A
+guidance-distilled UNet (``config.guidance_embedding_dim``, the LCM recipe) takes the scale as an input instead: one
+conditional evaluation per step, no guidance in the scheduler.
 """
 
 from __future__ import annotations
@@ -138,7 +140,9 @@ class DiffusionPipeline(Pipeline):
             generator: an int seed (a fresh CPU generator), a torch.Generator (or a list, one per image) or None.
             guidance_scale: classifier-free guidance scale s, a real number; None: no guidance. Any value, 1.0
                 included, needs a class-conditional or context-conditioned UNet and class_labels or a context;
-                1.0 then samples the conditional model alone (no unconditional batch).
+                1.0 then samples the conditional model alone (no unconditional batch). A guidance-distilled UNet
+                (``config.guidance_embedding_dim``) gets s as its ``guidance`` input w (None: w = 1) and runs once
+                per step on the conditional inputs; the scheduler then does no guidance.
             class_labels: an int, or B ints in [0, num_classes), for a class-conditional UNet.
             output_type: "pil" (list of PIL images), "np" ((B, H, W, C) float32 in [0, 1]) or "pt" ((B, C, H, W)
                 float32 CPU tensor in [0, 1]).
@@ -169,7 +173,13 @@ class DiffusionPipeline(Pipeline):
         # steps run in it).
         state_dtype = torch.float32 if device.type == "cpu" else dtype
         generator = make_generator(generator, device)
-        cfg = guidance_scale is not None and float(guidance_scale) != 1.0
+        # a guidance-distilled UNet follows w itself: one conditional evaluation per step replaces [uncond; cond]
+        distilled = getattr(self.unet.config, "guidance_embedding_dim", None) is not None
+        cfg = not distilled and guidance_scale is not None and float(guidance_scale) != 1.0
+        model_kwargs = {}
+        if distilled:
+            w = 1.0 if guidance_scale is None else float(guidance_scale)
+            model_kwargs["guidance"] = torch.full((batch_size,), w, device=device, dtype=torch.float32)
 
         # 1. conditioning, batched [uncond; cond] under guidance
         model_labels = None
@@ -205,7 +215,8 @@ class DiffusionPipeline(Pipeline):
 
         # 3. the denoising loop; CUDA graphs only on CUDA, the model's fingerprint checked once per call (its graphs
         #    are captured again if its weights or modules were replaced since)
-        graphs = self._cuda_graphs if device.type == "cuda" else None
+        # (the graphs capture the UNet call without a guidance input: a guidance-distilled UNet runs without them)
+        graphs = self._cuda_graphs if device.type == "cuda" and not distilled else None
         if graphs is not None:
             graphs.check(self.unet)
         denoiser = self.unet
@@ -228,7 +239,7 @@ class DiffusionPipeline(Pipeline):
                 if graphs is not None:
                     out = graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
                 else:
-                    out = denoiser(model_in, t_batch, class_labels=model_labels, context=model_context)
+                    out = denoiser(model_in, t_batch, class_labels=model_labels, context=model_context, **model_kwargs)
                 latents = self.scheduler.step(out.to(state_dtype), t, latents, **step_kwargs).prev_sample
             # 4. stop on NaN/Inf, naming the step (on CUDA the check stays on the device until the end)
             finite = torch.isfinite(latents).all()
