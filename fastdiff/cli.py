@@ -117,7 +117,8 @@ def cmd_eval(args) -> int:
     import fastdiff
 
     _positive("--num", args.num)
-    _positive("--steps", args.steps)
+    if args.steps is not None:
+        _positive("--steps", args.steps)
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device),
                          dtype=args.dtype)
     report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier")
     e.add_argument("model")
     e.add_argument("--num", type=int, default=500, help="samples to score")
-    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, e.g. 25)")
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     e.add_argument("--seed", type=int, default=0)

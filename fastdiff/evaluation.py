@@ -47,15 +47,17 @@ def _features_and_predictions(classifier, images: torch.Tensor, batch: int = 512
     return torch.cat(feats).numpy(), torch.cat(preds)
 
 
-def evaluate(pipe, num: int = 500, steps: int = 25, guidance: Optional[float] = None, seed: int = 0,
+def evaluate(pipe, num: int = 500, steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
              batch_size: int = 250, progress: bool = True, model: Optional[str] = None) -> dict:
-    """Sample ``num`` images from ``pipe`` and score them. Class-conditional models get labels i mod 10."""
+    """Sample ``num`` images from ``pipe`` and score them. Class-conditional models get labels i mod 10. ``steps``
+    and ``guidance`` default to the model's own (``settings``: e.g. 25 DDIM steps, or 4 LCM steps)."""
     from fastdiff.data import load_digits
     from fastdiff.hub import sampling_defaults
 
     classifier = load_classifier()
     unet = getattr(pipe, "unet", None)
     defaults = sampling_defaults(pipe, steps=steps if unet is not None else None, guidance=guidance, model=model)
+    steps, guidance = defaults.steps, defaults.guidance
     labels = defaults.class_labels(range(num))
     labels = None if labels is None else torch.tensor(labels)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -76,7 +78,8 @@ def evaluate(pipe, num: int = 500, steps: int = 25, guidance: Optional[float] = 
     report = {
         "num": num,
         "dtype": str(pipe.dtype).replace("torch.", ""),
-        "steps": steps if unet is not None else None,
+        "steps": steps,
+        "sampler": type(pipe.scheduler).__name__ if unet is not None else None,
         "guidance": guidance,
         "histogram": torch.bincount(preds, minlength=10).tolist(),
         "fd": frechet_distance(feats, test_feats),

@@ -535,6 +535,9 @@ DATA_CARD = (
 PREPROCESSING_CARD = "pixels / 16 → bilinear upscaling 8×8 → 16×16 → scaled to [−1, 1]. Images are 16×16, 1 channel."
 
 
+_SAMPLER_WORDS = {"DDIMScheduler": "DDIM", "LCMScheduler": "LCM", "DDPMScheduler": "DDPM"}  # the card's sampler name
+
+
 def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
     """(Re)write ``folder/MODEL_CARD.md`` from ``train_metrics.json`` (and an evaluation report, stored in
     ``eval_metrics.json`` so later rewrites keep it)."""
@@ -557,7 +560,8 @@ def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
              f"{metrics['torch']} (a shared 2-core machine: an idle one is faster)"]
     if evaluation:
         lines.append(f"- **Quality** (`fastdiff eval {name}`, {evaluation['num']} samples"
-                     + (f", {evaluation['steps']} DDIM steps" if evaluation.get("steps") else "")
+                     + (f", {evaluation['steps']} {_SAMPLER_WORDS.get(evaluation.get('sampler'), 'DDIM')} steps"
+                        if evaluation.get("steps") else "")
                      + (f", guidance {evaluation['guidance']}" if evaluation.get("guidance") is not None else "")
                      + "):")
         if "accuracy" in evaluation:

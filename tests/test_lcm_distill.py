@@ -392,3 +392,16 @@ def test_recipe_end_to_end_samples_in_1_2_4_steps(tmp_path, monkeypatch):
         images = pipe(batch_size=3, num_inference_steps=steps, guidance_scale=training.LCM_GUIDANCE,
                       class_labels=[0, 5, 9], output_type="pt", progress=False, generator=0)
         assert images.shape == (3, 1, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.skipif("digits-lcm" not in fastdiff.list_models(), reason="digits-lcm is not shipped in this build")
+def test_shipped_digits_lcm_makes_the_requested_digits_in_four_steps():
+    """The shipped model through the public API: its own LCMScheduler, 4 steps, guidance distilled in (one UNet call
+    per step), and the shipped classifier reads most samples as the requested digit."""
+    from fastdiff.evaluation import evaluate
+
+    pipe = fastdiff.load("digits-lcm")
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.settings["default_steps"] == 4
+    report = evaluate(pipe, num=40, steps=4, guidance=2.0, progress=False, model="digits-lcm")
+    assert report["steps"] == 4 and report["sampler"] == "LCMScheduler"
+    assert report["accuracy"] >= 0.9, report
