@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -188,6 +190,15 @@ def check_sigma_spacings(config, names: tuple[str, ...]) -> None:
         raise ValueError(f"only one of {', '.join(names)} can be on, got {on}")
     if "use_beta_sigmas" in on:
         check_scipy("use_beta_sigmas")
+
+
+def check_lambda_min_clipped(config) -> None:
+    """config.lambda_min_clipped (the DPM-Solvers' smallest λ sampled): a real number or −inf (ValueError naming it
+    otherwise), stored as a float."""
+    clip = config.lambda_min_clipped
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or math.isnan(clip) or clip == math.inf:
+        raise ValueError(f"lambda_min_clipped must be a real number or -inf, got {clip!r}")
+    object.__setattr__(config, "lambda_min_clipped", float(clip))
 
 
 def check_thresholding(config) -> None:

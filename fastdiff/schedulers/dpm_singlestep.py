@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,7 +21,13 @@ from torch import Tensor
 
 from fastdiff import ops
 from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
-from fastdiff.schedulers.config import FINAL_SIGMAS_TYPES, SchedulerConfig, check_sigma_spacings, check_thresholding
+from fastdiff.schedulers.config import (
+    FINAL_SIGMAS_TYPES,
+    SchedulerConfig,
+    check_lambda_min_clipped,
+    check_sigma_spacings,
+    check_thresholding,
+)
 from fastdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler, alpha_sigma
 from fastdiff.schedulers.schedules import (
     beta_sigmas,
@@ -107,14 +112,6 @@ def conversion_rows(prediction_type: str, algorithm: str, alpha_t: float, sigma_
     if prediction_type == "sample":
         return [("m0", {"x": 1.0 / sigma_t, "m": -alpha_t / sigma_t})]
     return [("m0", {"x": sigma_t, "m": alpha_t})]
-
-
-def check_lambda_min_clipped(config) -> None:
-    """config.lambda_min_clipped: a real number or −inf (ValueError naming it otherwise), stored as a float."""
-    clip = config.lambda_min_clipped
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or math.isnan(clip) or clip == math.inf:
-        raise ValueError(f"lambda_min_clipped must be a real number or -inf, got {clip!r}")
-    object.__setattr__(config, "lambda_min_clipped", float(clip))
 
 
 def fix_fields(config, fixed: Mapping[str, Any]) -> None:

@@ -5,7 +5,6 @@ prediction ε̂; the SDE variants add fresh noise every step (diffusers' DPMSolv
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ from fastdiff.schedulers.base import Generator, check_step_inputs, randn_tensor
 from fastdiff.schedulers.config import (
     FINAL_SIGMAS_TYPES,
     SchedulerConfig,
+    check_lambda_min_clipped,
     check_sigma_spacings,
     check_thresholding,
 )
@@ -74,10 +74,7 @@ class DPMSolverMultistepConfig(SchedulerConfig):
         check_sigma_spacings(self, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"))
         super().__post_init__()
         check_thresholding(self)
-        clip = self.lambda_min_clipped
-        if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or math.isnan(clip) or clip == math.inf:
-            raise ValueError(f"lambda_min_clipped must be a real number or -inf, got {clip!r}")
-        object.__setattr__(self, "lambda_min_clipped", float(clip))
+        check_lambda_min_clipped(self)
         check_choice("solver_order", self.solver_order, (1, 2, 3))
         check_choice("algorithm_type", self.algorithm_type, ALGORITHM_TYPES)
         if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
