@@ -31,16 +31,16 @@ def _positive(name: str, value: Optional[int]) -> Optional[int]:
     return None if value is None else check_positive_int(name, value)
 
 
-def check_writable_file(path: str) -> Path:
-    """The output file's folder must exist and be writable (checked before any work)."""
+def check_writable_file(path: str, flag: str = "--out", example: str = "samples.png") -> Path:
+    """The output file's folder must exist and be writable (checked before any work); errors name ``flag``."""
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
-        raise UsageError(f"--out {path!r} is a directory; give a file name such as samples.png")
+        raise UsageError(f"{flag} {path!r} is a directory; give a file name such as {example}")
     if not folder.is_dir():
-        raise UsageError(f"--out {path!r}: folder {str(folder)!r} does not exist")
+        raise UsageError(f"{flag} {path!r}: folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UsageError(f"--out {path!r} is not writable")
+        raise UsageError(f"{flag} {path!r} is not writable")
     return out
 
 
@@ -111,11 +111,100 @@ def cmd_info(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------- eval / bench / train
+def _names(flag: str, text: Optional[str]) -> Optional[list[str]]:
+    """A comma-separated list option ("a,b"): its names in order, without repeats; None when not given."""
+    if text is None:
+        return None
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UsageError(f"{flag} needs at least one value (comma-separated), got {text!r}")
+    return names
+
+
+def _ladder(text: Optional[str]) -> Optional[list[int]]:
+    """``--ladder 1,2,4``: step counts, each a positive integer."""
+    if text is None:
+        return None
+    steps = []
+    for item in _names("--ladder", text):
+        try:
+            value = int(item)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UsageError(f"--ladder takes positive integers separated by commas (e.g. 1,2,4,8), got {item!r}")
+        steps.append(value)
+    return steps
+
+
+SWEEP_OPTIONS = ("models", "samplers", "ladder", "results", "chart", "table")
+
+
+def cmd_eval_sweep(args) -> int:
+    """``fastdiff eval --sweep``: :func:`fastdiff.evaluation.sweep`, then its table, chart and headline."""
+    from fastdiff import evaluation, hub
+
+    instead = {"--steps": "--ladder", "--sampler": "--samplers", "--card": "fastdiff eval MODEL --card"}
+    for flag, value in (("--steps", args.steps), ("--sampler", args.sampler), ("--card", args.card or None)):
+        if value is not None:
+            raise UsageError(f"{flag} is for one model's evaluation; with --sweep use {instead[flag]}")
+    _positive("--num", args.num)
+    if args.model is not None and args.models is not None:
+        raise UsageError("give the model either as MODEL or with --models, not both")
+    models = [args.model] if args.model is not None else _names("--models", args.models)
+    for name in models or ():
+        try:
+            hub.model_path(name)
+        except ValueError as exc:
+            raise UsageError(f"--models: {exc}") from None
+    samplers = _names("--samplers", args.samplers)
+    unknown = [s for s in samplers or () if s not in hub.SAMPLERS]
+    if unknown:
+        raise UsageError(f"--samplers: unknown sampler {unknown[0]!r}; known: {', '.join(sorted(hub.SAMPLERS))}")
+    ladder = _ladder(args.ladder) or list(evaluation.SWEEP_LADDER)
+    results = check_writable_file(args.results or "sweep.json", "--results", "sweep.json")
+    chart = None
+    try:  # the chart needs matplotlib: checked before the sweep; without it the default chart is skipped
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if args.chart is not None:
+            raise ImportError("--chart needs matplotlib: pip install 'fastdiff[bench]'") from None
+        print("note: no chart (matplotlib is not installed: pip install 'fastdiff[bench]')", file=sys.stderr)
+    else:
+        chart = check_writable_file(args.chart or "quality_vs_speed.png", "--chart", "quality_vs_speed.png")
+    table = None if args.table is None else check_writable_file(args.table, "--table", "sweep.md")
+    rows = evaluation.sweep(models=models, samplers=samplers, ladder=ladder, num=args.num, seed=args.seed,
+                            guidance=args.guidance, dtype=args.dtype, device=hub.resolve_device(args.device),
+                            results=results, progress=not args.quiet)
+    text = evaluation.format_sweep(rows)
+    print(text)
+    if results.exists():
+        print(f"results: {results}")
+    if table is not None:
+        from fastdiff.files import write_text_atomic
+
+        write_text_atomic(table, text + "\n")
+        print(f"wrote {table}")
+    if chart is not None and any("error" not in r for r in rows):
+        print(f"wrote {evaluation.plot_sweep(rows, chart)}")
+    head = evaluation.headline(rows)
+    if head is not None:
+        print(evaluation.format_headline(head))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from fastdiff import evaluation
 
     import fastdiff
 
+    if args.sweep:
+        return cmd_eval_sweep(args)
+    given = [f"--{name}" for name in SWEEP_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{given[0]} needs --sweep")
+    if args.model is None:
+        raise UsageError("eval: give a MODEL (fastdiff models lists them), or --sweep")
     _positive("--num", args.num)
     if args.steps is not None:
         _positive("--steps", args.steps)
@@ -211,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier")
-    e.add_argument("model")
+    e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier (--sweep: every "
+                                    "sampler over a ladder of step counts, quality vs speed)")
+    e.add_argument("model", nargs="?", default=None, help="a shipped model or a pipeline folder (with --sweep: "
+                                                          "sweep this model only)")
     e.add_argument("--num", type=int, default=500, help="samples to score")
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, e.g. 25)")
     e.add_argument("--guidance", type=float, default=None)
@@ -221,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     e.add_argument("--card", action="store_true", help="write the scores into the model folder's MODEL_CARD.md")
+    e.add_argument("--sweep", action="store_true",
+                   help="quality vs speed of every sampler of every shipped diffusion model over --ladder")
+    e.add_argument("--models", default=None, help="with --sweep: models to sweep, a,b (default: every diffusion model)")
+    e.add_argument("--samplers", default=None,
+                   help="with --sweep: samplers, x,y (default: all but lcm; lcm only for a guidance-distilled model)")
+    e.add_argument("--ladder", default=None, help="with --sweep: step counts (default 1,2,4,8,15,25,50)")
+    e.add_argument("--results", default=None,
+                   help="with --sweep: JSON results file, resumed from if present (default sweep.json)")
+    e.add_argument("--chart", default=None, help="with --sweep: PNG chart (default quality_vs_speed.png)")
+    e.add_argument("--table", default=None, help="with --sweep: also write the Markdown table to this file")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="quick side-by-side speed table (reference vs fused, diffusers if installed)")

@@ -3,12 +3,22 @@
 For class-conditional models: the fraction of samples classified as the requested digit. For every model: the
 class histogram and the Fréchet distance between classifier features (penultimate layer) of the samples and of
 the held-out real digits, next to the same distance between real train and real held-out digits for scale.
+
+``fastdiff eval --sweep`` (:func:`sweep`): that quality next to the sampling speed, for every sampler of every
+shipped diffusion model over a ladder of step counts, resumable from a JSON results file; :func:`format_sweep`
+(a Markdown table), :func:`plot_sweep` (a PNG chart) and :func:`headline` summarise it. :func:`evaluate` and
+:func:`sweep` sample and score through the same two helpers (:func:`sample_images`, :func:`score_images`).
 """
 
 from __future__ import annotations
 
+import io
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +26,14 @@ import torch
 from fastdiff.hub import ASSETS
 
 CLASSIFIER = ASSETS / "digits-classifier"
+SWEEP_LADDER = (1, 2, 4, 8, 15, 25, 50)
+WARMUP_IMAGES = 10  # the untimed call before each timed sweep row
+# what makes two sweep rows the same measurement (a results file's rows with this key are reused, not recomputed)
+SWEEP_KEY = ("model", "sampler", "steps", "num", "seed", "guidance", "dtype", "device")
+# the keys of a sweep row with measurements (an error row has "error" instead of unet_calls_per_image … ms_per_image)
+SWEEP_ROW_KEYS = ("model", "sampler", "scheduler", "steps", "unet_calls_per_image", "guidance", "num", "seed", "dtype",
+                  "device", "accuracy", "fd", "fd_real", "fd_ratio", "seconds", "images_per_s", "ms_per_image",
+                  "torch", "cpu", "threads")
 
 
 def load_classifier(path: Optional[Path] = None):
@@ -47,47 +65,90 @@ def _features_and_predictions(classifier, images: torch.Tensor, batch: int = 512
     return torch.cat(feats).numpy(), torch.cat(preds)
 
 
-def evaluate(pipe, num: int = 500, steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
-             batch_size: int = 250, progress: bool = True, model: Optional[str] = None) -> dict:
-    """Sample ``num`` images from ``pipe`` and score them. Class-conditional models get labels i mod 10. ``steps``
-    and ``guidance`` default to the model's own (``settings``: e.g. 25 DDIM steps, or 4 LCM steps)."""
-    from fastdiff.data import load_digits
-    from fastdiff.hub import sampling_defaults
+# --------------------------------------------------------------------------------------------- sample and score
+@dataclass(frozen=True)
+class RealDigits:
+    """The classifier features of the real digits: ``train`` (n_train, d) and ``test`` (n_test, d) float arrays,
+    and ``fd_real``, the Fréchet distance between them (the scale of "as close as real data gets")."""
 
-    classifier = load_classifier()
-    unet = getattr(pipe, "unet", None)
-    defaults = sampling_defaults(pipe, steps=steps if unet is not None else None, guidance=guidance, model=model)
-    steps, guidance = defaults.steps, defaults.guidance
+    train: np.ndarray
+    test: np.ndarray
+    fd_real: float
+
+
+def real_digits(classifier) -> RealDigits:
+    """The real train and held-out digits through ``classifier`` (needs scikit-learn: the ``train`` extra)."""
+    from fastdiff.data import load_digits
+
+    train_feats, _ = _features_and_predictions(classifier, load_digits("train")[0])
+    test_feats, _ = _features_and_predictions(classifier, load_digits("test")[0])
+    return RealDigits(train_feats, test_feats, frechet_distance(train_feats, test_feats))
+
+
+def sample_images(pipe, defaults, num: int, seed: int = 0, batch_size: int = 250,
+                  progress: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """Sample ``num`` images from ``pipe`` as :func:`evaluate` scores them: image i has class label i mod
+    num_classes (class-conditional models), one CPU generator seeded with ``seed`` drawn through in batches of
+    ``batch_size``, the steps and guidance of ``defaults`` (:func:`fastdiff.hub.sampling_defaults`).
+
+    Returns (images (num, C, H, W) float32 CPU in [−1, 1], labels (num,) int64 or None, seconds): ``seconds`` is the
+    wall time (``time.perf_counter``) of the pipeline calls alone (their output is a CPU tensor, so a GPU's work is
+    finished when each call returns).
+    """
     labels = defaults.class_labels(range(num))
     labels = None if labels is None else torch.tensor(labels)
     generator = torch.Generator("cpu").manual_seed(seed)
-    images = []
+    images, seconds = [], 0.0
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         kwargs = {"batch_size": n, "generator": generator, "output_type": "pt", "progress": progress,
                   **defaults.call_kwargs()}
         if labels is not None:
             kwargs["class_labels"] = labels[start:start + n]
-        images.append(pipe(**kwargs) * 2 - 1)  # back to [−1, 1], the classifier's input range
-    images = torch.cat(images)
+        begin = time.perf_counter()
+        out = pipe(**kwargs)
+        seconds += time.perf_counter() - begin
+        images.append(out * 2 - 1)  # back to [−1, 1], the classifier's input range
+    return torch.cat(images), labels, seconds
+
+
+def score_images(classifier, images: torch.Tensor, labels: Optional[torch.Tensor], real: RealDigits) -> dict:
+    """Score (N, C, H, W) images in [−1, 1]: {"histogram": 10 counts of the predicted classes, "fd": Fréchet
+    distance to the held-out digits' features, "fd_real": real train vs held-out, "accuracy": fraction classified as
+    ``labels`` (only when labels are given), "fd_ratio": fd / fd_real}."""
     feats, preds = _features_and_predictions(classifier, images)
-    train_x, _ = load_digits("train")
-    test_x, _ = load_digits("test")
-    train_feats, _ = _features_and_predictions(classifier, train_x)
-    test_feats, _ = _features_and_predictions(classifier, test_x)
-    report = {
-        "num": num,
-        "dtype": str(pipe.dtype).replace("torch.", ""),
-        "steps": steps,
-        "sampler": type(pipe.scheduler).__name__ if unet is not None else None,
-        "guidance": guidance,
+    scores = {
         "histogram": torch.bincount(preds, minlength=10).tolist(),
-        "fd": frechet_distance(feats, test_feats),
-        "fd_real": frechet_distance(train_feats, test_feats),
+        "fd": frechet_distance(feats, real.test),
+        "fd_real": real.fd_real,
     }
     if labels is not None:
-        report["accuracy"] = float((preds == labels).float().mean())
-    report["fd_ratio"] = report["fd"] / report["fd_real"]
+        scores["accuracy"] = float((preds == labels).float().mean())
+    scores["fd_ratio"] = scores["fd"] / scores["fd_real"]
+    return scores
+
+
+def evaluate(pipe, num: int = 500, steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0,
+             batch_size: int = 250, progress: bool = True, model: Optional[str] = None) -> dict:
+    """Sample ``num`` images from ``pipe`` and score them. Class-conditional models get labels i mod 10. ``steps``
+    and ``guidance`` default to the model's own (``settings``: e.g. 25 DDIM steps, or 4 LCM steps).
+
+    Returns {"num", "dtype", "steps", "sampler" (the scheduler's class name, None for a GAN), "guidance",
+    "histogram", "fd", "fd_real", "accuracy" (class-conditional models only), "fd_ratio"}."""
+    from fastdiff.hub import sampling_defaults
+
+    classifier = load_classifier()
+    unet = getattr(pipe, "unet", None)
+    defaults = sampling_defaults(pipe, steps=steps if unet is not None else None, guidance=guidance, model=model)
+    images, labels, _ = sample_images(pipe, defaults, num, seed=seed, batch_size=batch_size, progress=progress)
+    report = {
+        "num": num,
+        "dtype": _dtype_name(pipe),
+        "steps": defaults.steps,
+        "sampler": type(pipe.scheduler).__name__ if unet is not None else None,
+        "guidance": defaults.guidance,
+    }
+    report.update(score_images(classifier, images, labels, real_digits(classifier)))
     return report
 
 
@@ -101,4 +162,423 @@ def format_report(name: str, report: dict) -> str:
     lines.append("  class histogram (0-9): " + " ".join(str(c) for c in report["histogram"]))
     lines.append(f"  Fréchet distance (classifier features) vs held-out digits: {report['fd']:.3f}  "
                  f"(real train vs held-out: {report['fd_real']:.3f}; ratio {report['fd_ratio']:.2f})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the sweep
+def _dtype_name(pipe) -> str:
+    return str(pipe.dtype).replace("torch.", "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo "model name", else ``platform.processor()``, else "unknown CPU")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def diffusion_models() -> list[str]:
+    """The shipped models that sample with a diffusion scheduler (their model_index.json has a "scheduler"
+    component), sorted: what :func:`sweep` covers by default (a GAN has no sampler to sweep)."""
+    from fastdiff.files import read_json_object
+    from fastdiff.hub import list_models, model_path
+
+    return [name for name in list_models()
+            if read_json_object(model_path(name) / "model_index.json").get("scheduler") is not None]
+
+
+def guidance_distilled(pipe) -> bool:
+    """Whether ``pipe``'s UNet takes the guidance scale as an input (``config.guidance_embedding_dim``: the LCM
+    recipe, one UNet call per step), so only the LCM sampler makes sense for it."""
+    return getattr(getattr(getattr(pipe, "unet", None), "config", None), "guidance_embedding_dim", None) is not None
+
+
+def default_samplers(pipe) -> list[str]:
+    """The samplers :func:`sweep` tries on ``pipe`` by default: ["lcm"] for a guidance-distilled UNet, else every
+    name of :data:`fastdiff.hub.SAMPLERS` but "lcm" (consistency sampling of a model not distilled for it)."""
+    from fastdiff.hub import SAMPLERS
+
+    return ["lcm"] if guidance_distilled(pipe) else [s for s in SAMPLERS if s != "lcm"]
+
+
+@contextmanager
+def count_unet_rows(unet):
+    """Count the images the UNet evaluates while the block runs: yields a one-item list that holds the sum of the
+    batch sizes of every ``unet`` forward call (a [uncond; cond] guidance batch of B images counts 2B). A forward
+    pre-hook, so it sees eager calls only: not replays of CUDA graphs or a compiled copy of the UNet, which
+    :func:`sweep` never turns on."""
+    total = [0]
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        total[0] += int(x.shape[0])
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield total
+    finally:
+        handle.remove()
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in SWEEP_KEY)
+
+
+def _read_results(path: Path) -> list[dict]:
+    """The rows of a results file (none when it does not exist); ValueError naming the file when it is not a
+    results file (it is then left as it is)."""
+    from fastdiff.files import read_json_object
+
+    if not path.exists():
+        return []
+    data = read_json_object(path)  # ValueError naming the path for invalid JSON or a non-object
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: not a sweep results file (expected {{\"rows\": [objects]}})")
+    return rows
+
+
+def _check_ladder(ladder) -> list[int]:
+    from fastdiff.validation import check_positive_int
+
+    if isinstance(ladder, (str, bytes)) or not isinstance(ladder, Iterable):
+        raise TypeError(f"--ladder must be a sequence of step counts, got {type(ladder).__name__}")
+    steps = list(dict.fromkeys(check_positive_int("--ladder", s) for s in ladder))
+    if not steps:
+        raise ValueError("--ladder is empty")
+    return steps
+
+
+def _row_line(row: dict, reused: bool = False) -> str:
+    head = f"{row['model']} {row['sampler']} {row['steps']} steps: "
+    if "error" in row:
+        return head + f"error: {row['error']}"
+    acc = "" if row.get("accuracy") is None else f"{100 * row['accuracy']:.1f}% "
+    return (head + f"{acc}FD ratio {row['fd_ratio']:.2f} {row['images_per_s']:.1f} img/s"
+            + (" (from the results file)" if reused else ""))
+
+
+def sweep(models: Optional[Sequence[str]] = None, samplers: Optional[Sequence[str]] = None,
+          ladder: Sequence[int] = SWEEP_LADDER, num: int = 500, seed: int = 0, guidance: Optional[float] = None,
+          dtype="auto", device=None, results=None, progress: bool = True,
+          log: Optional[Callable[[str], None]] = print) -> list[dict]:
+    """Quality and speed of every (model, sampler, step count): one row per combination.
+
+    Args:
+        models: model names or pipeline folders (default: :func:`diffusion_models`, every shipped diffusion model).
+        samplers: names of :data:`fastdiff.hub.SAMPLERS` (default per model: :func:`default_samplers`; a default
+            sampler whose optional dependency is missing, dpm++-sde without torchsde, is skipped with a note).
+        ladder: the step counts, each ≥ 1.
+        num, seed, guidance: as :func:`evaluate` samples (labels i mod 10, one generator seeded with ``seed``,
+            batches of 250; guidance None: each model's default).
+        dtype, device: as :func:`fastdiff.load` takes them (dtype "auto": bf16 on a CPU with native bf16).
+        results: a JSON file ({"rows": [row, ...]}). Rows already there with the same :data:`SWEEP_KEY` (model,
+            sampler, steps, num, seed, guidance, dtype, device) are reused, except error rows, which are tried again;
+            after each new row the whole file is rewritten atomically (rows of other sweeps in it are kept). A file
+            that is not valid JSON or not a results file is a ValueError naming it, and is left untouched.
+        progress: tqdm bars within sampling.
+        log: called with one line per row (and a note per skipped sampler); None: silent.
+
+    Each (model, sampler) is loaded once (``fastdiff.load(model, sampler=...)``); each row makes one untimed
+    warm-up call (min(10, num) images at that step count), then samples ``num`` images timing only the pipeline
+    calls. The real digits' features are computed once per sweep (only if a row is computed).
+
+    Returns the rows in sweep order (model, sampler, steps), dicts with the keys: model, sampler (short name),
+    scheduler (class name), steps, unet_calls_per_image (UNet-evaluated images per sample, counted during the timed
+    calls: steps × evaluations per step × 2 under classifier-free guidance), guidance, num, seed, dtype, device,
+    accuracy (fraction; None for an unconditional model), fd, fd_real, fd_ratio, seconds, images_per_s,
+    ms_per_image, torch, cpu, threads. A combination that raises ValueError (or NaN/Inf in the latents) is a row
+    with "error" (the message) and no metrics, and the sweep goes on.
+
+    Raises ValueError/TypeError naming the argument (as the command spells it) before any work: an unknown model,
+    a model without a diffusion sampler (a GAN), an unknown sampler, a step count < 1, num < 1; FileNotFoundError
+    when the results file's folder does not exist.
+    """
+    import fastdiff
+    from fastdiff.files import read_json_object, write_json_atomic
+    from fastdiff.hub import SAMPLERS, model_path, sampling_defaults
+    from fastdiff.validation import check_positive_int
+
+    say = log or (lambda line: None)
+    num = check_positive_int("--num", num)
+    steps_ladder = _check_ladder(ladder)
+    models = diffusion_models() if models is None else [str(m) for m in models]
+    if not models:
+        raise ValueError("--models: no diffusion model to sweep")
+    for name in models:  # model_path: ValueError naming an unknown model
+        if read_json_object(model_path(name) / "model_index.json").get("scheduler") is None:
+            raise ValueError(f"--models: {name!r} has no diffusion sampler to sweep (a GAN)")
+    explicit = samplers is not None
+    if explicit:
+        samplers = list(dict.fromkeys(samplers))
+        bad = [s for s in samplers if s not in SAMPLERS]
+        if bad or not samplers:
+            raise ValueError(f"--samplers must be names of {sorted(SAMPLERS)}, got {bad or samplers!r}")
+    results = None if results is None else Path(results)
+    if results is not None and not (results.parent if str(results.parent) else Path(".")).is_dir():
+        raise FileNotFoundError(f"--results {str(results)!r}: folder {str(results.parent)!r} does not exist")
+    stored = _read_results(results) if results is not None else []
+    done = {_key(r): r for r in stored if "error" not in r and all(k in r for k in SWEEP_ROW_KEYS)}
+
+    environment = {"torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads()}
+    scorer: dict = {}  # the classifier and the real digits' features, made at the first computed row
+
+    def record(row: dict) -> None:
+        """Add a new row to the results (and the file): it replaces a stored row with its key, and the stored error
+        rows of its (model, sampler, steps, num, seed) (an earlier failed try, tried again)."""
+        rows.append(row)
+        attempt = tuple(row[k] for k in ("model", "sampler", "steps", "num", "seed"))
+        stored[:] = [old for old in stored if _key(old) != _key(row) and not (
+            "error" in old and tuple(old.get(k) for k in ("model", "sampler", "steps", "num", "seed")) == attempt)]
+        stored.append(row)
+        if results is not None:
+            write_json_atomic(results, {"rows": stored})
+        say(_row_line(row))
+
+    rows: list[dict] = []
+    for model in models:
+        names = samplers if explicit else default_samplers(fastdiff.load(model, dtype=dtype, device=device))
+        for sampler in names:
+            try:
+                pipe, load_error = fastdiff.load(model, sampler=sampler, dtype=dtype, device=device), None
+            except ImportError as exc:  # an optional dependency (torchsde for dpm++-sde)
+                if not explicit:
+                    say(f"{model} {sampler}: skipped ({exc})")
+                    continue
+                pipe, load_error = None, str(exc)
+            setting = {"guidance": guidance, "num": num, "seed": seed,
+                       "dtype": str(dtype) if pipe is None else _dtype_name(pipe),
+                       "device": str(torch.device(device or "cpu")) if pipe is None else str(pipe.device)}
+            for steps in steps_ladder:
+                row = {"model": model, "sampler": sampler, "scheduler": SAMPLERS[sampler], "steps": steps}
+                resolved = guidance  # the model's default guidance once sampling_defaults has said it
+                try:
+                    if load_error is not None:
+                        raise ValueError(load_error)
+                    defaults = sampling_defaults(pipe, steps=steps, guidance=guidance, model=model)
+                    resolved = defaults.guidance
+                    key = _key({**row, **setting, "guidance": resolved})
+                    if key in done:
+                        rows.append(done[key])
+                        say(_row_line(done[key], reused=True))
+                        continue
+                    sample_images(pipe, defaults, min(WARMUP_IMAGES, num), seed=seed, progress=False)  # warm-up
+                    with count_unet_rows(pipe.unet) as unet_rows:
+                        images, labels, seconds = sample_images(pipe, defaults, num, seed=seed, progress=progress)
+                except (ValueError, FloatingPointError) as exc:  # FloatingPointError: NaN/Inf in the latents
+                    record({**row, **setting, "guidance": resolved, "error": str(exc), **environment})
+                    continue
+                if not scorer:
+                    scorer["classifier"] = load_classifier()
+                    scorer["real"] = real_digits(scorer["classifier"])
+                scores = score_images(scorer["classifier"], images, labels, scorer["real"])
+                record({**row, "unet_calls_per_image": unet_rows[0] / num, **setting, "guidance": resolved,
+                        "accuracy": scores.get("accuracy"), "fd": scores["fd"], "fd_real": scores["fd_real"],
+                        "fd_ratio": scores["fd_ratio"], "seconds": seconds, "images_per_s": num / seconds,
+                        "ms_per_image": 1000 * seconds / num, **environment})
+            del pipe
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- sweep summaries
+def _sorted_rows(rows: Sequence[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (str(r.get("model")), str(r.get("sampler")), int(r.get("steps") or 0)))
+
+
+def _shorten(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _calls(value) -> str:
+    return f"{value:g}" if float(value).is_integer() else f"{value:.2f}"
+
+
+def format_sweep(rows: Sequence[dict]) -> str:
+    """A Markdown table of sweep rows (model | sampler | steps | UNet calls/image | correct digit | FD ratio |
+    images/s), sorted by model, sampler and steps; an error row has "—" for its numbers and the reason, shortened,
+    in its last column."""
+    lines = ["| model | sampler | steps | UNet calls/image | correct digit | FD ratio | images/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in _sorted_rows(rows):
+        head = f"| {r['model']} | {r['sampler']} | {r['steps']} "
+        if "error" in r:
+            lines.append(head + f"| — | — | — | — ({_shorten(r['error'])}) |")
+            continue
+        acc = "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
+        lines.append(head + f"| {_calls(r['unet_calls_per_image'])} | {acc} | {r['fd_ratio']:.2f} "
+                     f"| {r['images_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _sweep_title(rows: Sequence[dict]) -> str:
+    def values(key):
+        return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows if r.get(key) is not None))
+
+    return (f"quality vs speed: {values('cpu') or 'unknown CPU'}, torch {values('torch')}, "
+            f"threads {values('threads')}, {values('dtype')}, {values('num')} samples per point")
+
+
+def plot_sweep(rows: Sequence[dict], path, panels: Optional[dict] = None) -> Path:
+    """A PNG chart of sweep rows at ``path`` (written atomically): one column per panel (by default one per model);
+    top row FD ratio, bottom row correct-digit % (0–100), both against ms per image (log scales), one line per
+    sampler (step counts written next to the points of one line per panel: ddim, else lcm, else the first), a
+    dashed line at the real-vs-real level (FD ratio 1). ``panels`` maps a model to the model whose panel it joins
+    (e.g. {"digits-lcm": "digits-ddpm"}: a distilled model next to its teacher's samplers), its lines labelled
+    "model (sampler)" and drawn bold. Error rows are left out. Needs matplotlib (the ``bench`` extra): ImportError
+    naming it. Returns the path."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    except ImportError:
+        raise ImportError("plot_sweep needs matplotlib: pip install 'fastdiff[bench]' (or matplotlib)") from None
+    from fastdiff.files import write_atomic
+
+    good = [r for r in rows if "error" not in r and r.get("fd_ratio") is not None and r.get("ms_per_image")]
+    if not good:
+        raise ValueError("plot_sweep: no rows with measurements to plot")
+    panels = dict(panels or {})
+    present = set(r["model"] for r in good)
+
+    def panel_of(model):
+        return panels.get(model, model) if panels.get(model) in present else model
+
+    def series_of(r):
+        return r["sampler"] if panel_of(r["model"]) == r["model"] else f"{r['model']} ({r['sampler']})"
+
+    columns = sorted(dict.fromkeys(panel_of(r["model"]) for r in good))
+    own_names = sorted(dict.fromkeys(series_of(r) for r in good if panel_of(r["model"]) == r["model"]))
+    guest_names = sorted(dict.fromkeys(series_of(r) for r in good if panel_of(r["model"]) != r["model"]))
+    cmap = matplotlib.colormaps["tab20"]
+    colors = {s: cmap(i % 20) for i, s in enumerate(own_names)}
+    colors.update({s: c for s, c in zip(guest_names, ["black", "crimson", "navy", "darkgreen", "purple"] * 4)})
+    markers = "os^vD<>pPX*hH8d"
+    series_names = own_names + guest_names
+    has_accuracy = any(r.get("accuracy") is not None for r in good)
+    nrows = 2 if has_accuracy else 1
+    fig = Figure(figsize=(3.6 * len(columns) + 1.8, 3.1 * nrows + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, len(columns), squeeze=False)
+    for col, column in enumerate(columns):
+        mine = [r for r in good if panel_of(r["model"]) == column]
+        own = list(dict.fromkeys(sorted(series_of(r) for r in mine)))
+        labelled = next((s for s in ("ddim", "lcm") if s in own), own[0])
+        for row_i, (key, label) in enumerate([("fd_ratio", "FD ratio (vs real-vs-real)"),
+                                              ("accuracy", "correct digit %")][:nrows]):
+            ax = axes[row_i][col]
+            for series in own:
+                pts = sorted((r for r in mine if series_of(r) == series and r.get(key) is not None),
+                             key=lambda r: r["steps"])
+                if not pts:
+                    continue
+                xs = [r["ms_per_image"] for r in pts]
+                ys = [r[key] * (100 if key == "accuracy" else 1) for r in pts]
+                guest = series in guest_names
+                ax.plot(xs, ys, marker=markers[series_names.index(series) % len(markers)], markersize=3.5,
+                        linewidth=2.2 if guest else 1.6 if series == labelled else 1.0, color=colors[series],
+                        label=series)
+                if series == labelled or guest:
+                    for x, y, r in zip(xs, ys, pts):
+                        ax.annotate(str(r["steps"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                                    color=colors[series])
+            ax.set_xscale("log")
+            axes_to_label = [ax.xaxis]
+            if key == "fd_ratio":
+                ax.set_yscale("log")
+                axes_to_label.append(ax.yaxis)
+            else:
+                ax.set_ylim(-2, 102)
+            for axis in axes_to_label:  # plain numbers at 1, 2, 5 × 10^k (no "2×10^1" minor labels)
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+            if key == "fd_ratio":
+                ax.axhline(1.0, color="0.3", linestyle="--", linewidth=0.9, label="real vs real")
+                guests = sorted({r["model"] for r in mine} - {column})
+                ax.set_title(column + (f" (+ {', '.join(guests)})" if guests else ""), fontsize=9)
+            ax.set_xlabel("ms per image", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(_sweep_title(good) + "\n(step counts next to the points of ddim/lcm and of bold lines)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    # a 256-colour palette keeps the file small (a few hundred KB as RGBA for four models × 17 samplers)
+    from PIL import Image
+
+    buffer.seek(0)
+    image = Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return write_atomic(Path(path), out.getvalue())
+
+
+def headline(rows: Sequence[dict], lcm_model: str = "digits-lcm", base_model: str = "digits-ddpm",
+             lcm_steps: int = 4, base_steps: int = 25) -> Optional[dict]:
+    """The LCM speed-up in numbers, from sweep rows: ``lcm_model`` with the lcm sampler at ``lcm_steps`` against
+    ``base_model`` with ddim (a) at the fewest steps whose quality reaches it (accuracy ≥ the LCM row's − 0.005 and
+    FD ratio ≤ the LCM row's; if no step count does, the ddim row with the lowest FD ratio, and "reached" False)
+    and (b) at ``base_steps`` steps with the model's default guidance.
+
+    Returns None unless the LCM row and the ddim row at ``base_steps`` are there (without errors); else {"lcm":
+    row, "same_quality": row, "reached": bool, "default": row, "speedup_same_quality": images/s ratio,
+    "speedup_default": images/s ratio} (rows as sweep() makes them)."""
+    from fastdiff.hub import list_models, model_settings
+
+    ok = [r for r in rows if "error" not in r and r.get("images_per_s")]
+    lcm = next((r for r in ok if r["model"] == lcm_model and r["sampler"] == "lcm" and r["steps"] == lcm_steps),
+               None)
+    ddim = [r for r in ok if r["model"] == base_model and r["sampler"] == "ddim"]
+    default_guidance = (model_settings(base_model).get("default_guidance_scale")
+                        if base_model in list_models() else None)
+    if default_guidance is not None and any(r.get("guidance") == default_guidance for r in ddim):
+        ddim = [r for r in ddim if r.get("guidance") == default_guidance]
+    default = next((r for r in ddim if r["steps"] == base_steps), None)
+    if lcm is None or default is None:
+        return None
+
+    def reaches(r):
+        acc_ok = lcm.get("accuracy") is None or (r.get("accuracy") is not None
+                                                 and r["accuracy"] >= lcm["accuracy"] - 0.005)
+        return acc_ok and r["fd_ratio"] <= lcm["fd_ratio"]
+
+    matching = sorted((r for r in ddim if reaches(r)), key=lambda r: r["steps"])
+    same = matching[0] if matching else min(ddim, key=lambda r: (r["fd_ratio"], -(r.get("accuracy") or 0)))
+    return {"lcm": lcm, "same_quality": same, "reached": bool(matching), "default": default,
+            "speedup_same_quality": lcm["images_per_s"] / same["images_per_s"],
+            "speedup_default": lcm["images_per_s"] / default["images_per_s"]}
+
+
+def format_headline(h: dict) -> str:
+    """The :func:`headline` numbers as three lines of text."""
+    def quality(r):
+        acc = "" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}% correct digit, "
+        return f"{acc}FD ratio {r['fd_ratio']:.2f}"
+
+    lcm, same, default = h["lcm"], h["same_quality"], h["default"]
+    lines = [f"{lcm['model']} lcm, {lcm['steps']} steps: {lcm['images_per_s']:.1f} images/s ({quality(lcm)})"]
+    if h["reached"]:
+        lines.append(f"  vs {same['model']} ddim at the same quality ({same['steps']} steps, {quality(same)}): "
+                     f"{same['images_per_s']:.1f} images/s → {h['speedup_same_quality']:.1f}× faster")
+    else:
+        lines.append(f"  no ddim step count of the ladder reaches that quality; the best ddim row ({same['steps']} "
+                     f"steps, {quality(same)}): {same['images_per_s']:.1f} images/s → "
+                     f"{h['speedup_same_quality']:.1f}× faster")
+    guidance = "" if default.get("guidance") is None else f", guidance {default['guidance']:g}"
+    lines.append(f"  vs {default['model']} ddim {default['steps']} steps{guidance} ({quality(default)}): "
+                 f"{default['images_per_s']:.1f} images/s → {h['speedup_default']:.1f}× faster")
     return "\n".join(lines)
