@@ -369,10 +369,21 @@ class ConsistencyDistillation:
         return pseudo_huber_loss(pred, target)
 
 
+def _save_student(out: Path, student, scheduler, description: str, steps: int):
+    """A distilled student (frozen, eval mode) saved as a pipeline folder with its scheduler, default steps and the
+    default guidance scale w fed to its guidance embedding; returns the student."""
+    from fastdiff.pipelines import DiffusionPipeline
+
+    student = student.eval().requires_grad_(False)
+    pipe = DiffusionPipeline(student, scheduler, sample_size=IMAGE_SIZE)
+    _settings(pipe, description, steps=steps, guidance=LCM_GUIDANCE)
+    pipe.save_pretrained(out)
+    return student
+
+
 def run_lcm(out: Path, steps: int, seed: int, progress: bool) -> dict:
     """Consistency distillation of the shipped digits-ddpm into a 1–4-step sampler (LCMScheduler)."""
     import fastdiff
-    from fastdiff.pipelines import DiffusionPipeline
     from fastdiff.schedulers import LCMScheduler
 
     torch.manual_seed(seed)
@@ -394,11 +405,8 @@ def run_lcm(out: Path, steps: int, seed: int, progress: bool) -> dict:
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
     scheduler = LCMScheduler(**{k: v for k, v in dict(teacher.scheduler.config).items() if k in keep},
                              original_inference_steps=distill.original_inference_steps)
-    student = distill.student.eval().requires_grad_(False)
-    pipe = DiffusionPipeline(student, scheduler, sample_size=IMAGE_SIZE)
-    _settings(pipe, "latent-consistency distillation of digits-ddpm (guidance distilled in: one UNet call per step), "
-              "LCMScheduler", steps=4, guidance=LCM_GUIDANCE)
-    pipe.save_pretrained(out)
+    student = _save_student(out, distill.student, scheduler, "latent-consistency distillation of digits-ddpm "
+                            "(guidance distilled in: one UNet call per step), LCMScheduler", steps=4)
     return {"train_seconds": round(seconds), "train_steps": steps, "parameters": _count(student),
             "batch_size": LCM_BATCH, "lr": LCM_LR, "skip": LCM_SKIP, "w_range": list(LCM_W_RANGE),
             "ema_decay": LCM_EMA_DECAY, "loss": "pseudo-Huber, c = 0.001·√d"}
@@ -672,7 +680,6 @@ def run_turbo(out: Path, steps: int, seed: int, progress: bool, callback=None) -
     3. adversarial diffusion distillation (:class:`AdversarialDistillation`) for the rest, the regression kept as a
        third term. ``callback(phase, k, student)`` is called after every step (for experiments)."""
     import fastdiff
-    from fastdiff.pipelines import DiffusionPipeline
     from fastdiff.schedulers import LCMScheduler
 
     torch.manual_seed(seed)
@@ -718,11 +725,8 @@ def run_turbo(out: Path, steps: int, seed: int, progress: bool, callback=None) -
 
     seconds += _loop("digits-turbo", max(0, steps - n_regression), step, progress)
     scheduler = LCMScheduler.from_config({**dict(init.scheduler.config), "prediction_type": "sample"})
-    student = ema.model.eval().requires_grad_(False)
-    pipe = DiffusionPipeline(student, scheduler, sample_size=IMAGE_SIZE)
-    _settings(pipe, "adversarial diffusion distillation of digits-ddpm (x0-predicting student, guidance distilled "
-              "in), LCMScheduler, one step", steps=1, guidance=LCM_GUIDANCE)
-    pipe.save_pretrained(out)
+    student = _save_student(out, ema.model, scheduler, "adversarial diffusion distillation of digits-ddpm "
+                            "(x0-predicting student, guidance distilled in), LCMScheduler, one step", steps=1)
     return {"train_seconds": round(seconds), "train_steps": steps, "parameters": _count(student),
             "teacher_pairs": n_pool, "teacher_pair_steps": TURBO_POOL_STEPS, "pair_seconds": round(pool_seconds),
             "warm_start_steps": n_regression, "warm_start_lr": TURBO_REGRESSION_LR, "batch_size": ADD_BATCH,

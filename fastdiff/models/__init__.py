@@ -1,7 +1,8 @@
 """fastdiff's compact models, built only from fastdiff.ops / fastdiff.nn, with safetensors checkpoints.
 
 UNet (DDPM / latent diffusion, class and cross-attention conditioning), VAE (MLP), AutoencoderKL, VQVAE,
-DCGANGenerator / DCGANDiscriminator, StyleGenerator, DigitClassifier (scores generated digits); training losses
+DCGANGenerator / DCGANDiscriminator, StyleGenerator, DigitClassifier (scores generated digits),
+TextEncoder + WordTokenizer (prompts of the digits); training losses
 in :mod:`fastdiff.models.losses`;
 ``save_pretrained`` / ``from_pretrained`` / :func:`load_model` in :mod:`fastdiff.models.modeling`.
 """
@@ -16,6 +17,7 @@ from fastdiff.models.gan import (
     StyleGeneratorConfig,
 )
 from fastdiff.models.modeling import ModelMixin, load_model, registered_models
+from fastdiff.models.text_encoder import TextEncoder, TextEncoderConfig, WordTokenizer
 from fastdiff.models.unet import UNet, UNetConfig
 from fastdiff.models.vae import VAE, AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, VAEConfig
 from fastdiff.models.vqvae import VQVAE, VQVAEConfig
@@ -37,6 +39,9 @@ __all__ = [
     "StyleGeneratorConfig",
     "DigitClassifier",
     "DigitClassifierConfig",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "WordTokenizer",
     "ModelMixin",
     "load_model",
     "registered_models",
