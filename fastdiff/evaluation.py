@@ -310,8 +310,12 @@ def sweep(models: Optional[Sequence[str]] = None, samplers: Optional[Sequence[st
     models = diffusion_models() if models is None else [str(m) for m in models]
     if not models:
         raise ValueError("--models: no diffusion model to sweep")
-    for name in models:  # model_path: ValueError naming an unknown model
-        if read_json_object(model_path(name) / "model_index.json").get("scheduler") is None:
+    for name in models:
+        try:
+            folder = model_path(name)
+        except ValueError as exc:  # an unknown model
+            raise ValueError(f"--models: {exc}") from None
+        if read_json_object(folder / "model_index.json").get("scheduler") is None:
             raise ValueError(f"--models: {name!r} has no diffusion sampler to sweep (a GAN)")
     explicit = samplers is not None
     if explicit:

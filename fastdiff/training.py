@@ -263,6 +263,34 @@ LCM_LR = 1e-5  # small: x̂0 = (x − √(1 − ᾱ)·ε)/√ᾱ amplifies ε by
 LCM_GUIDANCE_DIM = 64  # width of the w embedding (UNetConfig.guidance_embedding_dim)
 
 
+def consistency_output(x: torch.Tensor, t: torch.Tensor, out: torch.Tensor, alphas_cumprod: torch.Tensor,
+                       timestep_scaling: float, prediction_type: str = "epsilon") -> torch.Tensor:
+    """LCMScheduler's consistency function in training form: f = c_skip(t)·x + c_out(t)·x̂0 for x (B, C, H, W),
+    timesteps t (B,) int64 and the model output ``out`` at (x, t), x̂0 from ``out`` by ``prediction_type``
+    (x = √ᾱ·x0 + √(1 − ᾱ)·ε), c_skip / c_out of :func:`fastdiff.schedulers.lcm.boundary_scalings`."""
+    from fastdiff.schedulers.lcm import boundary_scalings
+
+    scalings = torch.tensor([boundary_scalings(float(ti), timestep_scaling) for ti in t.tolist()])  # (B, 2)
+    c_skip, c_out = (v.view(-1, 1, 1, 1) for v in scalings.unbind(1))
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+    else:
+        x0 = out
+    return c_skip * x + c_out * x0
+
+
+@torch.no_grad()
+def guided_eps(teacher, x_t: torch.Tensor, t: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A class-conditional ε-teacher under classifier-free guidance: ε̃ = ε_u + w·(ε_c − ε_u) (w (B,) per sample)
+    from one call on [uncond (the null class); cond]."""
+    null = torch.full_like(y, teacher.config.num_classes)
+    eps_u, eps_c = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]).float(), class_labels=torch.cat([null, y])).chunk(2)
+    return eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+
+
 class ConsistencyDistillation:
     """Latent consistency distillation (Luo et al. 2023, Algorithm 1) of a class-conditional ε-prediction UNet,
     classifier-free guidance distilled in.
@@ -314,14 +342,8 @@ class ConsistencyDistillation:
     # 1. the boundary-condition parameterisation
     def consistency(self, unet, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """f(x, t, w, y) = c_skip(t)·x + c_out(t)·x̂0 for x (B, C, H, W) fp32, t (B,) int64, w (B,) fp32, y (B,)."""
-        from fastdiff.schedulers.lcm import boundary_scalings
-
-        scalings = torch.tensor([boundary_scalings(float(ti), self.timestep_scaling) for ti in t.tolist()])  # (B, 2)
-        c_skip, c_out = (v.view(-1, 1, 1, 1) for v in scalings.unbind(1))
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        eps = unet(x, t.float(), class_labels=y, guidance=w)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return c_skip * x + c_out * x0
+        return consistency_output(x, t, unet(x, t.float(), class_labels=y, guidance=w), self.alphas_cumprod,
+                                  self.timestep_scaling)
 
     # 2. the solver Ψ: one teacher DDIM step under classifier-free guidance
     @torch.no_grad()
@@ -329,10 +351,7 @@ class ConsistencyDistillation:
                     y: torch.Tensor) -> torch.Tensor:
         """x̂_s from x_t (s < t): ε̃ = ε_u + w·(ε_c − ε_u) from one teacher call on [uncond; cond], then DDIM (η = 0):
         x̂0 = (x_t − √(1 − ᾱ_t)·ε̃)/√ᾱ_t, x̂_s = √ᾱ_s·x̂0 + √(1 − ᾱ_s)·ε̃."""
-        null = torch.full_like(y, self.teacher.config.num_classes)
-        eps_u, eps_c = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]).float(),
-                                    class_labels=torch.cat([null, y])).chunk(2)
-        eps = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+        eps = guided_eps(self.teacher, x_t, t, w, y)
         a_t, a_s = self.alphas_cumprod[t].view(-1, 1, 1, 1), self.alphas_cumprod[s].view(-1, 1, 1, 1)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
@@ -544,27 +563,13 @@ class AdversarialDistillation:
 
     def denoise(self, x_s: torch.Tensor, s: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x̂_θ = c_skip(s)·x_s + c_out(s)·x̂0(x_s, s, w, y): one student call, LCMScheduler's output at s."""
-        from fastdiff.schedulers.lcm import boundary_scalings
-
-        scalings = torch.tensor([boundary_scalings(float(t), self.timestep_scaling) for t in s.tolist()])
-        c_skip, c_out = (v.view(-1, 1, 1, 1) for v in scalings.unbind(1))
-        a = self.alphas_cumprod[s].view(-1, 1, 1, 1)
-        out = self.student(x_s, s.float(), class_labels=y, guidance=w)
-        if self.prediction_type == "epsilon":
-            x0 = (x_s - (1 - a).sqrt() * out) / a.sqrt()
-        elif self.prediction_type == "v_prediction":
-            x0 = a.sqrt() * x_s - (1 - a).sqrt() * out
-        else:
-            x0 = out
-        return c_skip * x_s + c_out * x0
+        return consistency_output(x_s, s, self.student(x_s, s.float(), class_labels=y, guidance=w),
+                                  self.alphas_cumprod, self.timestep_scaling, self.prediction_type)
 
     @torch.no_grad()
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The teacher's guided x̃0 from x_t, clipped to [−1, 1]: one call on [uncond; cond]."""
-        null = torch.full_like(y, self.teacher.config.num_classes)
-        eps_u, eps_c = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]).float(),
-                                    class_labels=torch.cat([null, y])).chunk(2)
-        eps = eps_u + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+        eps = guided_eps(self.teacher, x_t, t, w, y)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
 

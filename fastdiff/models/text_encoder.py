@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -21,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdiff.files import read_json_object, write_text_atomic
+from fastdiff.files import read_json_object, write_json_atomic
 from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
 from fastdiff.prompts import VOCABULARY, split_words
-from fastdiff.validation import check_int, check_positive_int
+from fastdiff.validation import check_int, check_positive_int, check_same_device
 
 __all__ = ["WordTokenizer", "TextEncoder", "TextEncoderConfig", "TextEncoderOutput", "clip_loss",
            "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "SPECIAL_TOKENS", "TOKENIZER_NAME"]
@@ -163,10 +162,9 @@ class WordTokenizer:
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_directory {str(folder)!r} exists and is not a folder")
-        text = json.dumps({"_class_name": type(self).__name__, "max_length": self.max_length,
-                           "vocabulary": self.vocabulary}, indent=2) + "\n"
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / TOKENIZER_NAME, text)
+        write_json_atomic(folder / TOKENIZER_NAME, {"_class_name": type(self).__name__, "max_length": self.max_length,
+                                                    "vocabulary": self.vocabulary})
 
     @classmethod
     def from_pretrained(cls, pretrained_path: PathLike) -> "WordTokenizer":
@@ -281,8 +279,7 @@ class TextEncoder(ModelMixin):
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+        check_same_device(input_ids=input_ids, attention_mask=attention_mask)
         if attention_mask.dtype != torch.bool:
             if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
                 raise ValueError("attention_mask must hold only 0 and 1")
