@@ -142,13 +142,11 @@ def cmd_eval_sweep(args) -> int:
     for flag, value in (("--steps", args.steps), ("--sampler", args.sampler), ("--card", args.card or None)):
         if value is not None:
             raise UsageError(f"{flag} is for one model's evaluation; with --sweep use {instead[flag]}")
-    _positive("--num", args.num)
     if args.model is not None and args.models is not None:
         raise UsageError("give the model either as MODEL or with --models, not both")
-    # models, samplers and ladder values are checked by evaluation.sweep, before any work (ValueError → exit 2)
     models = [args.model] if args.model is not None else _names("--models", args.models)
-    samplers = _names("--samplers", args.samplers)
-    ladder = _ladder(args.ladder) or list(evaluation.SWEEP_LADDER)
+    models, samplers, ladder, _ = evaluation.check_sweep_arguments(  # ValueError naming the flag → exit 2
+        models, _names("--samplers", args.samplers), _ladder(args.ladder) or evaluation.SWEEP_LADDER, args.num)
     results = check_writable_file(args.results or "sweep.json", "--results", "sweep.json")
     chart = None
     try:  # the chart needs matplotlib: checked before the sweep; without it the default chart is skipped

@@ -263,6 +263,35 @@ def _row_line(row: dict, reused: bool = False) -> str:
             + (" (from the results file)" if reused else ""))
 
 
+def check_sweep_arguments(models, samplers, ladder, num: int):
+    """The checks :func:`sweep` makes before any work (also for a caller that wants them earlier, the CLI): returns
+    (models (default: :func:`diffusion_models`), samplers (None: each model's defaults) without repeats, the ladder
+    without repeats, num). ValueError / TypeError naming the flag: an unknown model or a GAN, an unknown sampler, a
+    step count < 1, num < 1."""
+    from fastdiff.files import read_json_object
+    from fastdiff.hub import SAMPLERS, model_path
+    from fastdiff.validation import check_positive_int
+
+    num = check_positive_int("--num", num)
+    steps_ladder = _check_ladder(ladder)
+    models = diffusion_models() if models is None else [str(m) for m in models]
+    if not models:
+        raise ValueError("--models: no diffusion model to sweep")
+    for name in models:
+        try:
+            folder = model_path(name)
+        except ValueError as exc:  # an unknown model
+            raise ValueError(f"--models: {exc}") from None
+        if read_json_object(folder / "model_index.json").get("scheduler") is None:
+            raise ValueError(f"--models: {name!r} has no diffusion sampler to sweep (a GAN)")
+    if samplers is not None:
+        samplers = list(dict.fromkeys(samplers))
+        bad = [s for s in samplers if s not in SAMPLERS]
+        if bad or not samplers:
+            raise ValueError(f"--samplers must be names of {sorted(SAMPLERS)}, got {bad or samplers!r}")
+    return models, samplers, steps_ladder, num
+
+
 def sweep(models: Optional[Sequence[str]] = None, samplers: Optional[Sequence[str]] = None,
           ladder: Sequence[int] = SWEEP_LADDER, num: int = 500, seed: int = 0, guidance: Optional[float] = None,
           dtype="auto", device=None, results=None, progress: bool = True,
@@ -300,29 +329,12 @@ def sweep(models: Optional[Sequence[str]] = None, samplers: Optional[Sequence[st
     when the results file's folder does not exist.
     """
     import fastdiff
-    from fastdiff.files import read_json_object, write_json_atomic
-    from fastdiff.hub import SAMPLERS, model_path, sampling_defaults
-    from fastdiff.validation import check_positive_int
+    from fastdiff.files import write_json_atomic
+    from fastdiff.hub import SAMPLERS, sampling_defaults
 
     say = log or (lambda line: None)
-    num = check_positive_int("--num", num)
-    steps_ladder = _check_ladder(ladder)
-    models = diffusion_models() if models is None else [str(m) for m in models]
-    if not models:
-        raise ValueError("--models: no diffusion model to sweep")
-    for name in models:
-        try:
-            folder = model_path(name)
-        except ValueError as exc:  # an unknown model
-            raise ValueError(f"--models: {exc}") from None
-        if read_json_object(folder / "model_index.json").get("scheduler") is None:
-            raise ValueError(f"--models: {name!r} has no diffusion sampler to sweep (a GAN)")
+    models, samplers, steps_ladder, num = check_sweep_arguments(models, samplers, ladder, num)
     explicit = samplers is not None
-    if explicit:
-        samplers = list(dict.fromkeys(samplers))
-        bad = [s for s in samplers if s not in SAMPLERS]
-        if bad or not samplers:
-            raise ValueError(f"--samplers must be names of {sorted(SAMPLERS)}, got {bad or samplers!r}")
     results = None if results is None else Path(results)
     if results is not None and not (results.parent if str(results.parent) else Path(".")).is_dir():
         raise FileNotFoundError(f"--results {str(results)!r}: folder {str(results.parent)!r} does not exist")

@@ -288,3 +288,14 @@ def test_eval_sweep_usage_errors(tmp_path, monkeypatch, capsys, argv, flag):
     err = capsys.readouterr().err
     assert flag in err and err.startswith("fastdiff: error:") and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_eval_sweep_usage_errors_come_before_the_missing_matplotlib_note(tmp_path, monkeypatch, capsys):
+    """Without matplotlib (the README's test install has no `bench` extra) a bad flag is still one error line: the
+    arguments are checked before the no-chart note."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    _forbid_sampling(monkeypatch)
+    assert cli.main(["-q", "eval", "--sweep", "--ladder", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdiff: error:") and "--ladder" in err and len(err.strip().splitlines()) == 1
