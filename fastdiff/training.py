@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,12 @@ def _warmup_cosine(opt, steps: int, warmup: int = 100):
 
 
 def _train_diffusion(unet, latents: torch.Tensor, labels: torch.Tensor, steps: int, seed: int, progress: bool,
-                     name: str, lr: float = 2e-3, batch_size: int = 128, p_uncond: float = 0.1):
-    """Class-conditional ε-prediction training (the DDPM loss) with label dropout to the null class for CFG."""
+                     name: str, lr: float = 2e-3, batch_size: int = 128, p_uncond: float = 0.1,
+                     context_fn: Optional[Callable] = None):
+    """Class-conditional ε-prediction training (the DDPM loss) with label dropout to the null class for CFG.
+
+    With ``context_fn(indices, dropped)`` → (B, M, context_dim) the UNet is conditioned on that context instead of
+    the labels (``dropped``: the (B,) bool mask of the examples whose condition is dropped for CFG)."""
     from fastdiff.models import losses
     from fastdiff.schedulers import DDPMScheduler
 
@@ -122,10 +127,14 @@ def _train_diffusion(unet, latents: torch.Tensor, labels: torch.Tensor, steps: i
         idx = next(batches)
         x0, y = latents[idx], labels[idx].clone()
         drop = torch.rand(len(y), generator=gen) < p_uncond
-        y[drop] = NUM_CLASSES  # the null class
+        if context_fn is None:
+            y[drop] = NUM_CLASSES  # the null class
+            condition = {"class_labels": y}
+        else:
+            condition = {"context": context_fn(idx, drop)}
         t = torch.randint(0, 1000, (len(y),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        loss = losses.ddpm_loss(unet, x0, t, noise, alphas_cumprod, class_labels=y)
+        loss = losses.ddpm_loss(unet, x0, t, noise, alphas_cumprod, **condition)
         _update(opt, loss, sched, clip_params=unet.parameters())
         ema.update(unet)
         return {"loss": loss.item()}
@@ -741,6 +750,149 @@ def run_turbo(out: Path, steps: int, seed: int, progress: bool, callback=None) -
             "loss": "hinge (D on digits-ldm's frozen VAE-encoder features) + λ·ᾱ_t-weighted MSE to the teacher's x̃0 "
                     "+ MSE to the teacher's pair"}
 
+# --------------------------------------------------------------------------------------------- digits-sd (text)
+SD_CLIP_STEPS = 600  # contrastive steps of the text encoder (stage 1)
+SD_CLIP_BATCH = 256
+SD_CLIP_LR = 1e-3
+SD_PROMPT_DROPOUT = 0.1  # share of training prompts replaced by "" (the unconditional prompt of CFG)
+SD_LR = 1e-3  # the latent UNet's peak learning rate (warm-started from digits-ldm's UNet)
+SD_GUIDANCE = 4.0  # the shipped default guidance scale
+
+
+class ImageTower(torch.nn.Module):
+    """The image side of the contrastive stage (not shipped): (B, 1, 16, 16) in [−1, 1] → (B, dim) embeddings.
+    Three strided 3×3 convolutions (32, 64, 128 channels) with GroupNorm+SiLU, then a linear projection."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        from fastdiff.nn import GroupNormSiLU
+
+        layers, c_in = [], 1
+        for c, stride in ((32, 1), (64, 2), (128, 2)):
+            layers += [torch.nn.Conv2d(c_in, c, 3, stride, 1), GroupNormSiLU(8, c)]
+            c_in = c
+        self.features = torch.nn.Sequential(*layers)
+        self.proj = torch.nn.Linear(128 * 4 * 4, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(x).flatten(1))
+
+
+def caption_batch(labels: torch.Tensor, words: list, generator: torch.Generator, p_drop: float = 0.0,
+                  dropped: Optional[torch.Tensor] = None) -> list[str]:
+    """One random caption per image (:func:`fastdiff.prompts.make_prompt` of its label and attribute words);
+    captions of ``dropped`` images (a (B,) bool mask, or a fresh draw with probability ``p_drop``) are ""."""
+    from fastdiff.prompts import make_prompt
+
+    if dropped is None:
+        dropped = torch.rand(len(labels), generator=generator) < p_drop
+    return ["" if bool(d) else make_prompt(int(lab), w, generator)
+            for lab, w, d in zip(labels.tolist(), words, dropped.tolist())]
+
+
+def train_text_encoder(text_encoder, tokenizer, x: torch.Tensor, y: torch.Tensor, words: list, steps: int,
+                       seed: int, progress: bool):
+    """Stage 1, the CLIP way: ``text_encoder``'s ``text_embeds`` of each image's random caption against an
+    :class:`ImageTower` trained alongside, symmetric InfoNCE (:func:`fastdiff.models.clip_loss`) with a learned
+    temperature. Returns (the tower, logit scale, seconds)."""
+    from fastdiff.models.text_encoder import clip_loss
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    tower = ImageTower(text_encoder.config.projection_dim)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*text_encoder.parameters(), *tower.parameters(), log_scale]
+    opt = _adam(params, SD_CLIP_LR)
+    sched = _warmup_cosine(opt, steps, warmup=min(50, steps))
+    batches = _batches(len(x), min(SD_CLIP_BATCH, len(x)), gen)
+    text_encoder.train()
+
+    def step(k):
+        idx = next(batches)
+        tokens = tokenizer(caption_batch(y[idx], [words[i] for i in idx.tolist()], gen))
+        text = text_encoder(tokens["input_ids"], tokens["attention_mask"]).text_embeds
+        loss = clip_loss(text, tower(x[idx]), log_scale.clamp(max=math.log(100)).exp())
+        _update(opt, loss, sched, clip_params=params)
+        return {"clip": loss.item()}
+
+    seconds = _loop("digits-sd/text-encoder", steps, step, progress)
+    text_encoder.eval().requires_grad_(False)
+    return tower.eval(), float(log_scale.detach().clamp(max=math.log(100)).exp()), seconds
+
+
+@torch.no_grad()
+def zero_shot_accuracy(text_encoder, tokenizer, tower, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Held-out check of the contrastive pair: the share of images ``x`` whose nearest of the ten prompts
+    "the digit 0" … "the digit 9" (cosine of the embeddings) names their label ``y``."""
+    tokens = tokenizer([f"the digit {d}" for d in range(NUM_CLASSES)])
+    text = F.normalize(text_encoder(tokens["input_ids"], tokens["attention_mask"]).text_embeds, dim=-1)
+    image = F.normalize(tower(x), dim=-1)
+    return float(((image @ text.T).argmax(1) == y).float().mean())
+
+
+def warm_start(unet, source) -> int:
+    """Copy every parameter/buffer of ``source`` whose name and shape ``unet`` shares; returns how many."""
+    own = unet.state_dict()
+    shared = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    unet.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+def run_sd(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    """Text-to-image the Stable Diffusion way on the digits: (1) a word tokenizer and a small transformer text
+    encoder trained contrastively against an image tower (CLIP), then frozen; (2) a latent UNet with cross-attention
+    to the encoder's hidden states (``context_dim``), warm-started from digits-ldm's UNet where names and shapes
+    match, on digits-ldm's VAE latents, with prompt dropout (10% "") for classifier-free guidance."""
+    import fastdiff
+    from fastdiff.models import TextEncoder, UNet, WordTokenizer
+    from fastdiff.pipelines import TextToImagePipeline
+    from fastdiff.prompts import ATTRIBUTE_THRESHOLDS, attribute_words, digit_attributes
+
+    torch.manual_seed(seed)
+    x, y = load_digits("train")
+    words = attribute_words(digit_attributes(x))
+    tokenizer = WordTokenizer()
+    text_encoder = TextEncoder(max_length=tokenizer.max_length)
+    clip_steps = max(1, min(SD_CLIP_STEPS, steps // 4))
+    tower, logit_scale, clip_seconds = train_text_encoder(text_encoder, tokenizer, x, y, words, clip_steps, seed,
+                                                          progress)
+    x_test, y_test = load_digits("test")
+    zero_shot = zero_shot_accuracy(text_encoder, tokenizer, tower, x_test, y_test)
+
+    base = fastdiff.load("digits-ldm")
+    vae = base.vae
+    latents = _encode_all(lambda b: vae.encode(b).mode(), x) * vae.config.scaling_factor
+    unet = UNet(in_channels=latents.shape[1], out_channels=latents.shape[1], base_channels=32,
+                channel_mult=(1, 2, 2), layers_per_block=1, attention_levels=(0,), mid_attention=True,
+                attention_head_dim=16, norm_num_groups=8, context_dim=text_encoder.config.hidden_size)
+    # cross-attention at the 8×8 level (32 channels) and in the middle block: at the 4×4 level (64 channels) the
+    # transformer blocks would take the folder past 8 MB
+    copied = warm_start(unet, base.unet)
+    gen = torch.Generator().manual_seed(seed + 2)
+
+    def context_fn(idx, dropped):
+        prompts = caption_batch(y[idx], [words[i] for i in idx.tolist()], gen, dropped=dropped)
+        with torch.no_grad():
+            tokens = tokenizer(prompts)
+            return text_encoder(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
+
+    unet, scheduler, unet_seconds = _train_diffusion(unet, latents, y, steps, seed, progress, "digits-sd/unet",
+                                                     lr=SD_LR, p_uncond=SD_PROMPT_DROPOUT, context_fn=context_fn)
+    pipe = TextToImagePipeline(unet, vae, _ddim_like(scheduler), text_encoder, tokenizer,
+                               sample_size=latents.shape[-1])
+    _settings(pipe, "text-to-image latent diffusion: word tokenizer + transformer text encoder (CLIP-trained) → "
+              "cross-attention UNet on digits-ldm's AutoencoderKL latents, CFG with the empty prompt", steps=25,
+              guidance=SD_GUIDANCE)
+    pipe.save_pretrained(out)
+    return {"train_seconds": round(clip_seconds + unet_seconds), "text_encoder_steps": clip_steps,
+            "text_encoder_seconds": round(clip_seconds), "clip_batch_size": SD_CLIP_BATCH,
+            "clip_logit_scale": round(logit_scale, 2), "zero_shot_digit_accuracy": round(zero_shot, 4),
+            "unet_steps": steps, "unet_lr": SD_LR, "prompt_dropout": SD_PROMPT_DROPOUT,
+            "warm_started_tensors": copied, "parameters": _count(unet) + _count(vae) + _count(text_encoder),
+            "vocabulary_size": len(tokenizer.vocabulary),
+            "max_length": tokenizer.max_length,
+            "attribute_thresholds": {k: [round(v, 4) for v in pair] for k, pair in ATTRIBUTE_THRESHOLDS.items()}}
+
+
 def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
     """DCGAN with non-saturating BCE losses. 1,438 training images are few for a GAN: the discriminator memorises them
     (without augmentation: D loss → 0.02 and a Fréchet ratio of 8.6 at 12,000 steps). Both real and generated images
@@ -823,6 +975,10 @@ RECIPES: dict[str, Recipe] = {
                            "teacher's guided 10-step DDIM sample), then the adversarial loss (a discriminator on the "
                            "frozen features of digits-ldm's VAE encoder) plus the distillation loss against the "
                            "teacher's denoised prediction", 1500, run_turbo),
+    "digits-sd": Recipe("text-to-image latent diffusion (the Stable Diffusion data path): prompts built from each "
+                        "digit's label and measured attributes, a word tokenizer and a transformer text encoder "
+                        "trained contrastively (CLIP) then frozen, a cross-attention latent UNet on digits-ldm's "
+                        "VAE latents with prompt dropout for classifier-free guidance", 3000, run_sd),
 }
 
 

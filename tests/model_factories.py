@@ -140,3 +140,24 @@ def save_tiny_pixel_pipeline(path, scheduler) -> None:
     pipe = DiffusionPipeline(unet, scheduler, sample_size=8)
     pipe.settings.update(default_steps=4, default_guidance_scale=2.0)
     pipe.save_pretrained(path)
+
+
+def tiny_text_pipeline(seed: int = 0):
+    """A tiny random text-to-image pipeline (seeded): word tokenizer (max_length 8), a 1-layer text encoder
+    (hidden 16), a cross-attention UNet on 2×8×8 latents (attention at both levels), a 16×16 AutoencoderKL and
+    DDIM; default 4 steps, guidance 3."""
+    from fastdiff.models import TextEncoder, WordTokenizer
+    from fastdiff.pipelines import TextToImagePipeline
+    from fastdiff.schedulers import DDIMScheduler
+
+    torch.manual_seed(seed)
+    tokenizer = WordTokenizer(max_length=8)
+    text_encoder = TextEncoder(max_length=8, hidden_size=16, num_layers=1, num_heads=2, projection_dim=8).eval()
+    unet = UNet(in_channels=2, out_channels=2, base_channels=8, channel_mult=(1, 2), layers_per_block=1,
+                attention_levels=(0, 1), norm_num_groups=4, attention_head_dim=8, context_dim=16).eval()
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=2, norm_num_groups=4).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    pipe = TextToImagePipeline(unet, vae, scheduler, text_encoder, tokenizer, sample_size=8)
+    pipe.settings.update(default_steps=4, default_guidance_scale=3.0)
+    return pipe

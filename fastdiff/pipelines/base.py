@@ -275,6 +275,10 @@ def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[ty
             if sched_cls is None:
                 raise ValueError(f"{index_file}: unknown scheduler class {entry[1]!r}")
             components[name] = sched_cls.from_config(sub)
+        elif entry[1] == "WordTokenizer":
+            from fastdiff.models.text_encoder import WordTokenizer
+
+            components[name] = WordTokenizer.from_pretrained(sub)
         else:
             components[name] = load_model(sub)
     settings = dict(index.get("settings", {}))

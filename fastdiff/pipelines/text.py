@@ -1,0 +1,215 @@
+"""Text-to-image latent diffusion, the Stable Diffusion data path: prompt → tokenizer → text encoder → (B, M, d)
+hidden states → a latent UNet that cross-attends to them → the VAE decodes the latents.
+
+Classifier-free guidance batches [negative; prompt] through one UNet call: the unconditional half is the encoded
+``negative_prompt`` (default: the empty prompt ``""``, which is what the training recipe's prompt dropout used), and
+with DDIM/DDPM the combine uncond + s·(cond − uncond) runs inside the fused step kernel.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fastdiff.pipelines.diffusion import LatentDiffusionPipeline
+from fastdiff.validation import check_positive_int, check_real
+
+Prompts = Union[None, str, Sequence[str]]
+DEFAULT_STEPS = 25
+
+
+def _prompt_list(name: str, prompt) -> Optional[list[str]]:
+    """``prompt`` as a non-empty list of strings (a str is one prompt), or None."""
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{name} must not be an empty list (give at least one prompt, or \"\" for none)")
+    bad = [type(p).__name__ for p in prompt if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{name} must hold only str, got {bad[0]}")
+    return list(prompt)
+
+
+class TextToImagePipeline(LatentDiffusionPipeline):
+    """Prompt-conditioned latent diffusion: ``TextToImagePipeline(unet, vae, scheduler, text_encoder, tokenizer)``.
+
+    ``pipe(prompt=["a bold seven", "3"], negative_prompt=None, num_inference_steps=25, guidance_scale=4.0,
+    generator=0, output_type="np")`` → one image per prompt (× ``num_images_per_prompt``): a list of PIL images,
+    a (B, H, W, C) float32 array in [0, 1] ("np") or a (B, C, H, W) float32 tensor in [0, 1] ("pt").
+
+    The UNet (``config.context_dim`` = the text encoder's hidden size) cross-attends to every position of the
+    text encoder's ``last_hidden_state`` (B, max_length, d), padding positions included (as Stable Diffusion does
+    with CLIP's padded 77 tokens): the encoding of a prompt does not depend on what else is in the batch.
+    """
+
+    component_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+
+    def __init__(self, unet, vae, scheduler, text_encoder, tokenizer,
+                 sample_size: Union[int, tuple[int, int], None] = None):
+        super().__init__(unet, vae, scheduler, sample_size)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        context_dim = getattr(unet.config, "context_dim", None)
+        hidden = text_encoder.config.hidden_size
+        if context_dim != hidden:
+            raise ValueError(f"unet.config.context_dim ({context_dim}) must equal the text encoder's hidden_size "
+                             f"({hidden})")
+        if tokenizer.max_length > text_encoder.config.max_length:
+            raise ValueError(f"tokenizer.max_length ({tokenizer.max_length}) exceeds the text encoder's max_length "
+                             f"({text_encoder.config.max_length})")
+
+    # ----------------------------------------------------------------- prompts → hidden states
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: Union[str, Sequence[str]]) -> Tensor:
+        """The text encoder's ``last_hidden_state`` of ``prompt`` (a str or a list of B str): (B, max_length,
+        hidden_size) in the pipeline's device and dtype. Unknown words become [UNK] and long prompts are truncated
+        to ``tokenizer.max_length`` tokens, each with a warning (see :class:`fastdiff.models.WordTokenizer`)."""
+        prompts = _prompt_list("prompt", prompt)
+        if prompts is None:
+            raise ValueError("prompt must be a str or a non-empty list of str, got None")
+        tokens = self.tokenizer(prompts)
+        device = self.device
+        out = self.text_encoder(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        return out.last_hidden_state.to(self.dtype)
+
+    def _check_embeds(self, name: str, embeds) -> Tensor:
+        d = self.unet.config.context_dim
+        if not isinstance(embeds, Tensor) or not embeds.is_floating_point():
+            raise TypeError(f"{name} must be a floating torch.Tensor (B, M, {d}), got "
+                            f"{embeds.dtype if isinstance(embeds, Tensor) else type(embeds).__name__}")
+        if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] < 1 or embeds.shape[2] != d:
+            raise ValueError(f"{name} must have shape (B, M, {d}), got {tuple(embeds.shape)}")
+        return embeds
+
+    # ----------------------------------------------------------------- sampling
+    def __call__(  # noqa: C901 — one flat list of argument checks, then the sampling loop of the base class
+        self,
+        prompt: Prompts = None,
+        negative_prompt: Prompts = None,
+        num_inference_steps: Optional[int] = None,
+        guidance_scale: Optional[float] = None,
+        generator=None,
+        output_type: str = "pil",
+        progress: bool = True,
+        *,
+        prompt_embeds: Optional[Tensor] = None,
+        negative_prompt_embeds: Optional[Tensor] = None,
+        num_images_per_prompt: int = 1,
+        class_labels=None,
+        batch_size: Optional[int] = None,
+        eta: float = 0.0,
+        latents: Optional[Tensor] = None,
+    ):
+        """Sample one image per prompt (× ``num_images_per_prompt``).
+
+        Args:
+            prompt: a str or a non-empty list of B str ("a bold seven", "the digit 4, slanted right", "3").
+            negative_prompt: what to steer away from under guidance: a str (used for every prompt) or a list of B
+                str; None: the empty prompt "" (the unconditional model).
+            num_inference_steps: sampler steps in [1, num_train_timesteps]; None: the model's ``default_steps``.
+            guidance_scale: classifier-free guidance s; None: the model's ``default_guidance_scale``; 1.0: the
+                conditional model alone (one UNet batch per step, negative prompts not allowed).
+            generator: an int seed, a torch.Generator (or a list, one per image) or None.
+            output_type: "pil", "np" or "pt" (as :class:`DiffusionPipeline`).
+            progress: show a tqdm bar.
+            prompt_embeds: (B, M, context_dim) floating hidden states in place of ``prompt`` (e.g. from
+                :meth:`encode_prompt`, edited); negative_prompt_embeds: the same for the negative side, of the same
+                shape (default: the encoded empty prompt).
+            num_images_per_prompt: images per prompt, an integer ≥ 1 (image order: prompt 0's images first).
+            class_labels: a shorthand for class-conditional callers (``fastdiff eval``, ``fastdiff generate``): an
+                int or B ints 0…9 stand for the prompts "0" … "9"; with ``batch_size`` an int label repeats.
+            batch_size: only with ``class_labels`` (the number of images); prompts set the batch otherwise.
+            eta: DDIM's η.
+            latents: the initial noise (B, C, h, w) instead of drawing it.
+        Raises:
+            ValueError / TypeError naming the argument, before any work: none or more than one of prompt,
+            prompt_embeds and class_labels; an empty prompt list or a non-str prompt; a negative_prompt list of
+            another length than prompt; negative_prompt (or its embeds) without guidance (guidance_scale 1.0); embeds
+            of the wrong type or shape; and everything :class:`DiffusionPipeline` checks (steps, output_type, …).
+            NonFiniteError: NaN/Inf in the latents (naming the step).
+        """
+        given = [n for n, v in (("prompt", prompt), ("prompt_embeds", prompt_embeds),
+                                ("class_labels", class_labels)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("pass exactly one of prompt, prompt_embeds (and class_labels as a shorthand), got "
+                             + (", ".join(given) if given else "none"))
+        if batch_size is not None and class_labels is None:
+            raise ValueError("batch_size is set by the prompts: pass it only with class_labels")
+        per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        settings = self.settings
+        if num_inference_steps is None:
+            num_inference_steps = int(settings.get("default_steps", DEFAULT_STEPS))
+        if guidance_scale is None:
+            guidance_scale = settings.get("default_guidance_scale")
+        if guidance_scale is not None:
+            check_real("guidance_scale", guidance_scale)
+        cfg = guidance_scale is not None and float(guidance_scale) != 1.0
+
+        if class_labels is not None:
+            prompts = self._label_prompts(class_labels, batch_size)
+        else:
+            prompts = _prompt_list("prompt", prompt)
+        if prompt_embeds is not None:
+            prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds)
+        n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+
+        negatives = _prompt_list("negative_prompt", negative_prompt)
+        if negatives is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        if (negatives is not None or negative_prompt_embeds is not None) and not cfg:
+            raise ValueError("negative_prompt needs classifier-free guidance: guidance_scale must be set and ≠ 1.0")
+        if negatives is not None:
+            if len(negatives) == 1 and isinstance(negative_prompt, str):
+                negatives = negatives * n
+            if len(negatives) != n:
+                raise ValueError(f"negative_prompt has {len(negatives)} prompts but prompt has {n}: give one str "
+                                 f"or one per prompt")
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds)
+            if prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError("negative_prompt_embeds must come with prompt_embeds of the same shape, got "
+                                 f"{tuple(negative_prompt_embeds.shape)} and "
+                                 f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}")
+
+        # encode (after every check)
+        context = self.encode_prompt(prompts) if prompt_embeds is None else prompt_embeds.to(self.device, self.dtype)
+        negative_context = None
+        if cfg:
+            if negative_prompt_embeds is not None:
+                negative_context = negative_prompt_embeds.to(self.device, self.dtype)
+            else:
+                negative_context = self.encode_prompt(negatives if negatives is not None else [""])
+                negative_context = negative_context.expand(n, -1, -1) if negatives is None else negative_context
+            if negative_context.shape[1] != context.shape[1]:
+                raise ValueError(f"negative_prompt_embeds must have {context.shape[1]} tokens like the prompt's, got "
+                                 f"{negative_context.shape[1]}")
+        if per_prompt > 1:
+            context = context.repeat_interleave(per_prompt, dim=0)
+            if negative_context is not None:
+                negative_context = negative_context.repeat_interleave(per_prompt, dim=0)
+        return super().__call__(n * per_prompt, num_inference_steps, generator, guidance_scale, None, output_type,
+                                progress, eta=eta, context=context, negative_context=negative_context,
+                                latents=latents)
+
+    def _label_prompts(self, class_labels, batch_size) -> list[str]:
+        """Digit labels → the prompts "0" … "9" (the class-conditional callers' shorthand)."""
+        if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool):
+            count = 1 if batch_size is None else check_positive_int("batch_size", batch_size)
+            class_labels = [int(class_labels)] * count
+        labels = torch.as_tensor(class_labels).flatten()
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+        if labels.numel() == 0:
+            raise ValueError("class_labels must not be empty")
+        if batch_size is not None and labels.numel() != batch_size:
+            raise ValueError(f"class_labels has {labels.numel()} labels but batch_size is {batch_size}")
+        if labels.min() < 0 or labels.max() > 9:
+            raise ValueError(f"class_labels must be digits in [0, 10), got {labels.tolist()}")
+        return [str(int(v)) for v in labels]
