@@ -46,21 +46,34 @@ def check_writable_file(path: str, flag: str = "--out", example: str = "samples.
 
 # --------------------------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
+    """``fastdiff sample``: ``--num`` images in one PNG grid. Class-conditional models (and text-to-image models,
+    whose labels are the prompts "0" … "9") get labels cycling 0 … 9, or ``--class`` for all; a text-to-image model
+    takes ``--prompt`` (every image) and ``--negative-prompt`` (under guidance > 1) instead."""
     import torch
 
     import fastdiff
-    from fastdiff.pipelines import save_grid
+    from fastdiff.pipelines import TextToImagePipeline, save_grid
 
     _positive("--steps", args.steps)
     _positive("--num", args.num)
     if args.seed < 0:
         raise UsageError(f"--seed must be ≥ 0, got {args.seed}")
+    if args.prompt is not None and args.class_label is not None:
+        raise UsageError("give --prompt or --class, not both (--class d is the prompt \"d\")")
     out = check_writable_file(args.out)
     device = fastdiff.hub.resolve_device(args.device)
     if args.backend:
         os.environ["FASTDIFF_BACKEND"] = args.backend
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=device, dtype=args.dtype)
+    text = isinstance(pipe, TextToImagePipeline)
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        if value is not None and not text:
+            raise UsageError(f"{flag}: model {args.model!r} is a {type(pipe).__name__}, not a text-to-image model "
+                             f"(TextToImagePipeline)")
     defaults = fastdiff.hub.sampling_defaults(pipe, steps=args.steps, guidance=args.guidance, model=args.model)
+    if args.negative_prompt is not None and (defaults.guidance is None or defaults.guidance <= 1):
+        raise UsageError(f"--negative-prompt needs classifier-free guidance > 1 (--guidance), got "
+                         f"{defaults.guidance if defaults.guidance is not None else 'none'}")
     labels = defaults.class_labels(range(args.num))
     if args.class_label is not None:
         if labels is None:
@@ -68,16 +81,21 @@ def cmd_sample(args) -> int:
         if not 0 <= args.class_label < defaults.num_classes:
             raise UsageError(f"--class must be in [0, {defaults.num_classes}), got {args.class_label}")
         labels = [args.class_label] * args.num
-    kwargs = {"batch_size": args.num, "generator": torch.Generator("cpu").manual_seed(args.seed),
-              "output_type": "pil", "progress": not args.quiet, **defaults.call_kwargs()}
-    if labels is not None:
-        kwargs["class_labels"] = labels
-    else:  # guidance is for class-conditional models here (a text model's context comes from Python callers)
-        kwargs.pop("guidance_scale", None)
+    kwargs = {"generator": torch.Generator("cpu").manual_seed(args.seed), "output_type": "pil",
+              "progress": not args.quiet, **defaults.call_kwargs()}
+    if args.prompt is not None:  # one prompt for every image
+        kwargs.update(prompt=args.prompt, num_images_per_prompt=args.num)
+    else:  # class labels (a text model reads label d as the prompt "d"), or an unconditional model
+        kwargs["batch_size"] = args.num
+        if labels is not None:
+            kwargs["class_labels"] = labels
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
     images = pipe(**kwargs)
     settings = pipe.settings
     save_grid(images, out, nrow=int(settings.get("grid_columns", 0)) or None, scale=int(settings.get("grid_scale", 1)))
-    print(f"wrote {out} ({len(images)} images, model {args.model}, seed {args.seed})")
+    what = f"prompt {args.prompt!r}, " if args.prompt is not None else ""
+    print(f"wrote {out} ({len(images)} images, {what}model {args.model}, seed {args.seed})")
     return 0
 
 
@@ -195,9 +213,14 @@ def cmd_eval(args) -> int:
         _positive("--steps", args.steps)
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device),
                          dtype=args.dtype)
-    report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                 progress=not args.quiet, model=args.model)
-    print(evaluation.format_report(args.model, report))
+    if getattr(pipe, "tokenizer", None) is not None:  # text-to-image: prompt adherence (digits, attributes)
+        report = evaluation.evaluate_prompts(pipe, num=args.num, steps=args.steps, guidance=args.guidance,
+                                             seed=args.seed, progress=not args.quiet)
+        print(evaluation.format_prompt_report(args.model, report))
+    else:
+        report = evaluation.evaluate(pipe, num=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                     progress=not args.quiet, model=args.model)
+        print(evaluation.format_report(args.model, report))
     if args.card:
         from fastdiff import training
 
@@ -263,14 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    s = sub.add_parser("sample", help="sample a model and write a PNG grid")
+    s = sub.add_parser("sample", help="sample a model and write a PNG grid (--prompt for a text-to-image model)")
     s.add_argument("--model", default="digits-ddpm", help="a shipped model (fastdiff models) or a pipeline folder")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's own")
     s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, e.g. 25)")
     s.add_argument("--num", type=int, default=16, help="images to make")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--class", dest="class_label", type=int, default=None, help="the digit to draw (0-9)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (class or text models; default: the model's)")
+    s.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="the digit to draw (0-9) for every image (default: 0-9 cycling); a text model draws the "
+                        "prompt \"D\"")
+    s.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="text-to-image models: the prompt of every image (e.g. \"a thin slanted 4\")")
+    s.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="text-to-image models: what guidance steers away from (needs guidance > 1)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
@@ -285,11 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier (--sweep: every "
-                                    "sampler over a ladder of step counts, quality vs speed)")
+    e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier (a text-to-image "
+                                    "model: prompt adherence too; --sweep: every sampler over a ladder of step "
+                                    "counts, quality vs speed)")
     e.add_argument("model", nargs="?", default=None, help="a shipped model or a pipeline folder (with --sweep: "
                                                           "sweep this model only)")
-    e.add_argument("--num", type=int, default=500, help="samples to score")
+    e.add_argument("--num", type=int, default=500, help="samples to score (a text-to-image model: digit prompts; "
+                                                         "+ 200 per attribute prompt and 600 for negative prompts)")
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, e.g. 25)")
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)

@@ -152,6 +152,160 @@ def evaluate(pipe, num: int = 500, steps: Optional[int] = None, guidance: Option
     return report
 
 
+# --------------------------------------------------------------------------------------------- text prompts
+ATTRIBUTE_PROMPTS = {  # the attribute eval's prompt per attribute word, {d}: the digit's numeral
+    "thin": "a thin {d}",
+    "bold": "a bold {d}",
+    "slanted left": "the digit {d}, slanted left",
+    "upright": "the digit {d}, upright",
+    "slanted right": "the digit {d}, slanted right",
+}
+PROMPT_TARGETS = {"accuracy": 0.95, "bold_thin_mass_ratio": 1.3, "fd_ratio": 3.0}
+
+
+def _prompt_samples(pipe, prompts: list[str], seed: int, steps: int, guidance: Optional[float], batch_size: int,
+                    progress: bool, negative: Optional[str] = None) -> torch.Tensor:
+    """Images (N, 1, H, W) in [−1, 1] for ``prompts``, one CPU generator seeded with ``seed`` drawn through in
+    batches (so two prompt lists of one length get the same initial noises)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        kwargs = {"negative_prompt": negative} if negative is not None else {}
+        out.append(pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                        output_type="pt", progress=progress, **kwargs) * 2 - 1)
+    return torch.cat(out)
+
+
+def evaluate_prompts(pipe, num: int = 500, per_attribute: int = 200, steps: Optional[int] = None,
+                     guidance: Optional[float] = None, seed: int = 0, batch_size: int = 250,
+                     progress: bool = True) -> dict:
+    """Prompt adherence of a text-to-image pipeline (``fastdiff eval`` of a TextToImagePipeline such as digits-sd).
+
+    1. digits: ``num`` prompts naming digit i mod 10 only (random captions of :func:`fastdiff.prompts.make_prompt`
+       without attribute words, seeded): the share classified as that digit, the class histogram and the Fréchet
+       distance to the held-out digits (as :func:`evaluate`);
+    2. attributes: for each word of :data:`ATTRIBUTE_PROMPTS`, ``per_attribute`` prompts (digits cycling) from the
+       same initial noises: the mean measured ``mass`` and ``slant`` (:func:`fastdiff.prompts.digit_attributes`) and
+       the share classified as the named digit;
+    3. negative prompts: the prompts "0" … "9" (``per_attribute`` of them) with no negative prompt and with the
+       negative prompts "bold" and "thin", same noises: the mean mass of each.
+
+    Returns the scores with ``targets`` (:func:`prompt_targets`). ``steps``/``guidance`` default to the model's.
+    """
+    from fastdiff.hub import sampling_defaults
+    from fastdiff.prompts import DIGIT_WORDS, digit_attributes, make_prompt
+    from fastdiff.validation import check_positive_int
+
+    num = check_positive_int("num", num)
+    per_attribute = check_positive_int("per_attribute", per_attribute)
+    defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
+    steps, guidance = defaults.steps, defaults.guidance
+    classifier = load_classifier()
+    real = real_digits(classifier)
+
+    def run(prompts, negative=None):
+        return _prompt_samples(pipe, prompts, seed, steps, guidance, batch_size, progress, negative)
+
+    caption_gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % 10
+    prompts = [make_prompt(int(d), None, caption_gen) for d in labels]
+    report = {"num": num, "per_attribute": per_attribute, "dtype": _dtype_name(pipe), "steps": steps,
+              "sampler": type(pipe.scheduler).__name__, "guidance": guidance, "example_prompts": prompts[:10]}
+    report.update(score_images(classifier, run(prompts), labels, real))
+
+    cycle = torch.arange(per_attribute) % 10
+    attributes = {}
+    for word, template in ATTRIBUTE_PROMPTS.items():
+        images = run([template.format(d=int(d)) for d in cycle])
+        attrs = digit_attributes(images)
+        _, preds = _features_and_predictions(classifier, images)
+        attributes[word] = {"prompt": template, "mass": float(attrs["mass"].mean()),
+                            "slant": float(attrs["slant"].mean()), "accuracy": float((preds == cycle).float().mean())}
+    report["attributes"] = attributes
+    plain = [DIGIT_WORDS[int(d)][0] for d in cycle]
+    report["negative"] = {name: float(digit_attributes(run(plain, negative))["mass"].mean())
+                          for name, negative in (("none", None), ("bold", "bold"), ("thin", "thin"))}
+    report["bold_thin_mass_ratio"] = attributes["bold"]["mass"] / attributes["thin"]["mass"]
+    report["targets"] = prompt_targets(report)
+    return report
+
+
+def prompt_targets(report: dict) -> dict:
+    """Which adherence targets a :func:`evaluate_prompts` report meets: {name: bool} for ≥ 95% of digit prompts
+    classified as their digit, bold/thin mean-mass ratio ≥ 1.3, mean slant slanted right > upright > slanted left,
+    Fréchet ratio ≤ 3, and the negative prompt "bold" lowering the mean mass (and "thin" raising it)."""
+    a, neg = report["attributes"], report["negative"]
+    slants = [a[k]["slant"] for k in ("slanted right", "upright", "slanted left")]
+    return {
+        "digit accuracy ≥ 95%": report["accuracy"] >= PROMPT_TARGETS["accuracy"],
+        "bold/thin mass ≥ 1.3×": report["bold_thin_mass_ratio"] >= PROMPT_TARGETS["bold_thin_mass_ratio"],
+        "slant: right > upright > left": slants[0] > slants[1] > slants[2],
+        "Fréchet ratio ≤ 3": report["fd_ratio"] <= PROMPT_TARGETS["fd_ratio"],
+        "negative \"bold\" lowers mass": neg["bold"] < neg["none"],
+        "negative \"thin\" raises mass": neg["thin"] > neg["none"],
+    }
+
+
+def format_prompt_report(name: str, report: dict) -> str:
+    """The :func:`evaluate_prompts` report as text lines (a Markdown table of the attributes included)."""
+    lines = [f"model {name}: {report['num']} digit prompts + {report['per_attribute']} per attribute, "
+             f"{report['dtype']}, {report['steps']} steps, guidance {report['guidance']}",
+             f"  digit prompts classified as the named digit: {100 * report['accuracy']:.1f}%",
+             "  class histogram (0-9): " + " ".join(str(c) for c in report["histogram"]),
+             f"  Fréchet distance vs held-out digits: {report['fd']:.3f} (real train vs held-out: "
+             f"{report['fd_real']:.3f}; ratio {report['fd_ratio']:.2f})",
+             "",
+             "| prompt | mean mass | mean slant (°) | named digit |",
+             "|---|---:|---:|---:|"]
+    for word, row in report["attributes"].items():
+        lines.append(f"| `{row['prompt']}` | {row['mass']:.4f} | {row['slant']:+.2f} | {100 * row['accuracy']:.1f}% |")
+    neg = report["negative"]
+    lines += ["",
+              f"  bold/thin mean-mass ratio: {report['bold_thin_mass_ratio']:.3f}",
+              f"  negative prompts on \"0\"…\"9\": mean mass {neg['none']:.4f} (none), {neg['bold']:.4f} "
+              f"(negative \"bold\"), {neg['thin']:.4f} (negative \"thin\")",
+              "  targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in report["targets"].items())]
+    return "\n".join(lines)
+
+
+def prompt_grid(pipe, prompts: Sequence[str], path, columns: int = 8, seed: int = 0, steps: Optional[int] = None,
+                guidance: Optional[float] = None, scale: int = 4, negative_prompt: Optional[str] = None) -> Path:
+    """Write a PNG of a text-to-image pipeline's samples: one row per prompt, its text on the left, ``columns``
+    samples per row from the same ``columns`` initial noises in every row (so rows differ by the prompt alone);
+    each 16×16 image enlarged ``scale`` times. Returns the path (written atomically)."""
+    from PIL import Image, ImageDraw
+
+    from fastdiff.files import write_atomic
+    from fastdiff.hub import sampling_defaults
+    from fastdiff.validation import check_positive_int
+
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of str")
+    columns = check_positive_int("columns", columns)
+    scale = check_positive_int("scale", scale)
+    defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
+    rows = []
+    for prompt in prompts:
+        images = _prompt_samples(pipe, [prompt] * columns, seed, defaults.steps, defaults.guidance, columns, False,
+                                 negative_prompt)
+        rows.append(((images[:, 0] + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy())
+    h, w = rows[0].shape[1:]
+    cell, pad, label = h * scale, 2, 6 * max(len(p) for p in prompts) + 12
+    grid = Image.new("L", (label + columns * (w * scale + pad) + pad, len(rows) * (cell + pad) + pad), color=0)
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, row) in enumerate(zip(prompts, rows)):
+        top = pad + r * (cell + pad)
+        draw.text((6, top + cell // 2 - 6), prompt, fill=255)
+        for c, pixels in enumerate(row):
+            im = Image.fromarray(pixels, mode="L").resize((w * scale, cell), Image.NEAREST)
+            grid.paste(im, (label + pad + c * (w * scale + pad), top))
+    path = Path(path)
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
 def format_report(name: str, report: dict) -> str:
     lines = [f"model {name}: {report['num']} samples"
              + (f", {report['dtype']}" if report.get("dtype") else "")

@@ -6,8 +6,9 @@ component, ``MODEL_CARD.md``). Nothing is downloaded: a name that is not shipped
 
 This module is the one home of what the command (``fastdiff sample / eval / generate``) and the library share:
 the sampler names (:data:`SAMPLERS`), the sampler swap, device and dtype resolution, and the sampling defaults of a
-model (:func:`sampling_defaults`: class labels cycling 0 … num_classes − 1, the model's default steps and guidance,
-GANs take no steps). Errors are ``ValueError`` / ``TypeError`` naming the argument as the command spells it.
+model (:func:`sampling_defaults`: class labels cycling 0 … num_classes − 1 — for a text-to-image model the labels
+stand for the prompts "0" … "9" —, the model's default steps and guidance, GANs take no steps). Errors are
+``ValueError`` / ``TypeError`` naming the argument as the command spells it.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[st
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a pipeline is called with when the caller does not say: ``num_classes`` (None: not class-conditional;
-    else image i gets class i mod num_classes), ``steps`` (None for a GAN) and ``guidance`` (None: no guidance)."""
+    else image i gets class i mod num_classes, passed as ``class_labels``: a text-to-image pipeline reads label d as
+    the prompt "d"), ``steps`` (None for a GAN) and ``guidance`` (None: no guidance)."""
 
     num_classes: Optional[int]
     steps: Optional[int]
@@ -172,7 +174,12 @@ class SamplingDefaults:
 def sampling_defaults(pipe, steps: Optional[int] = None, guidance: Optional[float] = None,
                       model: Optional[str] = None) -> SamplingDefaults:
     """The steps, guidance and classes a call of ``pipe`` uses: the caller's ``steps`` / ``guidance`` where given,
-    else the model's saved ``default_steps`` (else :data:`DEFAULT_STEPS`) and ``default_guidance_scale``.
+    else the model's saved ``default_steps`` (else :data:`DEFAULT_STEPS`) and ``default_guidance_scale`` (for any
+    conditional model: class labels or a cross-attention context).
+
+    ``num_classes``: the UNet's ``config.num_classes``; else the pipeline's ``label_prompts`` (a text-to-image
+    pipeline takes ``class_labels`` 0 … 9 as the prompts "0" … "9", so generic callers sample it as a 10-class
+    model); else None.
 
     Raises ValueError naming the argument: steps for a GAN (one step) or more steps than the model was trained with,
     guidance for a model with neither classes nor a text context.
@@ -182,6 +189,8 @@ def sampling_defaults(pipe, steps: Optional[int] = None, guidance: Optional[floa
     unet = getattr(pipe, "unet", None)
     config = getattr(unet, "config", None)
     num_classes = getattr(config, "num_classes", None)
+    if num_classes is None:
+        num_classes = getattr(pipe, "label_prompts", None)
     conditional = num_classes is not None or getattr(config, "context_dim", None) is not None
     if unet is None or getattr(pipe, "scheduler", None) is None:  # a GAN (or a VQ-VAE without a prior): one step
         if steps is not None:
@@ -191,7 +200,7 @@ def sampling_defaults(pipe, steps: Optional[int] = None, guidance: Optional[floa
         return SamplingDefaults(None, None, None)
     if guidance is not None and not conditional:
         raise ValueError(f"--guidance: {what} is unconditional")
-    if guidance is None and num_classes is not None:
+    if guidance is None and conditional:
         guidance = settings.get("default_guidance_scale")
     steps = steps if steps is not None else int(settings.get("default_steps", DEFAULT_STEPS))
     num_train = pipe.scheduler.config.num_train_timesteps

@@ -100,7 +100,8 @@ ATTRIBUTE_THRESHOLDS: dict[str, tuple[float, float]] = {
 
 
 def attribute_thresholds(x_train: Tensor) -> dict[str, tuple[float, float]]:
-    """The quartiles (the 1/4 and 3/4 quantiles, linear interpolation, float64) of ``mass`` and ``slant`` over ``x_train``.
+    """The quartiles (the 1/4 and 3/4 quantiles, linear interpolation, float64) of ``mass`` and ``slant`` over
+    ``x_train``.
 
     ``x_train``: (N, 1, H, W) floating images in [−1, 1], N ≥ 1 (the train split of :func:`fastdiff.data.load_digits`
     gives :data:`ATTRIBUTE_THRESHOLDS`). Returns ``{"mass": (lower, upper), "slant": (lower, upper)}`` as floats.

@@ -1023,6 +1023,48 @@ PREPROCESSING_CARD = "pixels / 16 → bilinear upscaling 8×8 → 16×16 → sca
 _SAMPLER_WORDS = {"DDIMScheduler": "DDIM", "LCMScheduler": "LCM", "DDPMScheduler": "DDPM"}  # the card's sampler name
 
 
+def _prompt_card(evaluation: dict) -> list[str]:
+    """The model card's lines of a text-to-image evaluation (:func:`fastdiff.evaluation.evaluate_prompts`)."""
+    lines = [f"  - prompt adherence ({evaluation['per_attribute']} samples per prompt kind, digits 0–9 cycling, the "
+             "same initial noises for every kind; mass and slant measured by `fastdiff.prompts.digit_attributes`):",
+             "", "    | prompt | mean mass | mean slant (°) | named digit |", "    |---|---:|---:|---:|"]
+    for row in evaluation["attributes"].values():
+        lines.append(f"    | `{row['prompt']}` | {row['mass']:.4f} | {row['slant']:+.2f} | "
+                     f"{100 * row['accuracy']:.1f}% |")
+    neg = evaluation["negative"]
+    lines += ["", f"  - bold/thin mean-mass ratio {evaluation['bold_thin_mass_ratio']:.3f}; the prompts \"0\" … \"9\" "
+              f"have mean mass {neg['none']:.4f}, {neg['bold']:.4f} with the negative prompt \"bold\" and "
+              f"{neg['thin']:.4f} with \"thin\"",
+              "  - targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in evaluation["targets"].items())]
+    return lines
+
+
+def _vocabulary_card(metrics: dict) -> list[str]:
+    """The model card's prompt section: attribute thresholds, templates, synonyms and the vocabulary."""
+    from fastdiff.prompts import DIGIT_WORDS, SLANT_SYNONYMS, TEMPLATES, THICKNESS_SYNONYMS, VOCABULARY
+
+    (m_lo, m_hi), (s_lo, s_hi) = metrics["attribute_thresholds"]["mass"], metrics["attribute_thresholds"]["slant"]
+    return [
+        "", "## Prompts", "",
+        "Each training image gets a new random caption at every step (`fastdiff.prompts.make_prompt`) from its label "
+        "and two attributes measured on the image (`fastdiff.prompts.digit_attributes`): **mass**, the mean ink "
+        "(0 blank … 1 full), and **slant**, the angle from vertical of the ink's main axis in degrees (positive: the "
+        "top leans right). The cut points are the quartiles of the train split:",
+        "",
+        f"- thickness: mass ≤ {m_lo:.4f} → \"thin\", mass > {m_hi:.4f} → \"bold\", the middle half gets no word",
+        f"- slant: ≤ {s_lo:.2f}° → \"slanted left\", > {s_hi:.2f}° → \"slanted right\", else \"upright\"",
+        "- synonyms: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in {**THICKNESS_SYNONYMS, **SLANT_SYNONYMS}.items()),
+        "- digits: the numeral or the word (" + ", ".join(w for ws in DIGIT_WORDS.values() for w in ws[1:]) + ")",
+        "- templates ({d} digit, {t} thickness, {s} slant; the kind is drawn among those the words allow): "
+        + " · ".join(f"`{t}`" for ts in TEMPLATES.values() for t in ts),
+        f"- prompt dropout: {100 * metrics.get('prompt_dropout', 0):.0f}% of the captions are \"\" (the "
+        "unconditional prompt of classifier-free guidance and the default negative prompt)",
+        f"- tokenizer: {len(VOCABULARY)} words + [PAD] [UNK] [BOS] [EOS], max length {metrics.get('max_length')} "
+        "tokens (longer prompts are truncated with a warning, unknown words become [UNK] with a warning once): "
+        + " ".join(f"`{w}`" for w in VOCABULARY),
+    ]
+
+
 def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
     """(Re)write ``folder/MODEL_CARD.md`` from ``train_metrics.json`` (and an evaluation report, stored in
     ``eval_metrics.json`` so later rewrites keep it)."""
@@ -1057,6 +1099,10 @@ def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
                      f"{evaluation['fd']:.2f} (real train vs held-out: {evaluation['fd_real']:.2f}; ratio "
                      f"{evaluation['fd_ratio']:.2f})")
         lines.append(f"  - class histogram of the samples (0–9): {evaluation['histogram']}")
+        if "attributes" in evaluation:
+            lines += _prompt_card(evaluation)
+    if "attribute_thresholds" in metrics:
+        lines += _vocabulary_card(metrics)
     path = folder / "MODEL_CARD.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

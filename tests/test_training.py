@@ -60,6 +60,9 @@ def test_every_recipe_trains_and_saves_a_loadable_folder(name, tmp_path):
         return
     pipe = fastdiff.load(tmp_path / name)
     kwargs = {"batch_size": 2, "output_type": "np", "progress": False, "generator": 0}
+    if hasattr(pipe, "tokenizer"):  # text-to-image: the prompts set the batch
+        kwargs = {**kwargs, "prompt": ["a bold seven", "3"], "batch_size": None}
+        del kwargs["batch_size"]
     if hasattr(pipe, "unet"):
         kwargs["num_inference_steps"] = 2
     images = pipe(**kwargs)

@@ -36,16 +36,17 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 def _resolve_job(pipe, model: str, steps: int | None, guidance: float | None) -> hub.SamplingDefaults:
     """The model's sampling defaults (:func:`fastdiff.hub.sampling_defaults`); ValueError for what generate cannot
-    make: a VQ-VAE without a prior UNet, a model that needs a text context."""
+    make: a VQ-VAE without a prior UNet, a model that needs a context it cannot be given (a text-to-image pipeline
+    is sampled through its class-label prompts "0" … "9")."""
     from fastdiff.pipelines import GANPipeline
 
     unet = getattr(pipe, "unet", None)
     if not isinstance(pipe, GANPipeline):
         if unet is None or getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"--model {model!r} has no sampler (a VQ-VAE without a prior UNet): nothing to generate")
-        if getattr(unet.config, "context_dim", None) is not None:
-            raise ValueError(f"--model {model!r} needs a context (text) to sample; generate makes unconditional and "
-                             f"class-conditional images")
+        if getattr(unet.config, "context_dim", None) is not None and getattr(pipe, "label_prompts", None) is None:
+            raise ValueError(f"--model {model!r} needs a context (text) to sample; generate makes unconditional, "
+                             f"class-conditional and text-to-image (prompts \"0\" … \"9\") images")
     return hub.sampling_defaults(pipe, steps=steps, guidance=guidance, model=model)
 
 
@@ -88,7 +89,7 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         sampler: one of fastdiff.hub.SAMPLERS ("ddim", "dpm++", "dpm++-3m", "euler-a", ...) instead of the model's
             own; steps: sampler steps (default: the model's default_steps, else 25).
         seed: S ≥ 0; image i is drawn with :func:`image_generator` (S, i).
-        guidance: classifier-free guidance scale (class-conditional models; default: the model's).
+        guidance: classifier-free guidance scale (class- or text-conditional models; default: the model's).
         fmt: "png" or "npz"; device: "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or None (cuda if present).
         progress: a progress bar on rank 0.
         batch_invariant: run the pipeline under :func:`fastdiff.batch_invariant` (None: on for the CPU, off for CUDA).

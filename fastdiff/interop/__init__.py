@@ -5,7 +5,9 @@ diffusers models and pipelines in place.
   object) → the fastdiff model with the same weights; :func:`pipeline_from_diffusers` (also
   ``fastdiff.pipeline_from_diffusers``) — a diffusers pipeline folder → a fastdiff pipeline.
 * :func:`to_diffusers` — a fastdiff UNet / AutoencoderKL / VQVAE → the diffusers model, a pixel DiffusionPipeline →
-  a diffusers DDIMPipeline / DDPMPipeline.
+  a diffusers DDIMPipeline / DDPMPipeline, a TextToImagePipeline → :class:`DiffusersTextComponents` (diffusers unet,
+  vae and scheduler with fastdiff's text encoder and tokenizer); :func:`save_diffusers_folder` writes the latter as a
+  pipeline folder that diffusers reads component by component and :func:`pipeline_from_diffusers` reads whole.
 * :func:`accelerate` / :func:`restore` / :func:`accelerate_report` — fused GroupNorm+SiLU, fastdiff attention and the
   fused DDPM/DDIM step inside existing diffusers objects, undone exactly.
 
@@ -18,7 +20,13 @@ from __future__ import annotations
 from fastdiff.interop.acceleration import FastdiffAttnProcessor, accelerate, accelerate_report, restore
 from fastdiff.interop.diffusers_config import SUPPORTED_MODELS, convert_config
 from fastdiff.interop.diffusers_models import from_diffusers, model_to_diffusers
-from fastdiff.interop.diffusers_pipelines import NullClassLabels, pipeline_from_diffusers, pipeline_to_diffusers
+from fastdiff.interop.diffusers_pipelines import (
+    DiffusersTextComponents,
+    NullClassLabels,
+    pipeline_from_diffusers,
+    pipeline_to_diffusers,
+    save_diffusers_folder,
+)
 
 
 def to_diffusers(model_or_pipeline, *, sample_size=None):
@@ -30,6 +38,8 @@ def to_diffusers(model_or_pipeline, *, sample_size=None):
       diffusers' scheduler of the same class and config. diffusers' pipelines pass no class labels: for a
       class-conditional UNet a :class:`NullClassLabels` forward pre-hook on the diffusers UNet passes fastdiff's null
       class, so it samples unconditionally (as the fastdiff pipeline does with ``class_labels=None``).
+    * TextToImagePipeline → :class:`DiffusersTextComponents` (``unet``, ``vae``, ``scheduler`` as diffusers objects,
+      ``text_encoder`` and ``tokenizer`` fastdiff's, copied; its docstring shows the sampling loop).
 
     Raises ImportError (naming the extra) without diffusers, ValueError for what diffusers cannot express, TypeError
     for other objects.
@@ -43,6 +53,7 @@ def to_diffusers(model_or_pipeline, *, sample_size=None):
 
 __all__ = [
     "SUPPORTED_MODELS",
+    "DiffusersTextComponents",
     "FastdiffAttnProcessor",
     "NullClassLabels",
     "accelerate",
@@ -53,5 +64,6 @@ __all__ = [
     "pipeline_from_diffusers",
     "pipeline_to_diffusers",
     "restore",
+    "save_diffusers_folder",
     "to_diffusers",
 ]

@@ -10,5 +10,6 @@ from fastdiff.pipelines.vq import VQPipeline
 # A diffusers pipeline folder loads with fastdiff.pipeline_from_diffusers (fastdiff.interop sits above this package).
 
 
-__all__ = ["Pipeline", "DiffusionPipeline", "LatentDiffusionPipeline", "TextToImagePipeline", "VQPipeline", "GANPipeline",
+__all__ = ["Pipeline", "DiffusionPipeline", "LatentDiffusionPipeline", "TextToImagePipeline", "VQPipeline",
+           "GANPipeline",
            "NonFiniteError", "load_pipeline", "save_grid", "to_output"]

@@ -89,12 +89,17 @@ class DiffusionPipeline(Pipeline):
             raise ValueError(f"class_labels must be in [0, {num_classes}), got {labels.tolist()}")
         return labels
 
-    def _check_call(self, batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type):
+    def _check_run(self, batch_size, num_inference_steps, output_type) -> tuple[int, int]:
+        """The checks of the batch size, step count and output type (batch_size, num_inference_steps as ints)."""
         batch_size = check_positive_int("batch_size", batch_size)
         num_train = self.scheduler.config.num_train_timesteps
         num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps, maximum=num_train)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        return batch_size, num_inference_steps
+
+    def _check_call(self, batch_size, num_inference_steps, guidance_scale, class_labels, context, output_type):
+        batch_size, num_inference_steps = self._check_run(batch_size, num_inference_steps, output_type)
         labels = self._check_labels(class_labels, batch_size)
         context_dim = getattr(self.unet.config, "context_dim", None)
         if context is not None:

@@ -50,6 +50,9 @@ class TextToImagePipeline(LatentDiffusionPipeline):
     """
 
     component_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+    # generic callers (fastdiff.hub.sampling_defaults: sample, eval, generate) treat the model as having this many
+    # classes: label i stands for the prompt str(i) (see ``class_labels``)
+    label_prompts = 10
 
     def __init__(self, unet, vae, scheduler, text_encoder, tokenizer,
                  sample_size: Union[int, tuple[int, int], None] = None):
@@ -150,7 +153,10 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             guidance_scale = settings.get("default_guidance_scale")
         if guidance_scale is not None:
             check_real("guidance_scale", guidance_scale)
-        cfg = guidance_scale is not None and float(guidance_scale) != 1.0
+        # [negative; prompt] batches under guidance, as the base class decides (a guidance-distilled UNet takes the
+        # scale as an input and runs on the prompts alone)
+        distilled = getattr(self.unet.config, "guidance_embedding_dim", None) is not None
+        cfg = not distilled and guidance_scale is not None and float(guidance_scale) != 1.0
 
         if class_labels is not None:
             prompts = self._label_prompts(class_labels, batch_size)
@@ -177,6 +183,16 @@ class TextToImagePipeline(LatentDiffusionPipeline):
                 raise ValueError("negative_prompt_embeds must come with prompt_embeds of the same shape, got "
                                  f"{tuple(negative_prompt_embeds.shape)} and "
                                  f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}")
+        elif cfg and prompt_embeds is not None and prompt_embeds.shape[1] != self.tokenizer.max_length:
+            # the negative side is encoded from text: tokenizer.max_length tokens, concatenated with prompt_embeds
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens but the encoded negative prompt has "
+                             f"tokenizer.max_length = {self.tokenizer.max_length}: under guidance pass prompt_embeds "
+                             f"of {self.tokenizer.max_length} tokens or negative_prompt_embeds of prompt_embeds' shape")
+
+        self._check_run(n * per_prompt, num_inference_steps, output_type)
+        if latents is not None and tuple(latents.shape) != self._latent_shape(n * per_prompt):
+            raise ValueError(f"latents must have shape {self._latent_shape(n * per_prompt)}, got "
+                             f"{tuple(latents.shape)}")
 
         # encode (after every check)
         context = self.encode_prompt(prompts) if prompt_embeds is None else prompt_embeds.to(self.device, self.dtype)
@@ -187,9 +203,6 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             else:
                 negative_context = self.encode_prompt(negatives if negatives is not None else [""])
                 negative_context = negative_context.expand(n, -1, -1) if negatives is None else negative_context
-            if negative_context.shape[1] != context.shape[1]:
-                raise ValueError(f"negative_prompt_embeds must have {context.shape[1]} tokens like the prompt's, got "
-                                 f"{negative_context.shape[1]}")
         if per_prompt > 1:
             context = context.repeat_interleave(per_prompt, dim=0)
             if negative_context is not None:
