@@ -756,7 +756,7 @@ SD_CLIP_BATCH = 256
 SD_CLIP_LR = 1e-3
 SD_PROMPT_DROPOUT = 0.1  # share of training prompts replaced by "" (the unconditional prompt of CFG)
 SD_LR = 1e-3  # the latent UNet's peak learning rate (warm-started from digits-ldm's UNet)
-SD_GUIDANCE = 4.0  # the shipped default guidance scale
+SD_GUIDANCE = 3.0  # the shipped default guidance scale (measured: 4.0 gave Fréchet ratio 2.87, 3.0 gave 2.28)
 
 
 class ImageTower(torch.nn.Module):

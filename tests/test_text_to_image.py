@@ -4,10 +4,9 @@ fastdiff's ops, argument errors before any work, truncation and unknown words, s
 
 from __future__ import annotations
 
-import os
-
 import json
 import math
+import os
 import warnings
 
 import numpy as np
