@@ -1,13 +1,14 @@
 """fastdiff and diffusers: load diffusers checkpoints into fastdiff's fused models, convert back, and accelerate
 diffusers models and pipelines in place.
 
-* :func:`from_diffusers` — a diffusers UNet2DModel / UNet2DConditionModel / AutoencoderKL / VQModel (folder or
-  object) → the fastdiff model with the same weights; :func:`pipeline_from_diffusers` (also
+* :func:`from_diffusers` — a diffusers UNet2DModel / UNet2DConditionModel / ControlNetModel / AutoencoderKL / VQModel
+  (folder or object) → the fastdiff model with the same weights; :func:`pipeline_from_diffusers` (also
   ``fastdiff.pipeline_from_diffusers``) — a diffusers pipeline folder → a fastdiff pipeline.
-* :func:`to_diffusers` — a fastdiff UNet / AutoencoderKL / VQVAE → the diffusers model, a pixel DiffusionPipeline →
-  a diffusers DDIMPipeline / DDPMPipeline, a TextToImagePipeline → :class:`DiffusersTextComponents` (diffusers unet,
-  vae and scheduler with fastdiff's text encoder and tokenizer); :func:`save_diffusers_folder` writes the latter as a
-  pipeline folder that diffusers reads component by component and :func:`pipeline_from_diffusers` reads whole.
+* :func:`to_diffusers` — a fastdiff UNet / ControlNet / AutoencoderKL / VQVAE → the diffusers model, a pixel
+  DiffusionPipeline → a diffusers DDIMPipeline / DDPMPipeline, a TextToImagePipeline → :class:`DiffusersTextComponents`
+  (diffusers unet, vae and scheduler with fastdiff's text encoder and tokenizer); :func:`save_diffusers_folder` writes
+  the latter as a pipeline folder that diffusers reads component by component and :func:`pipeline_from_diffusers`
+  reads whole.
 * :func:`accelerate` / :func:`restore` / :func:`accelerate_report` — fused GroupNorm+SiLU, fastdiff attention and the
   fused DDPM/DDIM step inside existing diffusers objects, undone exactly.
 
@@ -33,7 +34,8 @@ def to_diffusers(model_or_pipeline, *, sample_size=None):
     """The diffusers equivalent of a fastdiff object, with the same weights (copied).
 
     * UNet → diffusers UNet2DModel, or UNet2DConditionModel when it has a ``context_dim`` (``sample_size`` goes into
-      its config); AutoencoderKL → AutoencoderKL; VQVAE → VQModel.
+      its config); ControlNet (with a ``context_dim``) → ControlNetModel; AutoencoderKL → AutoencoderKL; VQVAE →
+      VQModel.
     * DiffusionPipeline (pixel space) with a DDIM / DDPM scheduler → diffusers DDIMPipeline / DDPMPipeline with
       diffusers' scheduler of the same class and config. diffusers' pipelines pass no class labels: for a
       class-conditional UNet a :class:`NullClassLabels` forward pre-hook on the diffusers UNet passes fastdiff's null

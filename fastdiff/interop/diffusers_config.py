@@ -1,8 +1,9 @@
 """diffusers model configs ⇄ fastdiff model configs, in both directions, by hand (no diffusers needed).
 
-* :func:`convert_config` — a diffusers UNet2DModel / UNet2DConditionModel / AutoencoderKL / VQModel config (a dict,
-  a diffusers ``.config`` or a parsed config.json) → (fastdiff model class, its config).
-* :func:`diffusers_config` — a fastdiff UNet / AutoencoderKL / VQVAE → (diffusers class name, constructor kwargs).
+* :func:`convert_config` — a diffusers UNet2DModel / UNet2DConditionModel / ControlNetModel / AutoencoderKL /
+  VQModel config (a dict, a diffusers ``.config`` or a parsed config.json) → (fastdiff model class, its config).
+* :func:`diffusers_config` — a fastdiff UNet / ControlNet / AutoencoderKL / VQVAE → (diffusers class name,
+  constructor kwargs).
 
 Reading a diffusers folder, mapping state-dict keys and building the models are in
 :mod:`fastdiff.interop.diffusers_models`.
@@ -18,6 +19,11 @@ supported, raised before any weight is read):
   that reduce to one head count or one head width, optional class embedding, and ``time_cond_proj_dim`` (an LCM's
   guidance embedding: fastdiff's ``guidance_embedding_dim``; fastdiff computes the ``timestep_cond`` from the
   guidance scale as diffusers' LatentConsistencyModelPipeline does, see ``blocks.guidance_embedding``).
+* ControlNetModel: the encoder of a UNet2DConditionModel as above (its down blocks and UNetMidBlock2DCrossAttn; a
+  ControlNet has no up path, no ``time_cond_proj_dim`` and no dropout), ``conditioning_channels``,
+  ``conditioning_embedding_out_channels``, ``global_pool_conditions``, channel order "rgb". A fastdiff ControlNet
+  without ``context_dim`` (of a pixel UNet2DModel-style UNet) has no diffusers equivalent: diffusers' ControlNetModel
+  is built from UNet2DConditionModel blocks.
 * AutoencoderKL and VQModel (``norm_type="group"``): DownEncoderBlock2D / UpDecoderBlock2D, SiLU, mid-block
   attention on or off, quant convs, scaling/shift factors.
 """
@@ -31,7 +37,7 @@ from typing import Any
 
 logger = logging.getLogger("fastdiff")
 
-SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "VQModel")
+SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "VQModel", "ControlNetModel")
 
 __all__ = ["SUPPORTED_MODELS", "convert_config", "diffusers_config"]
 
@@ -45,6 +51,11 @@ SUPPORTED_TEXT = {
                             "cross_attention_dim, use_linear_projection, head counts reducing to one head count or "
                             "one head width, num_class_embeds class embedding, positional time embedding, "
                             "time_cond_proj_dim (≥ 4: LCM's guidance embedding), act_fn 'silu'",
+    "ControlNetModel": "down blocks CrossAttnDownBlock2D/DownBlock2D, mid block UNetMidBlock2DCrossAttn, "
+                       "transformer_layers_per_block 1, one cross_attention_dim, use_linear_projection, head counts "
+                       "reducing to one head count or one head width, num_class_embeds class embedding, positional "
+                       "time embedding, act_fn 'silu', conditioning_channels, conditioning_embedding_out_channels, "
+                       "global_pool_conditions, controlnet_conditioning_channel_order 'rgb'",
     "AutoencoderKL": "DownEncoderBlock2D/UpDecoderBlock2D blocks, act_fn 'silu', mid_block_add_attention, "
                      "use_quant_conv/use_post_quant_conv, scaling_factor/shift_factor",
     "VQModel": "DownEncoderBlock2D/UpDecoderBlock2D blocks, act_fn 'silu', norm_type 'group', mid_block_add_attention, "
@@ -79,6 +90,17 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         conv_in_kernel=3, conv_out_kernel=3, projection_class_embeddings_input_dim=None, attention_type="default",
         class_embeddings_concat=False, mid_block_only_cross_attention=None, cross_attention_norm=None,
         addition_embed_type_num_heads=64),
+    "ControlNetModel": dict(
+        in_channels=4, conditioning_channels=3, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
+        norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1, encoder_hid_dim=None,
+        encoder_hid_dim_type=None, attention_head_dim=8, num_attention_heads=None, use_linear_projection=False,
+        class_embed_type=None, addition_embed_type=None, addition_time_embed_dim=None, num_class_embeds=None,
+        upcast_attention=False, resnet_time_scale_shift="default", projection_class_embeddings_input_dim=None,
+        controlnet_conditioning_channel_order="rgb", conditioning_embedding_out_channels=(16, 32, 96, 256),
+        global_pool_conditions=False, addition_embed_type_num_heads=64),
     "AutoencoderKL": dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
         block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
@@ -287,6 +309,32 @@ def _unet2d_condition(cfg: Mapping, problems: _Problems):
     return _unet_config(base, sites, prefer, problems)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _controlnet(cfg: Mapping, problems: _Problems):
+    """A ControlNetModel is a UNet2DConditionModel's encoder: checked as that UNet (with the up path mirroring the
+    down path, which a ControlNet does not have), plus the control map's options."""
+    from fastdiff.models.controlnet import UNET_FIELDS, ControlNetConfig
+
+    problems.expect(cfg, "controlnet_conditioning_channel_order", "rgb")
+    problems.expect(cfg, "global_pool_conditions", False, True)
+    cond = cfg.get("conditioning_channels")
+    if not _positive_int(cond):
+        problems.add(f"conditioning_channels={cond!r} (supported: a positive int)")
+    stages = cfg.get("conditioning_embedding_out_channels")
+    if not isinstance(stages, (list, tuple)) or not stages or not all(_positive_int(c) for c in stages):
+        problems.add(f"conditioning_embedding_out_channels={stages!r} (supported: a non-empty list of positive ints)")
+    down = list(cfg.get("down_block_types") or ())
+    up = ["CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(down)]
+    unet = _unet2d_condition({**_DEFAULTS["UNet2DConditionModel"], **cfg, "up_block_types": up,
+                              "out_channels": cfg["in_channels"]}, problems)
+    return ControlNetConfig(**{name: getattr(unet, name) for name in UNET_FIELDS}, conditioning_channels=cond,
+                            conditioning_embedding_out_channels=tuple(stages),
+                            global_pool_conditions=cfg["global_pool_conditions"])
+
+
 def _autoencoder_common(cfg: Mapping, problems: _Problems) -> dict:
     n = len(cfg["block_out_channels"])
     for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
@@ -321,14 +369,14 @@ def _vq_model(cfg: Mapping, problems: _Problems):
 
 
 _CONVERTERS = {"UNet2DModel": _unet2d, "UNet2DConditionModel": _unet2d_condition, "AutoencoderKL": _autoencoder_kl,
-               "VQModel": _vq_model}
+               "VQModel": _vq_model, "ControlNetModel": _controlnet}
 
 
 def convert_config(class_name: str, config: Mapping, where: str = "config") -> tuple[type, Any]:
     """(fastdiff model class, its config) for a diffusers model config (a dict, a diffusers ``.config`` or a parsed
     config.json). Raises ValueError listing every unsupported value and what is supported; ``where`` starts the
     message (a file path or a description)."""
-    from fastdiff.models import VQVAE, AutoencoderKL, UNet
+    from fastdiff.models import VQVAE, AutoencoderKL, ControlNet, UNet
 
     if class_name not in _CONVERTERS:
         raise ValueError(f"{where}: diffusers model class {class_name!r} is not supported; fastdiff converts "
@@ -345,7 +393,7 @@ def convert_config(class_name: str, config: Mapping, where: str = "config") -> t
     except (KeyError, TypeError) as exc:  # a malformed value (e.g. a string where channels belong)
         raise ValueError(f"{where}: malformed diffusers {class_name} config ({type(exc).__name__}: {exc})") from exc
     model_class = {"UNet2DModel": UNet, "UNet2DConditionModel": UNet, "AutoencoderKL": AutoencoderKL,
-                   "VQModel": VQVAE}[class_name]
+                   "VQModel": VQVAE, "ControlNetModel": ControlNet}[class_name]
     return model_class, fd_config
 
 
@@ -354,53 +402,72 @@ def _int_if_integral(x):
     return int(x) if float(x).is_integer() else x
 
 
-def diffusers_config(model, sample_size=None) -> tuple[str, dict]:
-    """(diffusers class name, constructor kwargs) of the diffusers model equivalent to a fastdiff UNet,
-    AutoencoderKL or VQVAE. Raises ValueError for a fastdiff config diffusers cannot express, TypeError otherwise."""
-    from fastdiff.models import VQVAE, AutoencoderKL, UNet
+def _unet_kwargs(cfg, sample_size, what: str = "UNet") -> tuple[str, dict]:
+    """(UNet2DModel or UNet2DConditionModel, constructor kwargs) for a fastdiff UNetConfig; ``what`` names the model
+    in errors."""
     from fastdiff.models.blocks import attention_heads
 
+    ch, n = tuple(cfg.channels), len(cfg.channels)
+    levels = set(cfg.attention_levels)
+    heads = [attention_heads(c, cfg.attention_head_dim, cfg.num_attention_heads) for c in ch]  # (heads, width)
+    kwargs = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                  block_out_channels=ch, layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+                  norm_eps=cfg.norm_eps, dropout=cfg.dropout, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                  freq_shift=_int_if_integral(cfg.freq_shift),
+                  num_class_embeds=cfg.num_classes + 1 if cfg.num_classes is not None else None)
+    if cfg.context_dim is None:
+        if cfg.guidance_embedding_dim is not None:
+            raise ValueError(f"guidance_embedding_dim={cfg.guidance_embedding_dim} is not supported by diffusers' "
+                             f"UNet2DModel (it has no time_cond_proj_dim); only a UNet with context_dim, which "
+                             f"converts to UNet2DConditionModel, carries the guidance embedding to diffusers")
+        sites = [heads[i] for i in sorted(levels)] + ([heads[-1]] if cfg.mid_attention else [])
+        widths = {w for _, w in sites}
+        if len(widths) == 1:
+            width = widths.pop()
+        elif all(h == 1 for h, _ in sites):
+            width = None  # diffusers: one head as wide as each block
+        else:
+            raise ValueError(f"UNet2DModel has one attention_head_dim (channels per head) for every level; this "
+                             f"{what}'s attention layers have head widths {sorted(widths)}")
+        down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
+        up = tuple("AttnUpBlock2D" if n - 1 - j in levels else "UpBlock2D" for j in range(n))
+        return "UNet2DModel", dict(kwargs, down_block_types=down, up_block_types=up,
+                                   mid_block_type="UNetMidBlock2D", add_attention=cfg.mid_attention,
+                                   attention_head_dim=width)
+    if not cfg.mid_attention:
+        raise ValueError(f"UNet2DConditionModel's middle block always has cross-attention "
+                         f"(UNetMidBlock2DCrossAttn); this {what} has mid_attention=False")
+    head_counts = tuple(h for h, _ in heads)
+    down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
+    up = tuple("CrossAttnUpBlock2D" if n - 1 - j in levels else "UpBlock2D" for j in range(n))
+    return "UNet2DConditionModel", dict(
+        kwargs, down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear_projection,
+        time_cond_proj_dim=cfg.guidance_embedding_dim,
+        # diffusers' naming quirk: attention_head_dim is the head count here
+        attention_head_dim=head_counts[0] if len(set(head_counts)) == 1 else head_counts)
+
+
+def diffusers_config(model, sample_size=None) -> tuple[str, dict]:
+    """(diffusers class name, constructor kwargs) of the diffusers model equivalent to a fastdiff UNet, ControlNet
+    (→ ControlNetModel; ``sample_size`` does not apply), AutoencoderKL or VQVAE. Raises ValueError for a fastdiff
+    config diffusers cannot express, TypeError otherwise."""
+    from fastdiff.models import VQVAE, AutoencoderKL, ControlNet, UNet, UNetConfig
+
     if isinstance(model, UNet):
+        return _unet_kwargs(model.config, sample_size)
+    if isinstance(model, ControlNet):
         cfg = model.config
-        ch, n = tuple(cfg.channels), len(cfg.channels)
-        levels = set(cfg.attention_levels)
-        heads = [attention_heads(c, cfg.attention_head_dim, cfg.num_attention_heads) for c in ch]  # (heads, width)
-        kwargs = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                      block_out_channels=ch, layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
-                      norm_eps=cfg.norm_eps, dropout=cfg.dropout, flip_sin_to_cos=cfg.flip_sin_to_cos,
-                      freq_shift=_int_if_integral(cfg.freq_shift),
-                      num_class_embeds=cfg.num_classes + 1 if cfg.num_classes is not None else None)
         if cfg.context_dim is None:
-            if cfg.guidance_embedding_dim is not None:
-                raise ValueError(f"guidance_embedding_dim={cfg.guidance_embedding_dim} is not supported by diffusers' "
-                                 f"UNet2DModel (it has no time_cond_proj_dim); only a UNet with context_dim, which "
-                                 f"converts to UNet2DConditionModel, carries the guidance embedding to diffusers")
-            sites = [heads[i] for i in sorted(levels)] + ([heads[-1]] if cfg.mid_attention else [])
-            widths = {w for _, w in sites}
-            if len(widths) == 1:
-                width = widths.pop()
-            elif all(h == 1 for h, _ in sites):
-                width = None  # diffusers: one head as wide as each block
-            else:
-                raise ValueError(f"UNet2DModel has one attention_head_dim (channels per head) for every level; this "
-                                 f"UNet's attention layers have head widths {sorted(widths)}")
-            down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
-            up = tuple("AttnUpBlock2D" if n - 1 - j in levels else "UpBlock2D" for j in range(n))
-            return "UNet2DModel", dict(kwargs, down_block_types=down, up_block_types=up,
-                                       mid_block_type="UNetMidBlock2D", add_attention=cfg.mid_attention,
-                                       attention_head_dim=width)
-        if not cfg.mid_attention:
-            raise ValueError("UNet2DConditionModel's middle block always has cross-attention "
-                             "(UNetMidBlock2DCrossAttn); this UNet has mid_attention=False")
-        head_counts = tuple(h for h, _ in heads)
-        down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
-        up = tuple("CrossAttnUpBlock2D" if n - 1 - j in levels else "UpBlock2D" for j in range(n))
-        return "UNet2DConditionModel", dict(
-            kwargs, down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn",
-            cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear_projection,
-            time_cond_proj_dim=cfg.guidance_embedding_dim,
-            # diffusers' naming quirk: attention_head_dim is the head count here
-            attention_head_dim=head_counts[0] if len(set(head_counts)) == 1 else head_counts)
+            raise ValueError("diffusers' ControlNetModel is the encoder of a UNet2DConditionModel (cross-attention "
+                             "blocks, UNetMidBlock2DCrossAttn); this ControlNet has no context_dim (the encoder of a "
+                             "UNet2DModel-style UNet), which has no diffusers equivalent")
+        _, kwargs = _unet_kwargs(UNetConfig(**cfg.unet_fields(), out_channels=cfg.in_channels), None, "ControlNet")
+        for key in ("sample_size", "out_channels", "up_block_types", "dropout", "time_cond_proj_dim"):
+            del kwargs[key]  # no such ControlNetModel options: it has no up path, dropout or guidance embedding
+        return "ControlNetModel", dict(kwargs, conditioning_channels=cfg.conditioning_channels,
+                                       conditioning_embedding_out_channels=cfg.conditioning_embedding_out_channels,
+                                       global_pool_conditions=cfg.global_pool_conditions)
     if isinstance(model, (AutoencoderKL, VQVAE)):
         cfg = model.config
         if cfg.norm_eps != _AE_EPS:
@@ -419,5 +486,5 @@ def diffusers_config(model, sample_size=None) -> tuple[str, dict]:
                                          use_post_quant_conv=cfg.use_post_quant_conv)
         return "VQModel", dict(kwargs, num_vq_embeddings=cfg.num_embeddings, vq_embed_dim=cfg.embedding_dim,
                                norm_type="group")
-    raise TypeError(f"fastdiff.to_diffusers converts a fastdiff UNet, AutoencoderKL, VQVAE or DiffusionPipeline, "
-                    f"got {type(model).__name__}")
+    raise TypeError(f"fastdiff.to_diffusers converts a fastdiff ControlNet, UNet, AutoencoderKL, VQVAE or "
+                    f"DiffusionPipeline, got {type(model).__name__}")

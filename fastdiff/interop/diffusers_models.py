@@ -1,4 +1,5 @@
-"""diffusers model checkpoints ⇄ fastdiff models: UNet2DModel, UNet2DConditionModel, AutoencoderKL, VQModel.
+"""diffusers model checkpoints ⇄ fastdiff models: UNet2DModel, UNet2DConditionModel, ControlNetModel, AutoencoderKL,
+VQModel.
 
 fastdiff's models use diffusers' module and parameter names (see :mod:`fastdiff.models.blocks`), so a checkpoint
 converts by mapping the *config* (:mod:`fastdiff.interop.diffusers_config`, by hand) and renaming one key pattern
@@ -102,13 +103,15 @@ def from_diffusers(path_or_model: PathLike | nn.Module, *, subfolder: str | None
     Args:
         path_or_model: a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or a
             sharded / ``.bin`` checkpoint), read without diffusers; or a loaded diffusers ``UNet2DModel``,
-            ``UNet2DConditionModel``, ``AutoencoderKL`` or ``VQModel`` (needs diffusers).
+            ``UNet2DConditionModel``, ``ControlNetModel``, ``AutoencoderKL`` or ``VQModel`` (needs diffusers).
         subfolder: a component folder inside ``path`` (e.g. ``"unet"`` of a pipeline folder).
         variant: the weights variant (``diffusion_pytorch_model.<variant>.safetensors``, e.g. "fp16").
         device: where to put the model (default: CPU).
         dtype: floating dtype; None keeps the checkpoint's (the diffusers model's) dtype when it has one.
     Returns:
-        a fastdiff UNet, AutoencoderKL or VQVAE in eval mode. The UNet's output equals diffusers' ``.sample`` (for
+        a fastdiff UNet, ControlNet, AutoencoderKL or VQVAE in eval mode. The UNet's output equals diffusers'
+        ``.sample``, a ControlNet's (down, mid) residuals diffusers' ``(down_block_res_samples,
+        mid_block_res_sample)`` for the same ``controlnet_cond`` (for
         ``class_labels``, fastdiff's ``num_classes`` is diffusers' ``num_class_embeds − 1``; for a
         ``time_cond_proj_dim`` UNet, fastdiff's ``guidance=w`` is diffusers'
         ``timestep_cond=fastdiff.models.blocks.guidance_embedding(w, time_cond_proj_dim)``).
@@ -152,8 +155,9 @@ def _build(model_class, fd_config, state: dict, where: str, dtype, device):
 # --------------------------------------------------------------------------------------------- fastdiff → diffusers
 def model_to_diffusers(model, sample_size=None):
     """The diffusers model equivalent to a fastdiff UNet (→ UNet2DModel, or UNet2DConditionModel with a
-    context_dim), AutoencoderKL (→ AutoencoderKL) or VQVAE (→ VQModel; EMA statistics are not carried), with the
-    same weights (copied), on the model's device and dtype, in eval mode."""
+    context_dim), ControlNet with a context_dim (→ ControlNetModel), AutoencoderKL (→ AutoencoderKL) or VQVAE (→
+    VQModel; EMA statistics are not carried), with the same weights (copied), on the model's device and dtype, in
+    eval mode."""
     diffusers = require_diffusers("fastdiff.to_diffusers")
     class_name, kwargs = diffusers_config(model, sample_size)
     theirs = getattr(diffusers, class_name)(**kwargs)

@@ -1,6 +1,7 @@
 """fastdiff's compact models, built only from fastdiff.ops / fastdiff.nn, with safetensors checkpoints.
 
-UNet (DDPM / latent diffusion, class and cross-attention conditioning), VAE (MLP), AutoencoderKL, VQVAE,
+UNet (DDPM / latent diffusion, class and cross-attention conditioning), ControlNet (a UNet's encoder reading a control
+map, residuals into the UNet's skips), VAE (MLP), AutoencoderKL, VQVAE,
 DCGANGenerator / DCGANDiscriminator, StyleGenerator, DigitClassifier (scores generated digits),
 TextEncoder + WordTokenizer (prompts of the digits); training losses
 in :mod:`fastdiff.models.losses`;
@@ -9,6 +10,7 @@ in :mod:`fastdiff.models.losses`;
 
 from fastdiff.models import losses
 from fastdiff.models.classifier import DigitClassifier, DigitClassifierConfig
+from fastdiff.models.controlnet import ControlNet, ControlNetConfig
 from fastdiff.models.gan import (
     DCGANConfig,
     DCGANDiscriminator,
@@ -25,6 +27,8 @@ from fastdiff.models.vqvae import VQVAE, VQVAEConfig
 __all__ = [
     "UNet",
     "UNetConfig",
+    "ControlNet",
+    "ControlNetConfig",
     "VAE",
     "VAEConfig",
     "AutoencoderKL",
