@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,7 +49,8 @@ def check_writable_file(path: str, flag: str = "--out", example: str = "samples.
 def cmd_sample(args) -> int:
     """``fastdiff sample``: ``--num`` images in one PNG grid. Class-conditional models (and text-to-image models,
     whose labels are the prompts "0" … "9") get labels cycling 0 … 9, or ``--class`` for all; a text-to-image model
-    takes ``--prompt`` (every image) and ``--negative-prompt`` (under guidance > 1) instead."""
+    takes ``--prompt`` (every image) and ``--negative-prompt`` (under guidance > 1) instead, and one with a ControlNet
+    ``--control MAP.png`` (the control map of every image) and ``--control-scale``."""
     import torch
 
     import fastdiff
@@ -60,16 +62,24 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--seed must be ≥ 0, got {args.seed}")
     if args.prompt is not None and args.class_label is not None:
         raise UsageError("give --prompt or --class, not both (--class d is the prompt \"d\")")
+    if args.control_scale is not None and args.control is None:
+        raise UsageError("--control-scale needs --control (a control map PNG)")
+    if args.control_scale is not None and not math.isfinite(args.control_scale):
+        raise UsageError(f"--control-scale must be a finite number, got {args.control_scale}")
     out = check_writable_file(args.out)
+    control = None if args.control is None else _control_map(args.control)
     device = fastdiff.hub.resolve_device(args.device)
     if args.backend:
         os.environ["FASTDIFF_BACKEND"] = args.backend
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=device, dtype=args.dtype)
     text = isinstance(pipe, TextToImagePipeline)
-    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+    for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                        ("--control", args.control)):
         if value is not None and not text:
             raise UsageError(f"{flag}: model {args.model!r} is a {type(pipe).__name__}, not a text-to-image model "
                              f"(TextToImagePipeline)")
+    if control is not None and getattr(pipe, "controlnet", None) is None:
+        raise UsageError(f"--control: model {args.model!r} has no ControlNet (e.g. --model digits-controlnet)")
     defaults = fastdiff.hub.sampling_defaults(pipe, steps=args.steps, guidance=args.guidance, model=args.model)
     if args.negative_prompt is not None and (defaults.guidance is None or defaults.guidance <= 1):
         raise UsageError(f"--negative-prompt needs classifier-free guidance > 1 (--guidance), got "
@@ -91,12 +101,37 @@ def cmd_sample(args) -> int:
             kwargs["class_labels"] = labels
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
+    if control is not None:  # one map for every image
+        kwargs.update(image=control, controlnet_conditioning_scale=args.control_scale)
     images = pipe(**kwargs)
     settings = pipe.settings
     save_grid(images, out, nrow=int(settings.get("grid_columns", 0)) or None, scale=int(settings.get("grid_scale", 1)))
     what = f"prompt {args.prompt!r}, " if args.prompt is not None else ""
+    if control is not None:
+        what += f"control {args.control}, "
     print(f"wrote {out} ({len(images)} images, {what}model {args.model}, seed {args.seed})")
     return 0
+
+
+def _control_map(path: str):
+    """``--control``: the PNG (any image PIL reads) as a PIL image in L or RGB, read before the model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"--control {path!r}: no such file (give a control map PNG, e.g. an edge map)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("1", "LA"):
+                return im.convert("L")
+            if mode in ("P", "RGBA"):
+                return im.convert("RGB")
+            if mode in ("L", "RGB"):
+                return im.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"--control {path!r}: not a readable image ({exc})") from None
+    raise UsageError(f"--control {path!r}: image mode {mode!r} is not supported (save it as 8-bit grayscale or RGB)")
 
 
 # --------------------------------------------------------------------------------------------- models / info
@@ -213,7 +248,11 @@ def cmd_eval(args) -> int:
         _positive("--steps", args.steps)
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device),
                          dtype=args.dtype)
-    if getattr(pipe, "tokenizer", None) is not None:  # text-to-image: prompt adherence (digits, attributes)
+    if getattr(pipe, "controlnet", None) is not None:  # a ControlNet: does the sample follow the control map
+        report = evaluation.evaluate_control(pipe, num=args.num, steps=args.steps, guidance=args.guidance,
+                                             seed=args.seed, progress=not args.quiet)
+        print(evaluation.format_control_report(args.model, report))
+    elif getattr(pipe, "tokenizer", None) is not None:  # text-to-image: prompt adherence (digits, attributes)
         report = evaluation.evaluate_prompts(pipe, num=args.num, steps=args.steps, guidance=args.guidance,
                                              seed=args.seed, progress=not args.quiet)
         print(evaluation.format_prompt_report(args.model, report))
@@ -301,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-to-image models: the prompt of every image (e.g. \"a thin slanted 4\")")
     s.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="text-to-image models: what guidance steers away from (needs guidance > 1)")
+    s.add_argument("--control", default=None, metavar="PNG",
+                   help="models with a ControlNet: the control map of every image (e.g. an edge map; resized to the "
+                        "size the ControlNet takes, RGB made gray for a 1-channel ControlNet)")
+    s.add_argument("--control-scale", type=float, default=None, metavar="S",
+                   help="with --control: the ControlNet's conditioning scale (default: the model's, else 1.0)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)

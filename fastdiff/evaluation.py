@@ -269,14 +269,113 @@ def format_prompt_report(name: str, report: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_control(pipe, num: Optional[int] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
+                     seed: int = 0, batch_size: int = 250, scale: float = 1.0, progress: bool = True) -> dict:
+    """ControlNet adherence of a text-to-image pipeline with a ControlNet (``fastdiff eval digits-controlnet``).
+
+    For the first ``num`` held-out digits (default: all 359): the control is the digit's edge map
+    (:func:`fastdiff.control.edge_map`) and the prompt its numeral. Each is sampled with the control (scale
+    ``scale``) and, as the baseline, without it (the base model with the same prompts and initial noises). Scores:
+    the mean IoU and Chamfer distance between the samples' edge maps and the control, the share classified as the
+    named digit, and the Fréchet distance of the controlled samples to the held-out digits.
+    """
+    from fastdiff.control import chamfer_distance, edge_iou, edge_map
+    from fastdiff.data import load_digits
+    from fastdiff.hub import sampling_defaults
+
+    if getattr(pipe, "controlnet", None) is None:
+        raise ValueError("pipe has no controlnet: evaluate_control scores a pipeline with a ControlNet attached")
+    x, y = load_digits("test")
+    if num is not None:
+        from fastdiff.validation import check_positive_int
+
+        num = min(check_positive_int("num", num), len(y))
+        x, y = x[:num], y[:num]
+    defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
+    control = edge_map(x)
+    prompts = [str(int(d)) for d in y]
+    classifier = load_classifier()
+    real = real_digits(classifier)
+
+    def run(use_control: bool) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            extra = {"image": control[chunk], "controlnet_conditioning_scale": scale} if use_control else {}
+            out.append(pipe(prompt=prompts[chunk], num_inference_steps=defaults.steps,
+                            guidance_scale=defaults.guidance, generator=generator, output_type="pt",
+                            progress=progress, **extra) * 2 - 1)
+        return torch.cat(out)
+
+    report = {"num": len(y), "steps": defaults.steps, "guidance": defaults.guidance, "scale": scale,
+              "dtype": _dtype_name(pipe), "control": "edge map of the held-out digit, prompt = its numeral"}
+    for key, images in (("controlled", run(True)), ("baseline", run(False))):
+        edges = edge_map(images)
+        scores = score_images(classifier, images, y, real)
+        report[key] = {"iou": float(edge_iou(edges, control).mean()),
+                       "chamfer": float(chamfer_distance(edges, control).mean()),
+                       "accuracy": scores["accuracy"], "fd": scores["fd"], "fd_ratio": scores["fd_ratio"]}
+    c, b = report["controlled"], report["baseline"]
+    report["iou_ratio"] = c["iou"] / max(b["iou"], 1e-12)
+    report["chamfer_ratio"] = b["chamfer"] / max(c["chamfer"], 1e-12)
+    report["targets"] = {"IoU ≥ 2× the baseline": report["iou_ratio"] >= 2.0,
+                         "Chamfer ≤ ½ the baseline": report["chamfer_ratio"] >= 2.0}
+    return report
+
+
+def format_control_report(name: str, report: dict) -> str:
+    """The :func:`evaluate_control` report as text (a Markdown table: controlled vs the baseline)."""
+    c, b = report["controlled"], report["baseline"]
+    return "\n".join([
+        f"model {name}: {report['num']} held-out digits ({report['control']}), {report['dtype']}, "
+        f"{report['steps']} steps, guidance {report['guidance']}, conditioning scale {report['scale']}",
+        "",
+        "| sampling | edge IoU with the control ↑ | Chamfer distance (px) ↓ | named digit | Fréchet ratio |",
+        "|---|---:|---:|---:|---:|",
+        f"| with the edge map | {c['iou']:.3f} | {c['chamfer']:.3f} | {100 * c['accuracy']:.1f}% | "
+        f"{c['fd_ratio']:.2f} |",
+        f"| without (the base model, same prompts and noises) | {b['iou']:.3f} | {b['chamfer']:.3f} | "
+        f"{100 * b['accuracy']:.1f}% | {b['fd_ratio']:.2f} |",
+        "",
+        f"  IoU {report['iou_ratio']:.2f}× the baseline's, Chamfer distance {report['chamfer_ratio']:.2f}× lower",
+        "  targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in report["targets"].items()),
+    ])
+
+
+def _to_pixels(images: torch.Tensor):
+    """(N, 1, H, W) in [−1, 1] → (N, H, W) uint8 numpy."""
+    return ((images[:, 0] + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+
+def labeled_grid(rows: Sequence, labels: Sequence[str], path, scale: int = 4) -> Path:
+    """Write a PNG: one row per entry of ``rows`` ((N, H, W) uint8 arrays, N the same in every row), its label on
+    the left, each image enlarged ``scale`` times (nearest). Returns the path (written atomically)."""
+    from PIL import Image, ImageDraw
+
+    from fastdiff.files import write_atomic
+
+    h, w = rows[0].shape[1:]
+    columns = max(len(r) for r in rows)
+    cell, pad, label = h * scale, 2, 6 * max(len(t) for t in labels) + 12
+    grid = Image.new("L", (label + columns * (w * scale + pad) + pad, len(rows) * (cell + pad) + pad), color=0)
+    draw = ImageDraw.Draw(grid)
+    for r, (text, row) in enumerate(zip(labels, rows)):
+        top = pad + r * (cell + pad)
+        draw.text((6, top + cell // 2 - 6), text, fill=255)
+        for c, pixels in enumerate(row):
+            im = Image.fromarray(pixels, mode="L").resize((w * scale, cell), Image.NEAREST)
+            grid.paste(im, (label + pad + c * (w * scale + pad), top))
+    path = Path(path)
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
 def prompt_grid(pipe, prompts: Sequence[str], path, columns: int = 8, seed: int = 0, steps: Optional[int] = None,
                 guidance: Optional[float] = None, scale: int = 4, negative_prompt: Optional[str] = None) -> Path:
     """Write a PNG of a text-to-image pipeline's samples: one row per prompt, its text on the left, ``columns``
     samples per row from the same ``columns`` initial noises in every row (so rows differ by the prompt alone);
     each 16×16 image enlarged ``scale`` times. Returns the path (written atomically)."""
-    from PIL import Image, ImageDraw
-
-    from fastdiff.files import write_atomic
     from fastdiff.hub import sampling_defaults
     from fastdiff.validation import check_positive_int
 
@@ -286,24 +385,39 @@ def prompt_grid(pipe, prompts: Sequence[str], path, columns: int = 8, seed: int 
     columns = check_positive_int("columns", columns)
     scale = check_positive_int("scale", scale)
     defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
-    rows = []
-    for prompt in prompts:
-        images = _prompt_samples(pipe, [prompt] * columns, seed, defaults.steps, defaults.guidance, columns, False,
-                                 negative_prompt)
-        rows.append(((images[:, 0] + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy())
-    h, w = rows[0].shape[1:]
-    cell, pad, label = h * scale, 2, 6 * max(len(p) for p in prompts) + 12
-    grid = Image.new("L", (label + columns * (w * scale + pad) + pad, len(rows) * (cell + pad) + pad), color=0)
-    draw = ImageDraw.Draw(grid)
-    for r, (prompt, row) in enumerate(zip(prompts, rows)):
-        top = pad + r * (cell + pad)
-        draw.text((6, top + cell // 2 - 6), prompt, fill=255)
-        for c, pixels in enumerate(row):
-            im = Image.fromarray(pixels, mode="L").resize((w * scale, cell), Image.NEAREST)
-            grid.paste(im, (label + pad + c * (w * scale + pad), top))
-    path = Path(path)
-    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
-    return path
+    rows = [_to_pixels(_prompt_samples(pipe, [prompt] * columns, seed, defaults.steps, defaults.guidance, columns,
+                                       False, negative_prompt)) for prompt in prompts]
+    return labeled_grid(rows, prompts, path, scale)
+
+
+def control_grid(pipe, path, num: int = 10, seed: int = 0, prompts: Sequence[str] = ("{d}", "a bold {d}"),
+                 scale: int = 4) -> Path:
+    """Write a PNG of a ControlNet pipeline: the first ``num`` held-out digits, their edge maps (the control), the
+    samples for each of ``prompts`` ({d}: the digit) with the map, and the first prompt's samples without it (the
+    same initial noises). Returns the path."""
+    from fastdiff.control import edge_map
+    from fastdiff.data import load_digits
+    from fastdiff.hub import sampling_defaults
+
+    x, y = load_digits("test")
+    x, y = x[:num], y[:num]
+    control = edge_map(x)
+    defaults = sampling_defaults(pipe)
+
+    def run(template, **extra):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return _to_pixels(pipe(prompt=[template.format(d=int(d)) for d in y], num_inference_steps=defaults.steps,
+                               guidance_scale=defaults.guidance, generator=generator, output_type="pt",
+                               progress=False, **extra) * 2 - 1)
+
+    rows = [_to_pixels(x), _to_pixels(control * 2 - 1)]
+    labels = ["held-out digit", "its edge map (control)"]
+    for template in prompts:
+        rows.append(run(template, image=control))
+        labels.append(f'"{template}" + control')
+    rows.append(run(prompts[0]))
+    labels.append(f'"{prompts[0]}", no control')
+    return labeled_grid(rows, labels, path, scale)
 
 
 def format_report(name: str, report: dict) -> str:

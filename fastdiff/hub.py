@@ -79,11 +79,11 @@ def model_path(name_or_path: Union[str, os.PathLike]) -> Path:
 
 
 def model_settings(name_or_path: Union[str, os.PathLike]) -> dict:
-    """The pipeline settings saved with a model (e.g. sample_size, default guidance and steps)."""
-    from fastdiff.files import read_json_object
+    """The pipeline settings saved with a model (e.g. sample_size, default guidance and steps); an extension folder's
+    (a ControlNet naming its ``base_model``) over its base model's, as it loads."""
+    from fastdiff.pipelines.base import pipeline_settings
 
-    index = read_json_object(model_path(name_or_path) / "model_index.json")
-    return dict(index.get("settings", {}))
+    return pipeline_settings(model_path(name_or_path))
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:

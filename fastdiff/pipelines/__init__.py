@@ -1,7 +1,7 @@
 """Sampling pipelines: pixel and latent diffusion (with classifier-free guidance), text-to-image, VQ-VAE
 decoding/sampling, GANs."""
 
-from fastdiff.pipelines.base import NonFiniteError, Pipeline, load_pipeline, save_grid, to_output
+from fastdiff.pipelines.base import NonFiniteError, Pipeline, load_pipeline, save_extension, save_grid, to_output
 from fastdiff.pipelines.diffusion import DiffusionPipeline, LatentDiffusionPipeline
 from fastdiff.pipelines.gan import GANPipeline
 from fastdiff.pipelines.text import TextToImagePipeline
@@ -12,4 +12,4 @@ from fastdiff.pipelines.vq import VQPipeline
 
 __all__ = ["Pipeline", "DiffusionPipeline", "LatentDiffusionPipeline", "TextToImagePipeline", "VQPipeline",
            "GANPipeline",
-           "NonFiniteError", "load_pipeline", "save_grid", "to_output"]
+           "NonFiniteError", "load_pipeline", "save_extension", "save_grid", "to_output"]

@@ -4,16 +4,28 @@ denoising loop (with classifier-free guidance batched as [uncond; cond]) and the
 A pipeline folder holds ``model_index.json`` (the pipeline class, its settings and one entry per component) and
 one subfolder per component: a fastdiff model checkpoint (``config.json`` + ``model.safetensors``) or a
 scheduler (``scheduler_config.json``).
+
+An extension folder (:func:`save_extension`) ships what a model adds to a base model, e.g. a ControlNet::
+
+    digits-controlnet/
+        model_index.json   {"_class_name": "TextToImagePipeline", "_fastdiff_version": "...",
+                            "base_model": "digits-sd", "settings": {...}, "controlnet": ["fastdiff", "ControlNet"]}
+        controlnet/        config.json + model.safetensors
+
+:func:`load_pipeline` loads the base model first (``base_model``: a folder relative to the extension folder, or an
+absolute one, holding a model_index.json; else a shipped model's name), sets the folder's components on it and
+updates its settings with the folder's (the base's kept otherwise).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +38,7 @@ logger = logging.getLogger("fastdiff")
 
 INDEX_NAME = "model_index.json"
 OUTPUT_TYPES = ("pil", "np", "pt")
+MAX_BASE_DEPTH = 8  # extension folders on extension folders: at most this many base_model links
 
 PathLike = Union[str, os.PathLike]
 GeneratorArg = Union[None, int, torch.Generator, Sequence[torch.Generator]]
@@ -244,47 +257,190 @@ class Pipeline:
         self._compiled = None
         return self
 
+    def _check_components(self) -> None:
+        """Check the components together after some were set on a built pipeline (an extension folder's, see
+        :func:`load_pipeline`); raises ValueError / TypeError. Subclasses with optional components override it."""
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}={type(getattr(self, n)).__name__}" for n in self.component_names)
         return f"{type(self).__name__}({parts})"
 
 
-def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[type] = None) -> Pipeline:
-    """Build the pipeline saved in folder ``path`` (see :meth:`Pipeline.save_pretrained`)."""
-    from fastdiff import pipelines, schedulers
+def _pipeline_class(name, where: str) -> type:
+    from fastdiff import pipelines
+
+    cls = getattr(pipelines, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+        raise ValueError(f"{where}: unknown pipeline class {name!r}")
+    return cls
+
+
+def _load_component(path: Path, index_file: Path, name: str, entry):
+    """The component ``name`` saved in ``path / name`` (``entry``: its model_index.json entry, not None)."""
+    from fastdiff import schedulers
     from fastdiff.models import load_model
 
+    sub = path / name
+    if (sub / "scheduler_config.json").is_file():
+        sched_cls = getattr(schedulers, entry[1], None)
+        if sched_cls is None:
+            raise ValueError(f"{index_file}: unknown scheduler class {entry[1]!r}")
+        return sched_cls.from_config(sub)
+    if entry[1] == "WordTokenizer":
+        from fastdiff.models.text_encoder import WordTokenizer
+
+        return WordTokenizer.from_pretrained(sub)
+    return load_model(sub)
+
+
+def base_model_path(folder: PathLike, base_model) -> Path:
+    """The folder of an extension folder's ``base_model``: ``folder / base_model`` (an absolute path stays itself;
+    ".." also lexically, for a folder not made yet) if it holds a model_index.json, else the shipped model of that
+    name (fastdiff.list_models()). The current directory plays no part. ValueError naming base_model otherwise."""
+    folder = Path(folder)
+    if not isinstance(base_model, str) or not base_model.strip():
+        raise ValueError(f"{folder / INDEX_NAME}: base_model must be a shipped model's name or a pipeline folder "
+                         f"(relative to {str(folder)!r}), got {base_model!r}")
+    # folder / base_model as the OS resolves it, then with ".." taken lexically (for a folder not made yet)
+    for candidate in (folder / base_model, Path(os.path.normpath(folder / base_model))):
+        if (candidate / INDEX_NAME).is_file():
+            return candidate
+    from fastdiff.hub import ASSETS, list_models
+
+    if base_model in list_models():
+        return ASSETS / base_model
+    raise ValueError(f"{folder / INDEX_NAME}: base_model {base_model!r} is neither a shipped model "
+                     f"({', '.join(list_models()) or 'none'}) nor a pipeline folder (with {INDEX_NAME}) relative to "
+                     f"{str(folder)!r}")
+
+
+def _base_chain(path: Path, index_file: Path, base_model, chain: tuple) -> tuple[Path, tuple]:
+    """The base model's folder and the chain of folders followed so far (a loop or a too long chain: ValueError)."""
+    chain = (*chain, path.resolve())
+    base = base_model_path(path, base_model)
+    if base.resolve() in chain:
+        steps = " → ".join(str(p) for p in (*chain, base.resolve()))
+        raise ValueError(f"{index_file}: base_model {base_model!r} loops back to a folder already on the way ({steps})")
+    if len(chain) > MAX_BASE_DEPTH:
+        raise ValueError(f"{index_file}: more than {MAX_BASE_DEPTH} base_model links in a row")
+    return base, chain
+
+
+def pipeline_settings(path: PathLike, _chain: tuple = ()) -> dict:
+    """The settings a pipeline folder loads with: its model_index.json's ``settings``, over its base model's for an
+    extension folder."""
+    path = Path(path)
+    index_file = path / INDEX_NAME
+    index = read_json_object(index_file, missing=f"not a fastdiff pipeline folder (no {INDEX_NAME})")
+    settings = {}
+    if "base_model" in index:
+        base, chain = _base_chain(path, index_file, index["base_model"], _chain)
+        settings = pipeline_settings(base, chain)
+    settings.update(index.get("settings") or {})
+    return settings
+
+
+def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[type] = None,
+                  _chain: tuple = ()) -> Pipeline:
+    """Build the pipeline saved in folder ``path`` (see :meth:`Pipeline.save_pretrained`), or the base model of an
+    extension folder (``base_model`` in its model_index.json, see :func:`save_extension`) with the folder's
+    components set on it and its settings updated with the folder's."""
     path = Path(path)
     index_file = path / INDEX_NAME
     index = read_json_object(index_file, missing=f"not a fastdiff pipeline folder (no {INDEX_NAME})")
     class_name = index.get("_class_name")
-    cls = getattr(pipelines, str(class_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
-        raise ValueError(f"{index_file}: unknown pipeline class {class_name!r}")
+    cls = _pipeline_class(class_name, str(index_file))
     if expected is not None and expected is not Pipeline and not issubclass(cls, expected):
         raise ValueError(f"{index_file}: holds a {class_name}, not a {expected.__name__}")
-    components = {}
-    for name in cls.component_names:
-        entry = index.get(name)
-        if entry is None:
-            components[name] = None
-            continue
-        sub = path / name
-        if (sub / "scheduler_config.json").is_file():
-            sched_cls = getattr(schedulers, entry[1], None)
-            if sched_cls is None:
-                raise ValueError(f"{index_file}: unknown scheduler class {entry[1]!r}")
-            components[name] = sched_cls.from_config(sub)
-        elif entry[1] == "WordTokenizer":
-            from fastdiff.models.text_encoder import WordTokenizer
-
-            components[name] = WordTokenizer.from_pretrained(sub)
-        else:
-            components[name] = load_model(sub)
-    settings = dict(index.get("settings", {}))
-    accepted = inspect.signature(cls.__init__).parameters
-    pipe = cls(**components, **{k: v for k, v in settings.items() if k in accepted})
-    pipe.settings.update(settings)  # descriptive settings (defaults for the CLI, description) ride along
+    settings = index.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{index_file}: settings must be a JSON object, got {type(settings).__name__}")
+    if "base_model" in index:
+        base, chain = _base_chain(path, index_file, index["base_model"], _chain)
+        pipe = load_pipeline(base, _chain=chain)
+        if not isinstance(pipe, cls):
+            raise ValueError(f"{index_file}: a {class_name} extension, but its base_model {index['base_model']!r} is a "
+                             f"{type(pipe).__name__}")
+        for name in cls.component_names:
+            entry = index.get(name)
+            if entry is not None:
+                setattr(pipe, name, _load_component(path, index_file, name, entry))
+        pipe._check_components()
+        pipe.settings.update(settings)
+    else:
+        components = {}
+        for name in cls.component_names:
+            entry = index.get(name)
+            components[name] = None if entry is None else _load_component(path, index_file, name, entry)
+        accepted = inspect.signature(cls.__init__).parameters
+        pipe = cls(**components, **{k: v for k, v in settings.items() if k in accepted})
+        pipe.settings.update(settings)  # descriptive settings (defaults for the CLI, description) ride along
     if device is not None or dtype is not None:
         pipe.to(device, dtype)
     return pipe
+
+
+def save_extension(save_directory: PathLike, base_model: str, components: Mapping[str, Any], *,
+                   settings: Optional[Mapping[str, Any]] = None,
+                   pipeline_class: Union[str, type] = "TextToImagePipeline") -> Path:
+    """Write an extension folder: ``components`` (name → model, e.g. ``{"controlnet": controlnet}``) that
+    ``base_model`` gets when the folder is loaded (:func:`load_pipeline`, ``fastdiff.load``), and nothing else::
+
+        save_directory/model_index.json   {"_class_name": <pipeline_class>, "_fastdiff_version": ...,
+                                           "base_model": base_model, "settings": settings, "controlnet":
+                                           ["fastdiff", "ControlNet"]}
+        save_directory/controlnet/        config.json + model.safetensors (the model's save_pretrained)
+
+    ``base_model``: a shipped model's name ("digits-sd") or a pipeline folder relative to ``save_directory`` (or
+    absolute); it must exist now, hold a ``pipeline_class`` pipeline and not be ``save_directory`` itself (nor lead
+    back to it). ``settings``: JSON values updating the base's on load (e.g. ``description``,
+    ``default_controlnet_conditioning_scale``). Files already in the folder are left; the index is written last.
+    Returns the folder. Raises TypeError / ValueError naming the argument, before anything is written.
+    """
+    from fastdiff._version import __version__
+
+    folder = Path(save_directory)
+    cls = (_pipeline_class(pipeline_class, "pipeline_class") if isinstance(pipeline_class, str)
+           else pipeline_class)
+    if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+        raise TypeError(f"pipeline_class must be a Pipeline class or its name, got {pipeline_class!r}")
+    if not isinstance(base_model, str) or not base_model.strip():
+        raise TypeError(f"base_model must be a shipped model's name or a folder path (a non-empty str), got "
+                        f"{base_model!r}")
+    if not isinstance(components, Mapping) or not components:
+        raise TypeError(f"components must be a non-empty dict of component name → model, got {components!r}")
+    for name, component in components.items():
+        if name not in cls.component_names:
+            raise ValueError(f"components: {name!r} is not a component of a {cls.__name__} "
+                             f"({', '.join(cls.component_names)})")
+        if not (hasattr(component, "save_pretrained") or hasattr(component, "save_config")):
+            raise TypeError(f"components[{name!r}] must be a fastdiff model or scheduler, got "
+                            f"{type(component).__name__}")
+    settings = {} if settings is None else settings
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a dict, got {type(settings).__name__}")
+    settings = dict(settings)
+    try:
+        json.dumps(settings)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"settings must hold JSON values: {exc}") from None
+    base = base_model_path(folder, base_model)  # ValueError if it is nowhere
+    if base.resolve() == folder.resolve():
+        raise ValueError(f"base_model {base_model!r} is the folder {str(folder)!r} itself")
+    base_index = read_json_object(base / INDEX_NAME)
+    base_cls = _pipeline_class(base_index.get("_class_name"), str(base / INDEX_NAME))
+    if not issubclass(base_cls, cls):
+        raise ValueError(f"base_model {base_model!r} holds a {base_cls.__name__}, not a {cls.__name__}")
+    if "base_model" in base_index:  # an extension of an extension: it must not lead back here
+        _base_chain(base, base / INDEX_NAME, base_index["base_model"], (folder.resolve(),))
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"_class_name": cls.__name__, "_fastdiff_version": __version__, "base_model": base_model,
+                             "settings": settings}
+    for name, component in components.items():
+        if hasattr(component, "save_pretrained"):
+            component.save_pretrained(folder / name)
+        else:
+            component.save_config(folder / name)
+        index[name] = ["fastdiff", type(component).__name__]
+    write_json_atomic(folder / INDEX_NAME, index)
+    return folder

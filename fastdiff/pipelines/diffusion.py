@@ -70,6 +70,17 @@ class DiffusionPipeline(Pipeline):
     def _decode(self, latents: Tensor) -> Tensor:
         return latents
 
+    def _denoiser(self, unet, cfg: bool):
+        """The model the denoising loop calls: ``unet`` (``self.unet``, or its compiled callable after
+        :meth:`compile`) by default. Called once per sampling call, inside it (inference mode), after the noise and
+        timesteps are set; ``cfg``: the batch is [uncond; cond]. A subclass returns another callable with the UNet's
+        forward signature ``(x, t, class_labels=, context=, **kwargs)`` to add a conditioning model without a loop of
+        its own (:class:`TextToImagePipeline`: the ControlNet, :class:`fastdiff.pipelines.controlnet.ControlledUNet`).
+        With CUDA graphs (``unet`` is then ``self.unet``) the returned model is what is fingerprinted and captured,
+        so it must be an ``nn.Module`` holding every model it runs, and keep its per-call inputs in tensors at
+        fixed addresses."""
+        return unet
+
     # ----------------------------------------------------------------- argument checks (before any work)
     def _check_labels(self, class_labels: Labels, batch_size: int) -> Optional[Tensor]:
         num_classes = getattr(self.unet.config, "num_classes", None)
@@ -221,13 +232,16 @@ class DiffusionPipeline(Pipeline):
         # 3. the denoising loop; CUDA graphs only on CUDA, the model's fingerprint checked once per call (its graphs
         #    are captured again if its weights or modules were replaced since)
         # (the graphs capture the UNet call without a guidance input: a guidance-distilled UNet runs without them)
+        # The model called: the UNet (compiled by compile()), or what a subclass's ``_denoiser`` makes of it (the UNet
+        # with its ControlNet); CUDA graphs capture and fingerprint that whole model.
         graphs = self._cuda_graphs if device.type == "cuda" and not distilled else None
-        if graphs is not None:
-            graphs.check(self.unet)
-        denoiser = self.unet
+        unet = self.unet
         if self._compiled is not None:  # compile(): the compiled UNet (compiled again if frozen weights changed)
             self._compiled.check(self.unet)
-            denoiser = self._compiled
+            unet = self._compiled
+        denoiser = self._denoiser(unet, cfg)
+        if graphs is not None:
+            graphs.check(denoiser)
         timesteps = self.scheduler.timesteps.tolist()  # one host copy, not one sync per step
         first_bad = None if device.type == "cpu" else torch.full((), -1, device=device, dtype=torch.int64)
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
@@ -238,11 +252,11 @@ class DiffusionPipeline(Pipeline):
                 # DDIM/DDPM: the UNet call and the fused update replay as one graph
                 plan = self.scheduler.fused_step(t, latents, **{k: v for k, v in step_kwargs.items()
                                                                  if k != "guidance_scale"})
-                latents = graphs.run_step(self.unet, plan, step_kwargs.get("guidance_scale"), model_in, t_batch,
+                latents = graphs.run_step(denoiser, plan, step_kwargs.get("guidance_scale"), model_in, t_batch,
                                           model_labels, model_context, latents)
             else:
                 if graphs is not None:
-                    out = graphs.run(self.unet, model_in, t_batch, model_labels, model_context)
+                    out = graphs.run(denoiser, model_in, t_batch, model_labels, model_context)
                 else:
                     out = denoiser(model_in, t_batch, class_labels=model_labels, context=model_context, **model_kwargs)
                 latents = self.scheduler.step(out.to(state_dtype), t, latents, **step_kwargs).prev_sample

@@ -4,6 +4,12 @@ hidden states → a latent UNet that cross-attends to them → the VAE decodes t
 Classifier-free guidance batches [negative; prompt] through one UNet call: the unconditional half is the encoded
 ``negative_prompt`` (default: the empty prompt ``""``, which is what the training recipe's prompt dropout used), and
 with DDIM/DDPM the combine uncond + s·(cond − uncond) runs inside the fused step kernel.
+
+An optional ControlNet (the ``controlnet`` component, :class:`fastdiff.models.ControlNet`) follows a control map
+(``image=``, e.g. :func:`fastdiff.control.edge_map` of a digit): it runs inside the same loop, wrapped with the UNet
+as one denoiser (:class:`fastdiff.pipelines.controlnet.ControlledUNet`, through the base class's ``_denoiser``
+hook). Another conditioning model (an IP-Adapter) plugs in the same way: a checked call argument, then a wrapper
+made in ``_denoiser``.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from fastdiff.pipelines.controlnet import ControlledUNet, check_controlnet, prepare_control_image, residual_scales
 from fastdiff.pipelines.diffusion import LatentDiffusionPipeline
-from fastdiff.validation import check_positive_int, check_real
+from fastdiff.validation import check_bool, check_positive_int, check_real
 
 Prompts = Union[None, str, Sequence[str]]
 DEFAULT_STEPS = 25
@@ -47,18 +54,30 @@ class TextToImagePipeline(LatentDiffusionPipeline):
     The UNet (``config.context_dim`` = the text encoder's hidden size) cross-attends to every position of the
     text encoder's ``last_hidden_state`` (B, max_length, d), padding positions included (as Stable Diffusion does
     with CLIP's padded 77 tokens): the encoding of a prompt does not depend on what else is in the batch.
+
+    ``controlnet`` (optional, None by default; saved as null in model_index.json): a
+    :class:`fastdiff.models.ControlNet` made for this UNet (``ControlNet.from_unet``); ``pipe(prompt, image=control)``
+    then follows the control map. A ControlNet shipped apart from its base model is a folder naming the base
+    (:func:`fastdiff.pipelines.save_extension`), and ``fastdiff.load(folder)`` returns the base pipeline with it.
     """
 
-    component_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
+    component_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "controlnet")
     # generic callers (fastdiff.hub.sampling_defaults: sample, eval, generate) treat the model as having this many
     # classes: label i stands for the prompt str(i) (see ``class_labels``)
     label_prompts = 10
 
     def __init__(self, unet, vae, scheduler, text_encoder, tokenizer,
-                 sample_size: Union[int, tuple[int, int], None] = None):
+                 sample_size: Union[int, tuple[int, int], None] = None, controlnet=None):
         super().__init__(unet, vae, scheduler, sample_size)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        if controlnet is not None:
+            check_controlnet(unet, controlnet)
+        self.controlnet = controlnet
+        # split (guess mode under CFG) → the UNet + ControlNet wrapper, kept between calls (the key of its CUDA
+        # graphs, and its static buffers, stay the same)
+        self._controlled: dict[bool, ControlledUNet] = {}
+        self._control = None  # during a call with ``image``: (maps, scale, guess_mode)
         context_dim = getattr(unet.config, "context_dim", None)
         hidden = text_encoder.config.hidden_size
         if context_dim != hidden:
@@ -67,6 +86,11 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         if tokenizer.max_length > text_encoder.config.max_length:
             raise ValueError(f"tokenizer.max_length ({tokenizer.max_length}) exceeds the text encoder's max_length "
                              f"({text_encoder.config.max_length})")
+
+    def _check_components(self) -> None:
+        """After components were set on a built pipeline (an extension folder's, see :func:`load_pipeline`)."""
+        if self.controlnet is not None:
+            check_controlnet(self.unet, self.controlnet)
 
     # ----------------------------------------------------------------- prompts → hidden states
     @torch.inference_mode()
@@ -109,6 +133,9 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         batch_size: Optional[int] = None,
         eta: float = 0.0,
         latents: Optional[Tensor] = None,
+        image=None,
+        controlnet_conditioning_scale: Optional[float] = None,
+        guess_mode: bool = False,
     ):
         """Sample one image per prompt (× ``num_images_per_prompt``).
 
@@ -131,11 +158,31 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             batch_size: only with ``class_labels`` (the number of images); prompts set the batch otherwise.
             eta: DDIM's η.
             latents: the initial noise (B, C, h, w) instead of drawing it.
+            image: the control map(s) of the ``controlnet`` (needs one; without ``image`` a pipeline with a
+                ControlNet samples as the base model, the ControlNet unused): a (B, C, H, W) or (C, H, W) floating
+                tensor in [0, 1]; a numpy array (H, W), (H, W, C) or (B, H, W, C), uint8 or floating in [0, 1]; a
+                PIL image; or a list of these. C must be ``controlnet.config.conditioning_channels``, except that an
+                array's or PIL image's RGB is made gray (luma 0.299, 0.587, 0.114) for a 1-channel ControlNet (and
+                gray RGB for a 3-channel one). The ControlNet takes maps of the latent size × 2**(len(
+                ``conditioning_embedding_out_channels``) − 1) (the image size when that factor is the VAE's, e.g.
+                16×16 for digits-controlnet); a map of another size is resized to it (bilinear, antialiased when
+                shrinking, then clamped to [0, 1]). Batch: 1 (every image), one per prompt (repeated for its
+                ``num_images_per_prompt`` images, as diffusers does) or one per image (prompt 0's images first).
+            controlnet_conditioning_scale: a real number multiplying the ControlNet's residuals (0: the base model's
+                images exactly); None: the model's ``default_controlnet_conditioning_scale`` setting, else 1.0.
+                Only with ``image``.
+            guess_mode: diffusers' guess mode: under guidance the ControlNet runs on the conditional half only (the
+                unconditional half gets no residuals) and its residuals are scaled from 0.1 (the first skip) up to
+                1.0 (the middle block) times the scale. Always so under guidance for a globally pooled ControlNet
+                (``global_pool_conditions``, whose residuals are not ramped). Only with ``image``.
         Raises:
             ValueError / TypeError naming the argument, before any work: none or more than one of prompt,
             prompt_embeds and class_labels; an empty prompt list or a non-str prompt; a negative_prompt list of
             another length than prompt; negative_prompt (or its embeds) without guidance (guidance_scale 1.0); embeds
-            of the wrong type or shape; and everything :class:`DiffusionPipeline` checks (steps, output_type, …).
+            of the wrong type or shape; ``image`` without a controlnet, of a wrong type, shape, channel count, value
+            range or batch, a controlnet not made for this UNet or not on the pipeline's device and dtype;
+            controlnet_conditioning_scale not a real number, or guess_mode not a bool, or either without ``image``;
+            and everything :class:`DiffusionPipeline` checks (steps, output_type, …).
             NonFiniteError: NaN/Inf in the latents (naming the step).
         """
         given = [n for n, v in (("prompt", prompt), ("prompt_embeds", prompt_embeds),
@@ -193,6 +240,7 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         if latents is not None and tuple(latents.shape) != self._latent_shape(n * per_prompt):
             raise ValueError(f"latents must have shape {self._latent_shape(n * per_prompt)}, got "
                              f"{tuple(latents.shape)}")
+        control = self._check_control(image, controlnet_conditioning_scale, guess_mode, n, per_prompt)
 
         # encode (after every check)
         context = self.encode_prompt(prompts) if prompt_embeds is None else prompt_embeds.to(self.device, self.dtype)
@@ -207,9 +255,67 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             context = context.repeat_interleave(per_prompt, dim=0)
             if negative_context is not None:
                 negative_context = negative_context.repeat_interleave(per_prompt, dim=0)
-        return super().__call__(n * per_prompt, num_inference_steps, generator, guidance_scale, None, output_type,
-                                progress, eta=eta, context=context, negative_context=negative_context,
-                                latents=latents)
+        self._control = control
+        try:
+            return super().__call__(n * per_prompt, num_inference_steps, generator, guidance_scale, None, output_type,
+                                    progress, eta=eta, context=context, negative_context=negative_context,
+                                    latents=latents)
+        finally:
+            self._control = None
+
+    # ----------------------------------------------------------------- the ControlNet
+    def _check_control(self, image, scale, guess_mode, num_prompts: int, per_prompt: int):
+        """The checked control of a call: None without ``image``, else (maps (B, C, H, W) float32 CPU, scale,
+        guess_mode) with one map per image."""
+        if scale is not None:
+            check_real("controlnet_conditioning_scale", scale)
+        guess_mode = check_bool("guess_mode", guess_mode)
+        if image is None:
+            for name, given in (("controlnet_conditioning_scale", scale is not None), ("guess_mode", guess_mode)):
+                if given:
+                    raise ValueError(f"{name} needs image (a control map for the ControlNet)")
+            return None
+        controlnet = self.controlnet
+        if controlnet is None:
+            raise ValueError("image (a control map) needs a ControlNet, and this pipeline has none: load a ControlNet "
+                             "model (e.g. fastdiff.load('digits-controlnet')) or set pipe.controlnet")
+        check_controlnet(self.unet, controlnet)
+        param = next(controlnet.parameters())
+        if param.device != self.device or param.dtype != self.dtype:
+            raise ValueError(f"controlnet is on {param.device} in {param.dtype} but the pipeline on {self.device} in "
+                             f"{self.dtype}: call pipe.to(...) after attaching it")
+        if scale is None:
+            scale = self.settings.get("default_controlnet_conditioning_scale", 1.0)
+        scale = check_real("controlnet_conditioning_scale", scale)
+        cfg = controlnet.config
+        factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+        _, _, h, w = self._latent_shape(1)
+        maps = prepare_control_image(image, cfg.conditioning_channels, (h * factor, w * factor), num_prompts,
+                                     per_prompt)
+        return maps, scale, guess_mode
+
+    def _denoiser(self, unet, cfg: bool):
+        """With a control map: the UNet and the ControlNet as one denoiser (:class:`ControlledUNet`), its map batched
+        as the UNet's input ([map; map] under guidance; the conditional half's only in guess mode)."""
+        if self._control is None:
+            return unet
+        maps, scale, guess_mode = self._control
+        controlnet = self.controlnet
+        split = cfg and (guess_mode or bool(controlnet.config.global_pool_conditions))
+        model = self._controlled.get(split)
+        if model is None:
+            model = self._controlled[split] = ControlledUNet(self.unet, controlnet, split)
+        else:  # the same wrapper (its graphs' key); new models change its fingerprint, so its graphs are redone
+            if model.unet is not self.unet:
+                model.unet = self.unet
+            if model.controlnet is not controlnet:
+                model.controlnet = controlnet
+        model.compiled = None if unet is self.unet else unet
+        cond = maps.to(self.device, self.dtype)
+        if cfg and not split:
+            cond = torch.cat([cond, cond])
+        model.set_control(cond, residual_scales(controlnet, scale, guess_mode))
+        return model
 
     def _label_prompts(self, class_labels, batch_size) -> list[str]:
         """Digit labels → the prompts "0" … "9" (the class-conditional callers' shorthand)."""
