@@ -20,9 +20,9 @@ from typing import Optional, Union
 
 import torch
 
+from fastdiff.assets import ASSETS, list_models
 from fastdiff.dispatch import auto_dtype
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "digits-ddpm"
 DEFAULT_STEPS = 25  # sampler steps when neither the caller nor the model's settings say
 # sampler name → scheduler class in fastdiff.schedulers (and SAMPLER_OPTIONS: config values the name sets)
@@ -57,13 +57,6 @@ SAMPLER_OPTIONS = {
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what ``--dtype`` accepts; "auto" is resolved by :func:`resolve_dtype`
-
-
-def list_models() -> list[str]:
-    """Names of the models shipped in the package, sorted."""
-    if not ASSETS.is_dir():
-        return []
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "model_index.json").is_file())
 
 
 def model_path(name_or_path: Union[str, os.PathLike]) -> Path:

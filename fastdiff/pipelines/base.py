@@ -305,7 +305,7 @@ def base_model_path(folder: PathLike, base_model) -> Path:
     for candidate in (folder / base_model, Path(os.path.normpath(folder / base_model))):
         if (candidate / INDEX_NAME).is_file():
             return candidate
-    from fastdiff.hub import ASSETS, list_models
+    from fastdiff.assets import ASSETS, list_models
 
     if base_model in list_models():
         return ASSETS / base_model
