@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from model_factories import tiny_text_pipeline
 from PIL import Image
+from test_text_to_image import STEPS, Calls, close, ddim_reference, differ, encode, noise, sample
 
 import fastdiff
 from fastdiff import hub
@@ -32,8 +33,6 @@ from tests.test_cuda_graph import fake_cuda  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
-STEPS = 4
-LATENT = (2, 8, 8)
 P0, P1 = "a bold seven", "the digit 3, slanted left"
 
 
@@ -57,24 +56,9 @@ def pipe():
     return pipe
 
 
-def noise(batch: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, *LATENT, generator=torch.Generator().manual_seed(seed))
-
-
 def edge_maps(batch: int, seed: int = 2, size: int = 16) -> torch.Tensor:
     """Random binary maps (batch, 1, size, size) in {0, 1}."""
     return (torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(seed)) > 0.7).float()
-
-
-def sample(pipe, **kwargs) -> torch.Tensor:
-    kwargs.setdefault("num_inference_steps", STEPS)
-    return pipe(output_type="pt", progress=False, **kwargs)
-
-
-def encode(pipe, prompts) -> torch.Tensor:
-    with torch.no_grad():
-        tokens = pipe.tokenizer(list(prompts))
-        return pipe.text_encoder(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
 
 
 def controlled_eps(pipe, x, t_batch, context, control, scale, guess=False, use_control=True):
@@ -86,63 +70,18 @@ def controlled_eps(pipe, x, t_batch, context, control, scale, guess=False, use_c
                      mid_block_additional_residual=mid)
 
 
-@torch.no_grad()
 def reference_sample(pipe, prompts, guidance: float, latents, control, scale: float = 1.0, guess: bool = False):
-    """A plain controlled sampler: the conditional and unconditional halves in separate passes, each with the
-    ControlNet on its own input, context and the same control map (guess mode: the unconditional half without the
-    ControlNet), uncond + s·(cond − uncond), and deterministic DDIM (η = 0, ε-prediction) in float64 from the linear
-    β schedule, as tests/test_text_to_image.py writes it; the VAE decodes latents / scaling_factor."""
-    cfg = pipe.scheduler.config
-    assert cfg["beta_schedule"] == "linear" and cfg["prediction_type"] == "epsilon" and not cfg["clip_sample"]
-    T = cfg["num_train_timesteps"]
-    alphas_cumprod = np.cumprod(1.0 - np.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=np.float64))
+    """A plain controlled sampler (test_text_to_image.ddim_reference): the conditional and unconditional halves in
+    separate passes, each with the ControlNet on its own input, context and the same control map (guess mode: the
+    unconditional half without the ControlNet), against the empty prompt."""
     cond = encode(pipe, prompts)
     uncond = encode(pipe, [""] * len(prompts)) if guidance != 1.0 else None
-    pipe.scheduler.set_timesteps(STEPS)
-    x = latents.double()
-    for t in pipe.scheduler.timesteps.tolist():
-        t_batch = torch.full((x.shape[0],), float(t))
-        eps = controlled_eps(pipe, x.float(), t_batch, cond, control, scale, guess).double()
-        if uncond is not None:
-            eps_u = controlled_eps(pipe, x.float(), t_batch, uncond, control, scale, guess,
-                                   use_control=not guess).double()
-            eps = eps_u + guidance * (eps - eps_u)
-        prev = t - T // STEPS
-        a_t = float(alphas_cumprod[t])
-        a_prev = float(alphas_cumprod[prev]) if prev >= 0 else 1.0
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-    images = pipe.vae.decode(x.float() / pipe.vae.config.scaling_factor)
-    return (images / 2 + 0.5).clamp(0, 1)
 
+    def eps(x, t_batch, context, unconditional):
+        use_control = not (guess and unconditional)
+        return controlled_eps(pipe, x, t_batch, context, control, scale, guess, use_control=use_control)
 
-def close(a, b, atol=1e-4):
-    torch.testing.assert_close(a, b, rtol=0, atol=atol)
-
-
-def differ(a, b, by=1e-3):
-    assert (a - b).abs().max() > by, "the two runs should give visibly different images"
-
-
-class Calls:
-    """Forward pre-hooks: the batch size of every call of the UNet, the ControlNet, the text encoder and the VAE's
-    decoder."""
-
-    def __init__(self, pipe):
-        modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae.decoder}
-        if pipe.controlnet is not None:
-            modules["controlnet"] = pipe.controlnet
-        self.log = {name: [] for name in modules}
-        self.handles = [module.register_forward_pre_hook(
-            lambda module, args, name=name: self.log[name].append(args[0].shape[0]))
-            for name, module in modules.items()]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-    def any(self) -> bool:
-        return any(self.log.values())
+    return ddim_reference(pipe, cond, uncond, guidance, latents, eps)
 
 
 # --------------------------------------------------------------------------------------------- 1. against a plain loop

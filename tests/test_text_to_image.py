@@ -50,8 +50,9 @@ def encode(pipe, prompts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_sample(pipe, prompts, negatives, scale: float, latents: torch.Tensor, steps: int = STEPS):
-    """A plain sampler: separate UNet passes on the prompt and the negative prompt, uncond + s·(cond − uncond), and
+def ddim_reference(pipe, cond, uncond, scale: float, latents: torch.Tensor, eps_fn, steps: int = STEPS):
+    """A plain guided sampler: ``eps_fn(x, t_batch, context, unconditional)`` → ε, called separately on the prompt
+    states ``cond`` and (unless ``uncond`` is None) the negative states ``uncond``, uncond + s·(cond − uncond), and
     deterministic DDIM (η = 0, ε-prediction, no clipping, ᾱ = 1 after the last step) written out in float64 from
     the linear β schedule; the VAE decodes latents / scaling_factor; images mapped [−1, 1] → [0, 1]."""
     cfg = pipe.scheduler.config
@@ -61,17 +62,15 @@ def reference_sample(pipe, prompts, negatives, scale: float, latents: torch.Tens
     betas = np.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=np.float64)
     alphas_cumprod = np.cumprod(1.0 - betas)
     np.testing.assert_allclose(pipe.scheduler.alphas_cumprod.double().numpy(), alphas_cumprod, rtol=1e-5)
-    cond = encode(pipe, prompts)
-    uncond = encode(pipe, negatives) if scale != 1.0 else None
     pipe.scheduler.set_timesteps(steps)
     timesteps = pipe.scheduler.timesteps.tolist()
     assert len(timesteps) == steps and timesteps == sorted(timesteps, reverse=True)
     x = latents.double()
     for t in timesteps:
         t_batch = torch.full((x.shape[0],), float(t))
-        eps = pipe.unet(x.float(), t_batch, context=cond).double()
+        eps = eps_fn(x.float(), t_batch, cond, False).double()
         if uncond is not None:
-            eps_uncond = pipe.unet(x.float(), t_batch, context=uncond).double()
+            eps_uncond = eps_fn(x.float(), t_batch, uncond, True).double()
             eps = eps_uncond + scale * (eps - eps_uncond)
         prev = t - T // steps
         a_t = float(alphas_cumprod[t])
@@ -80,6 +79,13 @@ def reference_sample(pipe, prompts, negatives, scale: float, latents: torch.Tens
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     images = pipe.vae.decode(x.float() / pipe.vae.config.scaling_factor)
     return (images / 2 + 0.5).clamp(0, 1)
+
+
+def reference_sample(pipe, prompts, negatives, scale: float, latents: torch.Tensor, steps: int = STEPS):
+    """:func:`ddim_reference` with the UNet alone, on the prompts and the negative prompts."""
+    cond = encode(pipe, prompts)
+    uncond = encode(pipe, negatives) if scale != 1.0 else None
+    return ddim_reference(pipe, cond, uncond, scale, latents, lambda x, t, c, _: pipe.unet(x, t, context=c), steps)
 
 
 def close(a, b, atol=1e-4):
@@ -92,10 +98,12 @@ def differ(a, b, by=1e-3):
 
 class Calls:
     """Forward pre-hooks on the pipeline's models: the batch size of every call, per model (the VAE's: its decoder,
-    which ``vae.decode`` runs)."""
+    which ``vae.decode`` runs; a ControlNet's when one is attached)."""
 
     def __init__(self, pipe):
         modules = {"unet": pipe.unet, "vae": pipe.vae.decoder, "text_encoder": pipe.text_encoder}
+        if getattr(pipe, "controlnet", None) is not None:
+            modules["controlnet"] = pipe.controlnet
         self.log = {name: [] for name in modules}
         self.handles = [module.register_forward_pre_hook(
             lambda module, args, name=name: self.log[name].append(args[0].shape[0]))
@@ -104,6 +112,9 @@ class Calls:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+    def any(self) -> bool:
+        return any(self.log.values())
 
 
 # ------------------------------------------------------------------------------------- 1. guidance vs a plain loop
