@@ -452,7 +452,9 @@ def cpu_model() -> str:
 
 def diffusion_models() -> list[str]:
     """The shipped models that sample with a diffusion scheduler (their model_index.json has a "scheduler"
-    component), sorted: what :func:`sweep` covers by default (a GAN has no sampler to sweep)."""
+    component), sorted: what :func:`sweep` covers by default (a GAN has no sampler to sweep; an extension folder such
+    as digits-controlnet has no scheduler of its own: swept without its control map, it would repeat its base
+    model's rows)."""
     from fastdiff.files import read_json_object
     from fastdiff.hub import list_models, model_path
 
