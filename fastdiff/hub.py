@@ -22,9 +22,9 @@ import torch
 
 from fastdiff.assets import ASSETS, list_models
 from fastdiff.dispatch import auto_dtype
+from fastdiff.pipelines.base import DEFAULT_STEPS
 
 DEFAULT_MODEL = "digits-ddpm"
-DEFAULT_STEPS = 25  # sampler steps when neither the caller nor the model's settings say
 # sampler name → scheduler class in fastdiff.schedulers (and SAMPLER_OPTIONS: config values the name sets)
 SAMPLERS = {
     "ddpm": "DDPMScheduler",

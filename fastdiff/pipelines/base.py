@@ -38,6 +38,7 @@ logger = logging.getLogger("fastdiff")
 
 INDEX_NAME = "model_index.json"
 OUTPUT_TYPES = ("pil", "np", "pt")
+DEFAULT_STEPS = 25  # sampler steps when neither the caller nor the model's settings say (fastdiff.hub re-exports it)
 MAX_BASE_DEPTH = 8  # extension folders on extension folders: at most this many base_model links
 
 PathLike = Union[str, os.PathLike]

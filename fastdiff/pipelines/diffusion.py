@@ -45,6 +45,26 @@ def _step_parameters(scheduler_class: type) -> frozenset[str]:
     """The parameter names of a scheduler class's step() (read once per class)."""
     return frozenset(inspect.signature(scheduler_class.step).parameters)
 
+def check_class_labels(class_labels: Labels, batch_size: Optional[int], num_classes: int) -> Tensor:
+    """``class_labels`` (an int — repeated ``batch_size`` times, once without one —, a sequence or a tensor of ints)
+    as a (B,) int64 CPU tensor with values in [0, num_classes); B must equal ``batch_size`` when it is given.
+    ValueError naming class_labels (or batch_size) otherwise."""
+    if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool):
+        count = 1 if batch_size is None else check_positive_int("batch_size", batch_size)
+        class_labels = [int(class_labels)] * count
+    labels = torch.as_tensor(class_labels).flatten()
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+    if labels.numel() == 0:
+        raise ValueError("class_labels must not be empty")
+    if batch_size is not None and labels.numel() != batch_size:
+        raise ValueError(f"class_labels has {labels.numel()} labels but batch_size is {batch_size}")
+    labels = labels.cpu().long()
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"class_labels must be in [0, {num_classes}), got {labels.tolist()}")
+    return labels
+
+
 class DiffusionPipeline(Pipeline):
     """Pixel-space diffusion sampling: ``DiffusionPipeline(unet, scheduler, sample_size=32)``.
 
@@ -88,17 +108,7 @@ class DiffusionPipeline(Pipeline):
             return None
         if num_classes is None:
             raise ValueError("class_labels given but the UNet is unconditional (its config has no num_classes)")
-        if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool):
-            class_labels = [int(class_labels)] * batch_size
-        labels = torch.as_tensor(class_labels).flatten()
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
-        if labels.numel() != batch_size:
-            raise ValueError(f"class_labels has {labels.numel()} labels but batch_size is {batch_size}")
-        labels = labels.cpu().long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"class_labels must be in [0, {num_classes}), got {labels.tolist()}")
-        return labels
+        return check_class_labels(class_labels, batch_size, num_classes)
 
     def _check_run(self, batch_size, num_inference_steps, output_type) -> tuple[int, int]:
         """The checks of the batch size, step count and output type (batch_size, num_inference_steps as ints)."""

@@ -14,18 +14,17 @@ made in ``_denoiser``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from fastdiff.pipelines.base import DEFAULT_STEPS
 from fastdiff.pipelines.controlnet import ControlledUNet, check_controlnet, prepare_control_image, residual_scales
-from fastdiff.pipelines.diffusion import LatentDiffusionPipeline
+from fastdiff.pipelines.diffusion import LatentDiffusionPipeline, check_class_labels
 from fastdiff.validation import check_bool, check_positive_int, check_real
 
 Prompts = Union[None, str, Sequence[str]]
-DEFAULT_STEPS = 25
 
 
 def _prompt_list(name: str, prompt) -> Optional[list[str]]:
@@ -319,16 +318,4 @@ class TextToImagePipeline(LatentDiffusionPipeline):
 
     def _label_prompts(self, class_labels, batch_size) -> list[str]:
         """Digit labels → the prompts "0" … "9" (the class-conditional callers' shorthand)."""
-        if isinstance(class_labels, numbers.Integral) and not isinstance(class_labels, bool):
-            count = 1 if batch_size is None else check_positive_int("batch_size", batch_size)
-            class_labels = [int(class_labels)] * count
-        labels = torch.as_tensor(class_labels).flatten()
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
-        if labels.numel() == 0:
-            raise ValueError("class_labels must not be empty")
-        if batch_size is not None and labels.numel() != batch_size:
-            raise ValueError(f"class_labels has {labels.numel()} labels but batch_size is {batch_size}")
-        if labels.min() < 0 or labels.max() > 9:
-            raise ValueError(f"class_labels must be digits in [0, 10), got {labels.tolist()}")
-        return [str(int(v)) for v in labels]
+        return [str(int(v)) for v in check_class_labels(class_labels, batch_size, self.label_prompts)]
