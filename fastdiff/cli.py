@@ -49,8 +49,10 @@ def check_writable_file(path: str, flag: str = "--out", example: str = "samples.
 def cmd_sample(args) -> int:
     """``fastdiff sample``: ``--num`` images in one PNG grid. Class-conditional models (and text-to-image models,
     whose labels are the prompts "0" … "9") get labels cycling 0 … 9, or ``--class`` for all; a text-to-image model
-    takes ``--prompt`` (every image) and ``--negative-prompt`` (under guidance > 1) instead, and one with a ControlNet
-    ``--control MAP.png`` (the control map of every image) and ``--control-scale``."""
+    takes ``--prompt`` (every image) and ``--negative-prompt`` (under guidance > 1) instead, one with a ControlNet
+    ``--control MAP.png`` (the control map of every image) and ``--control-scale``, and ``--image-prompt DIGIT.png``
+    (the image prompt of every image, through the model's IP-Adapter or the one ``--ip-adapter`` names; the text
+    prompt is then "" unless ``--prompt`` is given) and ``--ip-adapter-scale``."""
     import torch
 
     import fastdiff
@@ -66,20 +68,35 @@ def cmd_sample(args) -> int:
         raise UsageError("--control-scale needs --control (a control map PNG)")
     if args.control_scale is not None and not math.isfinite(args.control_scale):
         raise UsageError(f"--control-scale must be a finite number, got {args.control_scale}")
+    if args.ip_adapter_scale is not None and args.image_prompt is None:
+        raise UsageError("--ip-adapter-scale needs --image-prompt (an image prompt PNG)")
+    if args.ip_adapter_scale is not None and not math.isfinite(args.ip_adapter_scale):
+        raise UsageError(f"--ip-adapter-scale must be a finite number, got {args.ip_adapter_scale}")
+    if args.image_prompt is not None and args.class_label is not None:
+        raise UsageError("give --image-prompt or --class, not both (the image prompt sets the digit)")
     out = check_writable_file(args.out)
-    control = None if args.control is None else _control_map(args.control)
+    control = None if args.control is None else _read_image("--control", args.control, "a control map PNG, e.g. an "
+                                                            "edge map")
+    image_prompt = None if args.image_prompt is None else _read_image("--image-prompt", args.image_prompt,
+                                                                      "an image prompt PNG, e.g. a digit")
     device = fastdiff.hub.resolve_device(args.device)
     if args.backend:
         os.environ["FASTDIFF_BACKEND"] = args.backend
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=device, dtype=args.dtype)
     text = isinstance(pipe, TextToImagePipeline)
     for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                        ("--control", args.control)):
+                        ("--control", args.control), ("--image-prompt", args.image_prompt)):
         if value is not None and not text:
             raise UsageError(f"{flag}: model {args.model!r} is a {type(pipe).__name__}, not a text-to-image model "
                              f"(TextToImagePipeline)")
     if control is not None and getattr(pipe, "controlnet", None) is None:
         raise UsageError(f"--control: model {args.model!r} has no ControlNet (e.g. --model digits-controlnet)")
+    if image_prompt is not None and getattr(pipe, "ip_adapter", None) is None:
+        try:
+            pipe.load_ip_adapter(args.ip_adapter)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--image-prompt: model {args.model!r} has no IP-Adapter and --ip-adapter "
+                             f"{args.ip_adapter!r} does not fit it: {exc}") from None
     defaults = fastdiff.hub.sampling_defaults(pipe, steps=args.steps, guidance=args.guidance, model=args.model)
     if args.negative_prompt is not None and (defaults.guidance is None or defaults.guidance <= 1):
         raise UsageError(f"--negative-prompt needs classifier-free guidance > 1 (--guidance), got "
@@ -93,8 +110,8 @@ def cmd_sample(args) -> int:
         labels = [args.class_label] * args.num
     kwargs = {"generator": torch.Generator("cpu").manual_seed(args.seed), "output_type": "pil",
               "progress": not args.quiet, **defaults.call_kwargs()}
-    if args.prompt is not None:  # one prompt for every image
-        kwargs.update(prompt=args.prompt, num_images_per_prompt=args.num)
+    if args.prompt is not None or image_prompt is not None:  # one prompt for every image ("" with an image prompt)
+        kwargs.update(prompt=args.prompt or "", num_images_per_prompt=args.num)
     else:  # class labels (a text model reads label d as the prompt "d"), or an unconditional model
         kwargs["batch_size"] = args.num
         if labels is not None:
@@ -103,22 +120,27 @@ def cmd_sample(args) -> int:
         kwargs["negative_prompt"] = args.negative_prompt
     if control is not None:  # one map for every image
         kwargs.update(image=control, controlnet_conditioning_scale=args.control_scale)
+    if image_prompt is not None:  # one image prompt for every image
+        kwargs.update(ip_adapter_image=image_prompt, ip_adapter_scale=args.ip_adapter_scale)
     images = pipe(**kwargs)
     settings = pipe.settings
     save_grid(images, out, nrow=int(settings.get("grid_columns", 0)) or None, scale=int(settings.get("grid_scale", 1)))
     what = f"prompt {args.prompt!r}, " if args.prompt is not None else ""
     if control is not None:
         what += f"control {args.control}, "
+    if image_prompt is not None:
+        what += f"image prompt {args.image_prompt}, "
     print(f"wrote {out} ({len(images)} images, {what}model {args.model}, seed {args.seed})")
     return 0
 
 
-def _control_map(path: str):
-    """``--control``: the PNG (any image PIL reads) as a PIL image in L or RGB, read before the model loads."""
+def _read_image(flag: str, path: str, what: str):
+    """``--control`` / ``--image-prompt``: the PNG (any image PIL reads) as a PIL image in L or RGB, read before the
+    model loads."""
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
-        raise UsageError(f"--control {path!r}: no such file (give a control map PNG, e.g. an edge map)")
+        raise UsageError(f"{flag} {path!r}: no such file (give {what})")
     try:
         with Image.open(path) as im:
             im.load()
@@ -130,8 +152,8 @@ def _control_map(path: str):
             if mode in ("L", "RGB"):
                 return im.copy()
     except (UnidentifiedImageError, OSError) as exc:
-        raise UsageError(f"--control {path!r}: not a readable image ({exc})") from None
-    raise UsageError(f"--control {path!r}: image mode {mode!r} is not supported (save it as 8-bit grayscale or RGB)")
+        raise UsageError(f"{flag} {path!r}: not a readable image ({exc})") from None
+    raise UsageError(f"{flag} {path!r}: image mode {mode!r} is not supported (save it as 8-bit grayscale or RGB)")
 
 
 # --------------------------------------------------------------------------------------------- models / info
@@ -248,7 +270,11 @@ def cmd_eval(args) -> int:
         _positive("--steps", args.steps)
     pipe = fastdiff.load(args.model, sampler=args.sampler, device=fastdiff.hub.resolve_device(args.device),
                          dtype=args.dtype)
-    if getattr(pipe, "controlnet", None) is not None:  # a ControlNet: does the sample follow the control map
+    if getattr(pipe, "ip_adapter", None) is not None:  # an IP-Adapter: does the sample follow the image prompt
+        report = evaluation.evaluate_image_prompts(pipe, num=args.num, steps=args.steps, guidance=args.guidance,
+                                                   seed=args.seed, progress=not args.quiet)
+        print(evaluation.format_image_prompt_report(args.model, report))
+    elif getattr(pipe, "controlnet", None) is not None:  # a ControlNet: does the sample follow the control map
         report = evaluation.evaluate_control(pipe, num=args.num, steps=args.steps, guidance=args.guidance,
                                              seed=args.seed, progress=not args.quiet)
         print(evaluation.format_control_report(args.model, report))
@@ -345,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "size the ControlNet takes, RGB made gray for a 1-channel ControlNet)")
     s.add_argument("--control-scale", type=float, default=None, metavar="S",
                    help="with --control: the ControlNet's conditioning scale (default: the model's, else 1.0)")
+    s.add_argument("--image-prompt", default=None, metavar="PNG",
+                   help="text-to-image models: the image prompt of every image (e.g. a digit; resized to the image "
+                        "encoder's size, RGB made gray), through the model's IP-Adapter or --ip-adapter's; the text "
+                        "prompt is \"\" unless --prompt is given")
+    s.add_argument("--ip-adapter", default="digits-ip-adapter", metavar="NAME",
+                   help="with --image-prompt, for a model without an IP-Adapter: the IP-Adapter to load (a shipped "
+                        "name or folder; default: digits-ip-adapter, made for digits-sd)")
+    s.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
+                   help="with --image-prompt: the IP-Adapter's scale (default: the model's, else 1.0; 0: no effect)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)

@@ -420,6 +420,142 @@ def control_grid(pipe, path, num: int = 10, seed: int = 0, prompts: Sequence[str
     return labeled_grid(rows, labels, path, scale)
 
 
+# --------------------------------------------------------------------------------------------- image prompts
+IP_TARGETS = {"accuracy": 0.90, "bold_thin_mass_ratio": 1.2}
+
+
+def evaluate_image_prompts(pipe, num: Optional[int] = None, steps: Optional[int] = None,
+                           guidance: Optional[float] = None, seed: int = 0, batch_size: int = 250,
+                           scale: Optional[float] = None, progress: bool = True) -> dict:
+    """IP-Adapter adherence of a text-to-image pipeline with an IP-Adapter (``fastdiff eval digits-ip-adapter``).
+
+    For the first ``num`` held-out digits (default: all 359): the image prompt is the digit itself, the text prompt
+    is empty (""). Each is sampled with the image prompt (``ip_adapter_scale`` = ``scale``, default the model's) and,
+    as the baseline, without it (the base model with the empty prompt and the same initial noises). Scores:
+
+    - ``accuracy``: the share of samples the shipped classifier puts in the image prompt's class;
+    - mass (thickness, :func:`fastdiff.prompts.digit_attributes`): the mean sample mass for the bold image prompts
+      (mass above the upper quartile of the train split) over that for the thin ones (at most the lower quartile)
+      — ``bold_thin_mass_ratio`` — and the Pearson correlation of prompt and sample mass over all prompts; the same
+      ratio of the prompt images themselves (``prompt_bold_thin_mass_ratio``) for scale; slant correlation alike;
+    - the Fréchet ratio of the samples to the held-out digits.
+    """
+    from fastdiff.data import load_digits
+    from fastdiff.hub import sampling_defaults
+    from fastdiff.prompts import ATTRIBUTE_THRESHOLDS, digit_attributes
+
+    if getattr(pipe, "ip_adapter", None) is None:
+        raise ValueError("pipe has no ip_adapter: evaluate_image_prompts scores a pipeline with an IP-Adapter")
+    x, y = load_digits("test")
+    if num is not None:
+        from fastdiff.validation import check_positive_int
+
+        num = min(check_positive_int("num", num), len(y))
+        x, y = x[:num], y[:num]
+    defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
+    if scale is None:
+        scale = float(pipe.settings.get("default_ip_adapter_scale", 1.0))
+    image_prompts = (x + 1) / 2
+    classifier = load_classifier()
+    real = real_digits(classifier)
+
+    def run(use_image: bool) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        out = []
+        for start in range(0, len(y), batch_size):
+            chunk = slice(start, start + batch_size)
+            n = len(y[chunk])
+            extra = {"ip_adapter_image": image_prompts[chunk], "ip_adapter_scale": scale} if use_image else {}
+            out.append(pipe(prompt=[""] * n, num_inference_steps=defaults.steps, guidance_scale=defaults.guidance,
+                            generator=generator, output_type="pt", progress=progress, **extra) * 2 - 1)
+        return torch.cat(out)
+
+    prompt_attrs = digit_attributes(x)
+    lo, hi = ATTRIBUTE_THRESHOLDS["mass"]
+    bold, thin = prompt_attrs["mass"] > hi, prompt_attrs["mass"] <= lo
+    report = {"num": len(y), "steps": defaults.steps, "guidance": defaults.guidance, "scale": scale,
+              "dtype": _dtype_name(pipe), "prompt": "image prompt = the held-out digit, text prompt \"\"",
+              "bold_prompts": int(bold.sum()), "thin_prompts": int(thin.sum()),
+              "prompt_bold_thin_mass_ratio": float(prompt_attrs["mass"][bold].mean()
+                                                   / prompt_attrs["mass"][thin].mean())}
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(np.corrcoef(a.double().numpy(), b.double().numpy())[0, 1])
+
+    for key, images in (("image_prompted", run(True)), ("baseline", run(False))):
+        scores = score_images(classifier, images, y, real)
+        attrs = digit_attributes(images)
+        report[key] = {"accuracy": scores["accuracy"], "fd": scores["fd"], "fd_ratio": scores["fd_ratio"],
+                       "histogram": scores["histogram"],
+                       "bold_mass": float(attrs["mass"][bold].mean()), "thin_mass": float(attrs["mass"][thin].mean()),
+                       "bold_thin_mass_ratio": float(attrs["mass"][bold].mean() / attrs["mass"][thin].mean()),
+                       "mass_correlation": corr(prompt_attrs["mass"], attrs["mass"]),
+                       "slant_correlation": corr(prompt_attrs["slant"], attrs["slant"])}
+    ip = report["image_prompted"]
+    report["targets"] = {"≥ 90% classified as the image prompt's digit": ip["accuracy"] >= IP_TARGETS["accuracy"],
+                         "bold/thin image prompts: sample mass ratio ≥ 1.2":
+                             ip["bold_thin_mass_ratio"] >= IP_TARGETS["bold_thin_mass_ratio"]}
+    return report
+
+
+def format_image_prompt_report(name: str, report: dict) -> str:
+    """The :func:`evaluate_image_prompts` report as text (a Markdown table: image-prompted vs the baseline)."""
+    ip, b = report["image_prompted"], report["baseline"]
+
+    def row(label, r):
+        return (f"| {label} | {100 * r['accuracy']:.1f}% | {r['bold_mass']:.4f} / {r['thin_mass']:.4f} | "
+                f"{r['bold_thin_mass_ratio']:.3f} | {r['mass_correlation']:+.3f} | {r['slant_correlation']:+.3f} | "
+                f"{r['fd_ratio']:.2f} |")
+
+    return "\n".join([
+        f"model {name}: {report['num']} held-out digits ({report['prompt']}), {report['dtype']}, "
+        f"{report['steps']} steps, guidance {report['guidance']}, ip_adapter_scale {report['scale']}",
+        "",
+        "| sampling | image prompt's digit | mass: bold / thin prompts | ratio | mass corr. | slant corr. | "
+        "Fréchet ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        row("with the image prompt", ip),
+        row("without (the base model, empty prompt, same noises)", b),
+        "",
+        f"  {report['bold_prompts']} bold and {report['thin_prompts']} thin image prompts (their own mass ratio: "
+        f"{report['prompt_bold_thin_mass_ratio']:.3f})",
+        "  targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in report["targets"].items()),
+    ])
+
+
+def image_prompt_grid(pipe, path, num: int = 10, seed: int = 0, columns: int = 4, scale: int = 4,
+                      control_prompt: bool = True) -> Path:
+    """Write a PNG of an IP-Adapter pipeline: the first ``num`` held-out digits as image prompts (first row), then
+    ``columns`` rows of samples with the empty text prompt (each row one initial noise); with ``control_prompt`` and a
+    ControlNet on the pipeline, also the edge maps of other held-out digits of the same classes and a row of samples
+    that take the layout from those maps and the rest from the image prompts. Returns the path."""
+    from fastdiff.control import edge_map
+    from fastdiff.data import load_digits
+    from fastdiff.hub import sampling_defaults
+
+    x, y = load_digits("test")
+    prompts = x[:num]
+    defaults = sampling_defaults(pipe)
+
+    def run(k, **extra):
+        generator = torch.Generator("cpu").manual_seed(seed + k)
+        return _to_pixels(pipe(prompt=[""] * len(prompts), num_inference_steps=defaults.steps,
+                               guidance_scale=defaults.guidance, generator=generator, output_type="pt",
+                               progress=False, ip_adapter_image=(prompts + 1) / 2, **extra) * 2 - 1)
+
+    rows, labels = [_to_pixels(prompts)], ["image prompt"]
+    for k in range(columns):
+        rows.append(run(k))
+        labels.append(f'"" + image, seed {seed + k}')
+    if control_prompt and getattr(pipe, "controlnet", None) is not None:
+        # for each image prompt, the next held-out digit of its class (another writer's shape of the same digit)
+        later = [next(j for j in range(i + 1, len(y)) if y[j] == y[i]) for i in range(len(prompts))]
+        maps = edge_map(x[later])
+        rows += [_to_pixels(maps * 2 - 1), run(0, image=maps)]
+        labels += ["edge map of another", '"" + image + control']
+    return labeled_grid(rows, labels, path, scale)
+
+
 def format_report(name: str, report: dict) -> str:
     lines = [f"model {name}: {report['num']} samples"
              + (f", {report['dtype']}" if report.get("dtype") else "")

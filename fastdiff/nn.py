@@ -78,7 +78,12 @@ class Attention(nn.Module):
     """Multi-head attention over token sequences: self (context=None) or cross (to a context sequence).
 
     forward(x (B, N, query_dim), context (B, M, context_dim) or None) → (B, N, query_dim).
+
+    An attached IP-Adapter (:meth:`fastdiff.models.IPAdapter.attach`) sets ``_ip`` on a cross-attention module: a
+    callable that adds its decoupled image branch to the attention output (per head, before ``to_out``).
     """
+
+    _ip = None  # an IP-Adapter's hook (not a submodule: the module's parameters stay its own), or None
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8, dim_head: int = 64,
                  qkv_bias: bool = False, out_bias: bool = True):
@@ -98,6 +103,8 @@ class Attention(nn.Module):
         k = self.to_k(context).view(b, m, self.heads, self.dim_head).transpose(1, 2)  # (B, H, M, D)
         v = self.to_v(context).view(b, m, self.heads, self.dim_head).transpose(1, 2)  # (B, H, M, D)
         out = ops.attention(q, k, v)  # (B, H, N, D)
+        if self._ip is not None:
+            out = self._ip(q, out)  # + scale · attention(q, k_ip, v_ip) of the image tokens
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 

@@ -759,25 +759,6 @@ SD_LR = 1e-3  # the latent UNet's peak learning rate (warm-started from digits-l
 SD_GUIDANCE = 3.0  # the shipped default guidance scale (measured: 4.0 gave Fréchet ratio 2.87, 3.0 gave 2.28)
 
 
-class ImageTower(torch.nn.Module):
-    """The image side of the contrastive stage (not shipped): (B, 1, 16, 16) in [−1, 1] → (B, dim) embeddings.
-    Three strided 3×3 convolutions (32, 64, 128 channels) with GroupNorm+SiLU, then a linear projection."""
-
-    def __init__(self, dim: int = 64):
-        super().__init__()
-        from fastdiff.nn import GroupNormSiLU
-
-        layers, c_in = [], 1
-        for c, stride in ((32, 1), (64, 2), (128, 2)):
-            layers += [torch.nn.Conv2d(c_in, c, 3, stride, 1), GroupNormSiLU(8, c)]
-            c_in = c
-        self.features = torch.nn.Sequential(*layers)
-        self.proj = torch.nn.Linear(128 * 4 * 4, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.features(x).flatten(1))
-
-
 def caption_batch(labels: torch.Tensor, words: list, generator: torch.Generator, p_drop: float = 0.0,
                   dropped: Optional[torch.Tensor] = None) -> list[str]:
     """One random caption per image (:func:`fastdiff.prompts.make_prompt` of its label and attribute words);
@@ -791,32 +772,39 @@ def caption_batch(labels: torch.Tensor, words: list, generator: torch.Generator,
 
 
 def train_text_encoder(text_encoder, tokenizer, x: torch.Tensor, y: torch.Tensor, words: list, steps: int,
-                       seed: int, progress: bool):
-    """Stage 1, the CLIP way: ``text_encoder``'s ``text_embeds`` of each image's random caption against an
-    :class:`ImageTower` trained alongside, symmetric InfoNCE (:func:`fastdiff.models.clip_loss`) with a learned
-    temperature. Returns (the tower, logit scale, seconds)."""
+                       seed: int, progress: bool, tower=None, name: str = "digits-sd/text-encoder"):
+    """The CLIP way: ``text_encoder``'s ``text_embeds`` of each image's random caption against an image tower
+    (:class:`fastdiff.models.ImageEncoder`), symmetric InfoNCE (:func:`fastdiff.models.clip_loss`) with a learned
+    temperature. Stage 1 of digits-sd: ``tower=None``, a fresh tower (not shipped) is trained alongside the text
+    encoder. With a ``tower`` given, the text encoder stays frozen and only the tower learns (the image encoder of
+    digits-ip-adapter, aligned to digits-sd's words). Returns (the tower, logit scale, seconds); both end frozen."""
+    from fastdiff.models import ImageEncoder
     from fastdiff.models.text_encoder import clip_loss
 
     gen = torch.Generator().manual_seed(seed + 1)
-    tower = ImageTower(text_encoder.config.projection_dim)
+    train_text = tower is None
+    if train_text:
+        tower = ImageEncoder(projection_dim=text_encoder.config.projection_dim)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = [*text_encoder.parameters(), *tower.parameters(), log_scale]
+    params = [*(text_encoder.parameters() if train_text else ()), *tower.parameters(), log_scale]
     opt = _adam(params, SD_CLIP_LR)
     sched = _warmup_cosine(opt, steps, warmup=min(50, steps))
     batches = _batches(len(x), min(SD_CLIP_BATCH, len(x)), gen)
-    text_encoder.train()
+    text_encoder.train(train_text).requires_grad_(train_text)
+    tower.train().requires_grad_(True)
 
     def step(k):
         idx = next(batches)
         tokens = tokenizer(caption_batch(y[idx], [words[i] for i in idx.tolist()], gen))
-        text = text_encoder(tokens["input_ids"], tokens["attention_mask"]).text_embeds
+        with torch.set_grad_enabled(train_text):
+            text = text_encoder(tokens["input_ids"], tokens["attention_mask"]).text_embeds
         loss = clip_loss(text, tower(x[idx]), log_scale.clamp(max=math.log(100)).exp())
         _update(opt, loss, sched, clip_params=params)
         return {"clip": loss.item()}
 
-    seconds = _loop("digits-sd/text-encoder", steps, step, progress)
+    seconds = _loop(name, steps, step, progress)
     text_encoder.eval().requires_grad_(False)
-    return tower.eval(), float(log_scale.detach().clamp(max=math.log(100)).exp()), seconds
+    return tower.eval().requires_grad_(False), float(log_scale.detach().clamp(max=math.log(100)).exp()), seconds
 
 
 @torch.no_grad()
@@ -965,6 +953,96 @@ def _save_controlnet(out: Path, controlnet) -> None:
                              "default_controlnet_conditioning_scale": 1.0})
 
 
+# --------------------------------------------------------------------------------------------- digits-ip-adapter
+IP_TOKENS = 4  # image tokens per image prompt
+IP_ENCODER_STEPS = 400  # contrastive steps of the image encoder against digits-sd's frozen text encoder
+IP_LR = 1e-3
+IP_BATCH = 128
+IP_TEXT_DROPOUT = 0.5  # captions replaced by "": the adapter learns to carry the image alone (empty text prompt)
+IP_IMAGE_DROPOUT = 0.1  # image embeddings zeroed: the unconditional image input of classifier-free guidance
+
+
+def run_ip_adapter(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    """An IP-Adapter on the shipped digits-sd. (1) An image encoder (:class:`fastdiff.models.ImageEncoder`) trained
+    contrastively against digits-sd's frozen text encoder, so its embedding speaks the words' language (digit,
+    thickness, slant), as a CLIP image tower does; then frozen. (2) The adapter (``IPAdapter.from_unet``: image
+    projection to 4 tokens, per cross-attention layer image key/value projections initialised from the text ones)
+    learns the ε-prediction loss with the UNet, VAE and both encoders frozen; the image prompt is the training image
+    itself, its caption dropped to "" half of the time and its embedding zeroed 10% of the time."""
+    import fastdiff
+    from fastdiff.models import ImageEncoder, IPAdapter, losses
+    from fastdiff.prompts import attribute_words, digit_attributes
+
+    torch.manual_seed(seed)
+    x, y = load_digits("train")
+    words = attribute_words(digit_attributes(x))
+    base = fastdiff.load("digits-sd")
+    unet = base.unet.eval().requires_grad_(False)
+    text_encoder, tokenizer, vae = base.text_encoder, base.tokenizer, base.vae
+    latents = _encode_all(lambda b: vae.encode(b).mode(), x) * vae.config.scaling_factor
+
+    encoder_steps = max(1, min(IP_ENCODER_STEPS, steps // 4))
+    encoder = ImageEncoder(in_channels=x.shape[1], sample_size=x.shape[-1],
+                           projection_dim=text_encoder.config.projection_dim)
+    encoder, logit_scale, encoder_seconds = train_text_encoder(
+        text_encoder, tokenizer, x, y, words, encoder_steps, seed, progress, tower=encoder,
+        name="digits-ip-adapter/image-encoder")
+    x_test, y_test = load_digits("test")
+    zero_shot = zero_shot_accuracy(text_encoder, tokenizer, encoder, x_test, y_test)
+    with torch.no_grad():
+        embeds = _encode_all(encoder, x)  # (N, D): the encoder is frozen
+
+    adapter = IPAdapter.from_unet(unet, image_embed_dim=embeds.shape[1], num_tokens=IP_TOKENS)
+    adapter.train().requires_grad_(True)
+    adapter.attach(unet)
+    alphas_cumprod = base.scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(seed)
+    opt = _adam(adapter.parameters(), IP_LR)
+    sched = _warmup_cosine(opt, steps)
+    ema = EMA(adapter, 0.999)
+    batches = _batches(len(x), IP_BATCH, gen)
+
+    def step(k):
+        idx = next(batches)
+        dropped = torch.rand(len(idx), generator=gen) < IP_TEXT_DROPOUT
+        prompts = caption_batch(y[idx], [words[i] for i in idx.tolist()], gen, dropped=dropped)
+        with torch.no_grad():
+            tokens = tokenizer(prompts)
+            context = text_encoder(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
+        keep = (torch.rand(len(idx), generator=gen) >= IP_IMAGE_DROPOUT).float()[:, None]
+        image_tokens = adapter(embeds[idx] * keep)
+        t = torch.randint(0, len(alphas_cumprod), (len(idx),), generator=gen)
+        noise = torch.randn(latents[idx].shape, generator=gen)
+        with adapter.conditioned(image_tokens):
+            loss = losses.ddpm_loss(unet, latents[idx], t, noise, alphas_cumprod, context=context)
+        _update(opt, loss, sched, clip_params=adapter.parameters())
+        ema.update(adapter)
+        return {"loss": loss.item()}
+
+    try:
+        seconds = _loop("digits-ip-adapter", steps, step, progress)
+    finally:
+        adapter.detach(unet)
+    _save_ip_adapter(out, encoder, ema.model)
+    return {"train_seconds": round(encoder_seconds + seconds), "image_encoder_steps": encoder_steps,
+            "image_encoder_seconds": round(encoder_seconds), "clip_logit_scale": round(logit_scale, 2),
+            "image_encoder_zero_shot_digit_accuracy": round(zero_shot, 4), "adapter_steps": steps,
+            "parameters": _count(encoder) + _count(ema.model), "num_tokens": IP_TOKENS, "batch_size": IP_BATCH,
+            "lr": IP_LR, "text_dropout": IP_TEXT_DROPOUT, "image_dropout": IP_IMAGE_DROPOUT,
+            "base_model": "digits-sd"}
+
+
+def _save_ip_adapter(out: Path, encoder, adapter) -> None:
+    """The IP-Adapter folder: ``image_encoder/``, ``ip_adapter/`` and a ``model_index.json`` naming digits-sd."""
+    from fastdiff.pipelines import save_extension
+
+    save_extension(out, "digits-sd", {"image_encoder": encoder.eval().requires_grad_(False),
+                                      "ip_adapter": adapter.eval().requires_grad_(False)},
+                   settings={"description": "IP-Adapter on digits-sd: an image prompt (a digit image) steers the "
+                                            "digit and its style through decoupled cross-attention",
+                             "default_ip_adapter_scale": 1.0})
+
+
 def run_dcgan(out: Path, steps: int, seed: int, progress: bool) -> dict:
     """DCGAN with non-saturating BCE losses. 1,438 training images are few for a GAN: the discriminator memorises them
     (without augmentation: D loss → 0.02 and a Fréchet ratio of 8.6 at 12,000 steps). Both real and generated images
@@ -1054,6 +1132,10 @@ RECIPES: dict[str, Recipe] = {
     "digits-controlnet": Recipe("ControlNet on digits-sd conditioned on the digit's edge map (the outline of its "
                                 "binarized ink): a trainable copy of the UNet encoder and middle block joined to the "
                                 "frozen UNet by zero-initialised convolutions", 2000, run_controlnet),
+    "digits-ip-adapter": Recipe("IP-Adapter on digits-sd: an image encoder trained contrastively against the frozen "
+                                "text encoder, its embedding projected to 4 image tokens that a decoupled "
+                                "cross-attention (its own keys and values, added to the text cross-attention) "
+                                "reads in every cross-attention layer of the frozen UNet", 3000, run_ip_adapter),
 }
 
 
@@ -1111,6 +1193,15 @@ def _control_card(evaluation: dict) -> list[str]:
             f"  - IoU {evaluation['iou_ratio']:.2f}× the baseline's, Chamfer distance "
             f"{evaluation['chamfer_ratio']:.2f}× lower; targets: "
             + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in evaluation["targets"].items())]
+
+
+def _image_prompt_card(evaluation: dict) -> list[str]:
+    """The model card's lines of an IP-Adapter evaluation (:func:`fastdiff.evaluation.evaluate_image_prompts`)."""
+    from fastdiff.evaluation import format_image_prompt_report
+
+    table = format_image_prompt_report("", evaluation).split("\n")[2:]
+    return [f"  - {evaluation['prompt']}; ip_adapter_scale {evaluation['scale']}", ""] + [
+        f"    {line}" if line.startswith("|") else f"  - {line.strip()}" if line.strip() else line for line in table]
 
 
 def _prompt_card(evaluation: dict) -> list[str]:
@@ -1184,6 +1275,8 @@ def write_model_card(folder: Path, evaluation: Optional[dict] = None) -> Path:
                      + "):")
         if "controlled" in evaluation:
             lines += _control_card(evaluation)
+        elif "image_prompted" in evaluation:
+            lines += _image_prompt_card(evaluation)
         elif "accuracy" in evaluation:
             lines.append(f"  - classified as the requested digit by the shipped classifier: "
                          f"{100 * evaluation['accuracy']:.1f}%")

@@ -1,7 +1,8 @@
 """fastdiff's compact models, built only from fastdiff.ops / fastdiff.nn, with safetensors checkpoints.
 
 UNet (DDPM / latent diffusion, class and cross-attention conditioning), ControlNet (a UNet's encoder reading a control
-map, residuals into the UNet's skips), VAE (MLP), AutoencoderKL, VQVAE,
+map, residuals into the UNet's skips), IPAdapter + ImageEncoder (image prompts, decoupled cross-attention), VAE (MLP),
+AutoencoderKL, VQVAE,
 DCGANGenerator / DCGANDiscriminator, StyleGenerator, DigitClassifier (scores generated digits),
 TextEncoder + WordTokenizer (prompts of the digits); training losses
 in :mod:`fastdiff.models.losses`;
@@ -18,6 +19,7 @@ from fastdiff.models.gan import (
     StyleGenerator,
     StyleGeneratorConfig,
 )
+from fastdiff.models.ip_adapter import ImageEncoder, ImageEncoderConfig, IPAdapter, IPAdapterConfig
 from fastdiff.models.modeling import ModelMixin, load_model, registered_models
 from fastdiff.models.text_encoder import TextEncoder, TextEncoderConfig, WordTokenizer
 from fastdiff.models.unet import UNet, UNetConfig
@@ -29,6 +31,10 @@ __all__ = [
     "UNetConfig",
     "ControlNet",
     "ControlNetConfig",
+    "IPAdapter",
+    "IPAdapterConfig",
+    "ImageEncoder",
+    "ImageEncoderConfig",
     "VAE",
     "VAEConfig",
     "AutoencoderKL",

@@ -52,7 +52,7 @@ def check_controlnet(unet, controlnet, name: str = "controlnet") -> None:
 
 
 # --------------------------------------------------------------------------------------------- control maps
-def _from_array(name: str, array: np.ndarray, channels: int, single: bool) -> Tensor:
+def _from_array(name: str, array: np.ndarray, channels: int, single: bool, what: str) -> Tensor:
     """A numpy map → (B, C, H, W) float32 in [0, 1]: (H, W), (H, W, C) or, unless ``single`` (an item of a list),
     (B, H, W, C); uint8 is divided by 255; bool is {0, 1}; floating must be in [0, 1]."""
     if array.dtype == np.uint8:
@@ -79,12 +79,11 @@ def _from_array(name: str, array: np.ndarray, channels: int, single: bool) -> Te
     elif c == 1 and channels == 3:  # gray → RGB
         data = np.repeat(data, 3, axis=-1)
     elif c != channels:
-        raise ValueError(f"{name}: an array has {c} channels, the ControlNet takes conditioning_channels={channels} "
-                         f"(1 or 3 convert to each other)")
+        raise ValueError(f"{name}: an array has {c} channels, {what}={channels} (1 or 3 convert to each other)")
     return torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).clamp_(0, 1)
 
 
-def _from_pil(name: str, image, channels: int) -> Tensor:
+def _from_pil(name: str, image, channels: int, what: str) -> Tensor:
     mode = image.mode
     if mode in ("1", "LA"):
         image = image.convert("L")
@@ -92,10 +91,10 @@ def _from_pil(name: str, image, channels: int) -> Tensor:
         image = image.convert("RGB")
     elif mode not in ("L", "RGB"):
         raise ValueError(f"{name}: PIL images of mode {mode!r} are not supported (give an L or RGB image)")
-    return _from_array(name, np.asarray(image), channels, single=True)
+    return _from_array(name, np.asarray(image), channels, True, what)
 
 
-def _from_tensor(name: str, tensor: Tensor, channels: int) -> Tensor:
+def _from_tensor(name: str, tensor: Tensor, channels: int, what: str) -> Tensor:
     if not tensor.is_floating_point():
         raise TypeError(f"{name}: a tensor must be floating, in [0, 1], got dtype {tensor.dtype}")
     if tensor.ndim == 3:
@@ -103,8 +102,8 @@ def _from_tensor(name: str, tensor: Tensor, channels: int) -> Tensor:
     if tensor.ndim != 4 or 0 in tensor.shape:
         raise ValueError(f"{name}: a tensor must have shape (B, C, H, W) or (C, H, W), got {tuple(tensor.shape)}")
     if tensor.shape[1] != channels:
-        raise ValueError(f"{name}: a tensor has {tensor.shape[1]} channels (shape {tuple(tensor.shape)}), the "
-                         f"ControlNet takes conditioning_channels={channels}")
+        raise ValueError(f"{name}: a tensor has {tensor.shape[1]} channels (shape {tuple(tensor.shape)}), "
+                         f"{what}={channels}")
     tensor = tensor.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(tensor).all()) or float(tensor.min()) < 0 or float(tensor.max()) > 1:
         raise ValueError(f"{name}: a tensor must hold values in [0, 1], got values in [{float(tensor.min())}, "
@@ -112,23 +111,23 @@ def _from_tensor(name: str, tensor: Tensor, channels: int) -> Tensor:
     return tensor
 
 
-def _one(name: str, item, channels: int, single: bool) -> Tensor:
+def _one(name: str, item, channels: int, single: bool, what: str) -> Tensor:
     if isinstance(item, Tensor):
-        return _from_tensor(name, item, channels)
+        return _from_tensor(name, item, channels, what)
     if isinstance(item, np.ndarray):
-        return _from_array(name, item, channels, single)
+        return _from_array(name, item, channels, single, what)
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover — pillow is a dependency
         Image = None
     if Image is not None and isinstance(item, Image.Image):
-        return _from_pil(name, item, channels)
+        return _from_pil(name, item, channels, what)
     raise TypeError(f"{name} must be a torch.Tensor, a numpy array, a PIL image or a list of them, got "
                     f"{type(item).__name__}")
 
 
-def prepare_control_image(image, channels: int, size: tuple[int, int], num_prompts: int, per_prompt: int,
-                          name: str = "image") -> Tensor:
+def prepare_control_image(image, channels: int, size: tuple[int, int], num_prompts: Optional[int], per_prompt: int,
+                          name: str = "image", what: str = "the ControlNet takes conditioning_channels") -> Tensor:
     """The control map(s) a caller gives → (num_prompts·per_prompt, channels, H, W) float32 on the CPU in [0, 1].
 
     ``image``: a (B, C, H, W) or (C, H, W) floating tensor in [0, 1]; a numpy array (H, W), (H, W, C) or
@@ -138,7 +137,8 @@ def prepare_control_image(image, channels: int, size: tuple[int, int], num_promp
     RGB for a 3-channel one. Size: a map of another size than ``size`` (H, W) is resized to it (bilinear, antialiased
     when shrinking, aspect ratio not kept), then clamped to [0, 1]. Batch B: 1 (every image), ``num_prompts`` (one
     per prompt, repeated for its ``per_prompt`` images, as diffusers does) or ``num_prompts·per_prompt`` (one per
-    image, in the pipeline's image order).
+    image, in the pipeline's image order); ``num_prompts=None`` keeps the batch as given. The same rules read an
+    IP-Adapter's image prompts (``what`` names the model in the channel errors).
     Raises TypeError / ValueError naming ``name``.
     """
     items = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -147,11 +147,13 @@ def prepare_control_image(image, channels: int, size: tuple[int, int], num_promp
     maps = []
     for i, item in enumerate(items):
         label = name if len(items) == 1 and not isinstance(image, (list, tuple)) else f"{name}[{i}]"
-        m = _one(label, item, channels, single=isinstance(image, (list, tuple)))
+        m = _one(label, item, channels, isinstance(image, (list, tuple)), what)
         if tuple(m.shape[-2:]) != tuple(size):
             m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False, antialias=True).clamp_(0, 1)
         maps.append(m)
     maps = torch.cat(maps)
+    if num_prompts is None:
+        return maps
     b, total = maps.shape[0], num_prompts * per_prompt
     if b == total:
         return maps

@@ -8,20 +8,26 @@ with DDIM/DDPM the combine uncond + s·(cond − uncond) runs inside the fused s
 An optional ControlNet (the ``controlnet`` component, :class:`fastdiff.models.ControlNet`) follows a control map
 (``image=``, e.g. :func:`fastdiff.control.edge_map` of a digit): it runs inside the same loop, wrapped with the UNet
 as one denoiser (:class:`fastdiff.pipelines.controlnet.ControlledUNet`, through the base class's ``_denoiser``
-hook). Another conditioning model (an IP-Adapter) plugs in the same way: a checked call argument, then a wrapper
-made in ``_denoiser``.
+hook). An IP-Adapter (the ``image_encoder`` and ``ip_adapter`` components: :class:`fastdiff.models.ImageEncoder`,
+:class:`fastdiff.models.IPAdapter`) follows an image prompt (``ip_adapter_image=``) the same way: its image tokens
+go to the UNet's cross-attention layers through :class:`fastdiff.pipelines.ip_adapter.IPAdaptedUNet`, wrapping
+the UNet or the UNet with its ControlNet, so both combine in one call.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from fastdiff.pipelines.base import DEFAULT_STEPS
+from fastdiff.pipelines.base import DEFAULT_STEPS, INDEX_NAME, _load_component, base_model_path
 from fastdiff.pipelines.controlnet import ControlledUNet, check_controlnet, prepare_control_image, residual_scales
 from fastdiff.pipelines.diffusion import LatentDiffusionPipeline, check_class_labels
+from fastdiff.pipelines.ip_adapter import IPAdaptedUNet
+from fastdiff.files import read_json_object
 from fastdiff.validation import check_bool, check_positive_int, check_real
 
 Prompts = Union[None, str, Sequence[str]]
@@ -58,15 +64,23 @@ class TextToImagePipeline(LatentDiffusionPipeline):
     :class:`fastdiff.models.ControlNet` made for this UNet (``ControlNet.from_unet``); ``pipe(prompt, image=control)``
     then follows the control map. A ControlNet shipped apart from its base model is a folder naming the base
     (:func:`fastdiff.pipelines.save_extension`), and ``fastdiff.load(folder)`` returns the base pipeline with it.
+
+    ``image_encoder`` + ``ip_adapter`` (optional, both or neither): an :class:`fastdiff.models.ImageEncoder` and the
+    :class:`fastdiff.models.IPAdapter` made for this UNet; ``pipe(prompt="", ip_adapter_image=digit)`` then follows
+    the image prompt, with or without a control map. :meth:`load_ip_adapter` / :meth:`unload_ip_adapter` add and
+    remove them (the UNet's weights are never changed); ``fastdiff.load("digits-ip-adapter")`` is digits-sd with the
+    shipped one.
     """
 
-    component_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "controlnet")
+    component_names = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "controlnet", "image_encoder",
+                       "ip_adapter")
     # generic callers (fastdiff.hub.sampling_defaults: sample, eval, generate) treat the model as having this many
     # classes: label i stands for the prompt str(i) (see ``class_labels``)
     label_prompts = 10
 
     def __init__(self, unet, vae, scheduler, text_encoder, tokenizer,
-                 sample_size: Union[int, tuple[int, int], None] = None, controlnet=None):
+                 sample_size: Union[int, tuple[int, int], None] = None, controlnet=None, image_encoder=None,
+                 ip_adapter=None):
         super().__init__(unet, vae, scheduler, sample_size)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -77,6 +91,10 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         # graphs, and its static buffers, stay the same)
         self._controlled: dict[bool, ControlledUNet] = {}
         self._control = None  # during a call with ``image``: (maps, scale, guess_mode)
+        self.image_encoder, self.ip_adapter = image_encoder, ip_adapter
+        self._check_ip_adapter()
+        self._ip_adapted: dict[object, IPAdaptedUNet] = {}  # the denoiser it wraps → the wrapper, kept as _controlled
+        self._ip = None  # during a call with ``ip_adapter_image``: (tokens [uncond; cond] (B, K, d), scale)
         context_dim = getattr(unet.config, "context_dim", None)
         hidden = text_encoder.config.hidden_size
         if context_dim != hidden:
@@ -90,6 +108,109 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         """After components were set on a built pipeline (an extension folder's, see :func:`load_pipeline`)."""
         if self.controlnet is not None:
             check_controlnet(self.unet, self.controlnet)
+        self._check_ip_adapter()
+
+    # ----------------------------------------------------------------- the IP-Adapter
+    def _check_ip_adapter(self) -> None:
+        """The image_encoder / ip_adapter pair: both or neither, of the right types, made for each other and for
+        this UNet (TypeError / ValueError naming the component); attaches the adapter to the UNet."""
+        from fastdiff.models import ImageEncoder, IPAdapter
+
+        encoder, adapter = self.image_encoder, self.ip_adapter
+        if encoder is None and adapter is None:
+            return
+        if encoder is None or adapter is None:
+            have, lack = ("ip_adapter", "image_encoder") if encoder is None else ("image_encoder", "ip_adapter")
+            raise ValueError(f"image_encoder and ip_adapter come together: got {have} without {lack}")
+        if not isinstance(encoder, ImageEncoder):
+            raise TypeError(f"image_encoder must be a fastdiff.models.ImageEncoder, got {type(encoder).__name__}")
+        if not isinstance(adapter, IPAdapter):
+            raise TypeError(f"ip_adapter must be a fastdiff.models.IPAdapter, got {type(adapter).__name__}")
+        if encoder.config.projection_dim != adapter.config.image_embed_dim:
+            raise ValueError(f"image_encoder.config.projection_dim ({encoder.config.projection_dim}) must equal "
+                             f"ip_adapter.config.image_embed_dim ({adapter.config.image_embed_dim})")
+        adapter.check_unet(self.unet)
+        adapter.attach(self.unet)
+
+    def load_ip_adapter(self, source: str = "digits-ip-adapter") -> None:
+        """Add an IP-Adapter: ``source`` is a shipped model's name ("digits-ip-adapter") or a folder holding
+        ``image_encoder/`` and ``ip_adapter/`` (an extension folder from :func:`fastdiff.pipelines.save_extension`,
+        or a saved pipeline). They are moved to the pipeline's device and dtype and attached to the UNet (replacing
+        an adapter it had); the UNet's weights are unchanged. ValueError naming ``source`` if it has none, or they
+        do not fit this UNet (checked before anything changes)."""
+        if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+            raise TypeError(f"source must be a shipped model's name or a folder path, got {source!r}")
+        folder = base_model_path(Path.cwd(), str(source))
+        index_file = folder / INDEX_NAME
+        index = read_json_object(index_file)
+        missing = [n for n in ("image_encoder", "ip_adapter") if not index.get(n)]
+        if missing:
+            raise ValueError(f"source {str(source)!r} ({index_file}) holds no {' and no '.join(missing)}")
+        encoder = _load_component(folder, index_file, "image_encoder", index["image_encoder"])
+        adapter = _load_component(folder, index_file, "ip_adapter", index["ip_adapter"])
+        old = self.image_encoder, self.ip_adapter
+        self.image_encoder, self.ip_adapter = encoder, adapter
+        try:
+            self._check_ip_adapter()  # checked, then attached in place of the old adapter's hooks
+        except (TypeError, ValueError) as exc:
+            self.image_encoder, self.ip_adapter = old
+            raise ValueError(f"source {str(source)!r}: {exc}") from None
+        encoder.to(self.device, self.dtype).eval()
+        adapter.to(self.device, self.dtype).eval()
+        scale = (index.get("settings") or {}).get("default_ip_adapter_scale")
+        if scale is not None:
+            self.settings["default_ip_adapter_scale"] = scale
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the IP-Adapter (detached from the UNet, whose weights never changed); a no-op without one."""
+        if self.ip_adapter is not None:
+            self.ip_adapter.detach(self.unet)
+        self.image_encoder = self.ip_adapter = None
+        self._ip_adapted.clear()
+        self.settings.pop("default_ip_adapter_scale", None)
+
+    def set_ip_adapter_scale(self, scale: float) -> None:
+        """The ``ip_adapter_scale`` of later calls that do not pass one (0: the base model's images exactly)."""
+        self.settings["default_ip_adapter_scale"] = check_real("scale", scale)
+
+    @torch.inference_mode()
+    def encode_image(self, ip_adapter_image) -> Tensor:
+        """The image encoder's embeddings (B, projection_dim) of an image prompt (any form ``ip_adapter_image``
+        takes, see :meth:`__call__`), in the pipeline's device and dtype."""
+        if self.image_encoder is None:
+            raise ValueError("this pipeline has no IP-Adapter: load one with pipe.load_ip_adapter('digits-ip-adapter')")
+        pixels = self._ip_pixels(ip_adapter_image, None, 1)
+        return self.image_encoder(pixels.to(self.device, self.dtype))
+
+    def _ip_pixels(self, image, num_prompts: Optional[int], per_prompt: int) -> Tensor:
+        """Image prompt(s) → (B, C, S, S) float32 CPU in [−1, 1] (the image encoder's input)."""
+        cfg = self.image_encoder.config
+        pixels = prepare_control_image(image, cfg.in_channels, (cfg.sample_size, cfg.sample_size), num_prompts,
+                                       per_prompt, name="ip_adapter_image", what="the image encoder takes in_channels")
+        return pixels * 2 - 1
+
+    def _check_ip(self, image, scale, num_prompts: int, per_prompt: int):
+        """The checked image prompt of a call: None without ``ip_adapter_image``, else (pixels (B, C, S, S) float32
+        CPU in [−1, 1], one per image, scale)."""
+        if scale is not None:
+            check_real("ip_adapter_scale", scale)
+        if image is None:
+            if scale is not None:
+                raise ValueError("ip_adapter_scale needs ip_adapter_image (an image prompt)")
+            return None
+        if self.ip_adapter is None:
+            raise ValueError("ip_adapter_image (an image prompt) needs an IP-Adapter, and this pipeline has none: "
+                             "pipe.load_ip_adapter('digits-ip-adapter') or fastdiff.load('digits-ip-adapter')")
+        self._check_ip_adapter()
+        for name in ("image_encoder", "ip_adapter"):
+            param = next(getattr(self, name).parameters())
+            if param.device != self.device or param.dtype != self.dtype:
+                raise ValueError(f"{name} is on {param.device} in {param.dtype} but the pipeline on {self.device} in "
+                                 f"{self.dtype}: call pipe.to(...) after attaching it")
+        if scale is None:
+            scale = self.settings.get("default_ip_adapter_scale", 1.0)
+        scale = check_real("ip_adapter_scale", scale)
+        return self._ip_pixels(image, num_prompts, per_prompt), scale
 
     # ----------------------------------------------------------------- prompts → hidden states
     @torch.inference_mode()
@@ -135,6 +256,8 @@ class TextToImagePipeline(LatentDiffusionPipeline):
         image=None,
         controlnet_conditioning_scale: Optional[float] = None,
         guess_mode: bool = False,
+        ip_adapter_image=None,
+        ip_adapter_scale: Optional[float] = None,
     ):
         """Sample one image per prompt (× ``num_images_per_prompt``).
 
@@ -174,6 +297,14 @@ class TextToImagePipeline(LatentDiffusionPipeline):
                 unconditional half gets no residuals) and its residuals are scaled from 0.1 (the first skip) up to
                 1.0 (the middle block) times the scale. Always so under guidance for a globally pooled ControlNet
                 (``global_pool_conditions``, whose residuals are not ramped). Only with ``image``.
+            ip_adapter_image: the image prompt(s) of the IP-Adapter (needs ``image_encoder`` + ``ip_adapter``):
+                the same forms and batch rules as ``image`` (tensors in [0, 1], arrays, PIL images, lists), with
+                ``image_encoder.config.in_channels`` channels (RGB made gray), resized to its ``sample_size``
+                (16×16 for digits-ip-adapter). An empty ``prompt=""`` lets the image alone set the content. Under
+                guidance the unconditional half gets a zero image embedding. Combines with ``image`` (a ControlNet).
+            ip_adapter_scale: a real number multiplying the adapter's image attention in every cross-attention
+                layer (0: the base model's images exactly); None: the model's ``default_ip_adapter_scale``
+                (:meth:`set_ip_adapter_scale`), else 1.0. Only with ``ip_adapter_image``.
         Raises:
             ValueError / TypeError naming the argument, before any work: none or more than one of prompt,
             prompt_embeds and class_labels; an empty prompt list or a non-str prompt; a negative_prompt list of
@@ -181,7 +312,9 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             of the wrong type or shape; ``image`` without a controlnet, of a wrong type, shape, channel count, value
             range or batch, a controlnet not made for this UNet or not on the pipeline's device and dtype;
             controlnet_conditioning_scale not a real number, or guess_mode not a bool, or either without ``image``;
-            and everything :class:`DiffusionPipeline` checks (steps, output_type, …).
+            ip_adapter_image without an IP-Adapter or of a wrong type, shape, channel count, value range or batch,
+            ip_adapter_scale not a real number or without ip_adapter_image; and everything :class:`DiffusionPipeline`
+            checks (steps, output_type, …).
             NonFiniteError: NaN/Inf in the latents (naming the step).
         """
         given = [n for n, v in (("prompt", prompt), ("prompt_embeds", prompt_embeds),
@@ -240,6 +373,7 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             raise ValueError(f"latents must have shape {self._latent_shape(n * per_prompt)}, got "
                              f"{tuple(latents.shape)}")
         control = self._check_control(image, controlnet_conditioning_scale, guess_mode, n, per_prompt)
+        ip = self._check_ip(ip_adapter_image, ip_adapter_scale, n, per_prompt)
 
         # encode (after every check)
         context = self.encode_prompt(prompts) if prompt_embeds is None else prompt_embeds.to(self.device, self.dtype)
@@ -254,13 +388,28 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             context = context.repeat_interleave(per_prompt, dim=0)
             if negative_context is not None:
                 negative_context = negative_context.repeat_interleave(per_prompt, dim=0)
+        if ip is not None:
+            self._prefer_channels_last()  # before the image encoder runs: every call encodes in one layout
+        self._ip = None if ip is None else self._image_tokens(*ip, cfg)
         self._control = control
         try:
             return super().__call__(n * per_prompt, num_inference_steps, generator, guidance_scale, None, output_type,
                                     progress, eta=eta, context=context, negative_context=negative_context,
                                     latents=latents)
         finally:
-            self._control = None
+            self._control = self._ip = None
+
+    @torch.inference_mode()
+    def _image_tokens(self, pixels: Tensor, scale: float, cfg: bool):
+        """(image tokens of the UNet's batch, scale), or None at scale 0 (no image branch: the base model exactly).
+        Under guidance the tokens are [tokens of a zero embedding; the images' tokens]."""
+        if scale == 0:
+            return None
+        embeds = self.image_encoder(pixels.to(self.device, self.dtype))
+        tokens = self.ip_adapter(embeds)
+        if cfg:
+            tokens = torch.cat([self.ip_adapter(torch.zeros_like(embeds)), tokens])
+        return tokens, scale
 
     # ----------------------------------------------------------------- the ControlNet
     def _check_control(self, image, scale, guess_mode, num_prompts: int, per_prompt: int):
@@ -295,9 +444,25 @@ class TextToImagePipeline(LatentDiffusionPipeline):
 
     def _denoiser(self, unet, cfg: bool):
         """With a control map: the UNet and the ControlNet as one denoiser (:class:`ControlledUNet`), its map batched
-        as the UNet's input ([map; map] under guidance; the conditional half's only in guess mode)."""
-        if self._control is None:
-            return unet
+        as the UNet's input ([map; map] under guidance; the conditional half's only in guess mode). With an image
+        prompt: that (or the UNet) with the IP-Adapter's image tokens (:class:`IPAdaptedUNet`)."""
+        model = unet if self._control is None else self._controlled_unet(unet, cfg)
+        if self._ip is None:
+            return model
+        tokens, scale = self._ip
+        adapter = self.ip_adapter
+        if not adapter.is_attached(self.unet):  # the UNet was replaced since: hook the adapter into the new one
+            adapter.attach(self.unet)
+        inner = model if isinstance(model, ControlledUNet) else self.unet
+        wrapper = self._ip_adapted.get(id(inner))
+        if wrapper is None or wrapper.model is not inner or wrapper.adapter is not adapter:
+            wrapper = self._ip_adapted[id(inner)] = IPAdaptedUNet(inner, adapter)
+        wrapper.compiled = None if model is inner else model  # the compiled UNet after compile()
+        wrapper.set_image(tokens, scale)
+        return wrapper
+
+    def _controlled_unet(self, unet, cfg: bool) -> ControlledUNet:
+        """The UNet (``unet``: it or its compiled callable) with the ControlNet and this call's control map."""
         maps, scale, guess_mode = self._control
         controlnet = self.controlnet
         split = cfg and (guess_mode or bool(controlnet.config.global_pool_conditions))
