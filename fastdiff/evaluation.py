@@ -164,15 +164,19 @@ PROMPT_TARGETS = {"accuracy": 0.95, "bold_thin_mass_ratio": 1.3, "fd_ratio": 3.0
 
 
 def _prompt_samples(pipe, prompts: list[str], seed: int, steps: int, guidance: Optional[float], batch_size: int,
-                    progress: bool, negative: Optional[str] = None) -> torch.Tensor:
+                    progress: bool, negative: Optional[str] = None,
+                    per_batch: Optional[Callable[[slice], dict]] = None) -> torch.Tensor:
     """Images (N, 1, H, W) in [−1, 1] for ``prompts``, one CPU generator seeded with ``seed`` drawn through in
-    batches (so two prompt lists of one length get the same initial noises)."""
+    batches (so two prompt lists of one length get the same initial noises). ``per_batch(batch slice)``: more call
+    arguments for the prompts of that batch (a control map, an image prompt)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        batch = slice(start, start + batch_size)
         kwargs = {"negative_prompt": negative} if negative is not None else {}
-        out.append(pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+        if per_batch is not None:
+            kwargs.update(per_batch(batch))
+        out.append(pipe(prompt=prompts[batch], num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                         output_type="pt", progress=progress, **kwargs) * 2 - 1)
     return torch.cat(out)
 
@@ -269,6 +273,20 @@ def format_prompt_report(name: str, report: dict) -> str:
     return "\n".join(lines)
 
 
+def held_out_digits(num: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num`` held-out digits (all 359 for None, at most all): images (n, 1, 16, 16) in [−1, 1] and labels
+    (n,); ValueError unless ``num`` is a positive int. Needs scikit-learn (the ``train`` extra)."""
+    from fastdiff.data import load_digits
+
+    x, y = load_digits("test")
+    if num is not None:
+        from fastdiff.validation import check_positive_int
+
+        num = min(check_positive_int("num", num), len(y))
+        x, y = x[:num], y[:num]
+    return x, y
+
+
 def evaluate_control(pipe, num: Optional[int] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
                      seed: int = 0, batch_size: int = 250, scale: float = 1.0, progress: bool = True) -> dict:
     """ControlNet adherence of a text-to-image pipeline with a ControlNet (``fastdiff eval digits-controlnet``).
@@ -280,17 +298,11 @@ def evaluate_control(pipe, num: Optional[int] = None, steps: Optional[int] = Non
     named digit, and the Fréchet distance of the controlled samples to the held-out digits.
     """
     from fastdiff.control import chamfer_distance, edge_iou, edge_map
-    from fastdiff.data import load_digits
     from fastdiff.hub import sampling_defaults
 
     if getattr(pipe, "controlnet", None) is None:
         raise ValueError("pipe has no controlnet: evaluate_control scores a pipeline with a ControlNet attached")
-    x, y = load_digits("test")
-    if num is not None:
-        from fastdiff.validation import check_positive_int
-
-        num = min(check_positive_int("num", num), len(y))
-        x, y = x[:num], y[:num]
+    x, y = held_out_digits(num)
     defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
     control = edge_map(x)
     prompts = [str(int(d)) for d in y]
@@ -298,15 +310,9 @@ def evaluate_control(pipe, num: Optional[int] = None, steps: Optional[int] = Non
     real = real_digits(classifier)
 
     def run(use_control: bool) -> torch.Tensor:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = slice(start, start + batch_size)
-            extra = {"image": control[chunk], "controlnet_conditioning_scale": scale} if use_control else {}
-            out.append(pipe(prompt=prompts[chunk], num_inference_steps=defaults.steps,
-                            guidance_scale=defaults.guidance, generator=generator, output_type="pt",
-                            progress=progress, **extra) * 2 - 1)
-        return torch.cat(out)
+        return _prompt_samples(pipe, prompts, seed, defaults.steps, defaults.guidance, batch_size, progress,
+                               per_batch=lambda b: {"image": control[b], "controlnet_conditioning_scale": scale}
+                               if use_control else {})
 
     report = {"num": len(y), "steps": defaults.steps, "guidance": defaults.guidance, "scale": scale,
               "dtype": _dtype_name(pipe), "control": "edge map of the held-out digit, prompt = its numeral"}
@@ -440,18 +446,12 @@ def evaluate_image_prompts(pipe, num: Optional[int] = None, steps: Optional[int]
       ratio of the prompt images themselves (``prompt_bold_thin_mass_ratio``) for scale; slant correlation alike;
     - the Fréchet ratio of the samples to the held-out digits.
     """
-    from fastdiff.data import load_digits
     from fastdiff.hub import sampling_defaults
     from fastdiff.prompts import ATTRIBUTE_THRESHOLDS, digit_attributes
 
     if getattr(pipe, "ip_adapter", None) is None:
         raise ValueError("pipe has no ip_adapter: evaluate_image_prompts scores a pipeline with an IP-Adapter")
-    x, y = load_digits("test")
-    if num is not None:
-        from fastdiff.validation import check_positive_int
-
-        num = min(check_positive_int("num", num), len(y))
-        x, y = x[:num], y[:num]
+    x, y = held_out_digits(num)
     defaults = sampling_defaults(pipe, steps=steps, guidance=guidance)
     if scale is None:
         scale = float(pipe.settings.get("default_ip_adapter_scale", 1.0))
@@ -460,15 +460,9 @@ def evaluate_image_prompts(pipe, num: Optional[int] = None, steps: Optional[int]
     real = real_digits(classifier)
 
     def run(use_image: bool) -> torch.Tensor:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        out = []
-        for start in range(0, len(y), batch_size):
-            chunk = slice(start, start + batch_size)
-            n = len(y[chunk])
-            extra = {"ip_adapter_image": image_prompts[chunk], "ip_adapter_scale": scale} if use_image else {}
-            out.append(pipe(prompt=[""] * n, num_inference_steps=defaults.steps, guidance_scale=defaults.guidance,
-                            generator=generator, output_type="pt", progress=progress, **extra) * 2 - 1)
-        return torch.cat(out)
+        return _prompt_samples(pipe, [""] * len(y), seed, defaults.steps, defaults.guidance, batch_size, progress,
+                               per_batch=lambda b: {"ip_adapter_image": image_prompts[b], "ip_adapter_scale": scale}
+                               if use_image else {})
 
     prompt_attrs = digit_attributes(x)
     lo, hi = ATTRIBUTE_THRESHOLDS["mass"]

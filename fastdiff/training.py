@@ -771,6 +771,15 @@ def caption_batch(labels: torch.Tensor, words: list, generator: torch.Generator,
             for lab, w, d in zip(labels.tolist(), words, dropped.tolist())]
 
 
+@torch.no_grad()
+def caption_states(pipe, labels: torch.Tensor, words: list, generator: torch.Generator, p_drop: float) -> torch.Tensor:
+    """The frozen text encoder's hidden states (B, M, d) of one random caption per image (:func:`caption_batch`, a
+    ``p_drop`` share of them ""), with ``pipe``'s tokenizer and text encoder."""
+    dropped = torch.rand(len(labels), generator=generator) < p_drop
+    tokens = pipe.tokenizer(caption_batch(labels, words, generator, dropped=dropped))
+    return pipe.text_encoder(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
+
+
 def train_text_encoder(text_encoder, tokenizer, x: torch.Tensor, y: torch.Tensor, words: list, steps: int,
                        seed: int, progress: bool, tower=None, name: str = "digits-sd/text-encoder"):
     """The CLIP way: ``text_encoder``'s ``text_embeds`` of each image's random caption against an image tower
@@ -888,32 +897,46 @@ CN_PROMPT_DROPOUT = 0.3  # captions replaced by "": the ControlNet learns to fol
 CN_EMBEDDING = (16, 32)  # conditioning embedding channels: a 16×16 edge map → the 8×8 latent grid
 
 
-def run_controlnet(out: Path, steps: int, seed: int, progress: bool) -> dict:
-    """A ControlNet on the shipped digits-sd, conditioned on the digit's edge map (:func:`fastdiff.control.edge_map`:
-    the outline of the binarized ink). The ControlNet starts as a copy of digits-sd's UNet encoder and middle block
-    (zero convolutions out), the UNet, VAE and text encoder stay frozen; ε-prediction loss on digits-sd's latents
-    with random captions (30% dropped to "")."""
+def _frozen_digits_sd(seed: int):
+    """What a model trained on top of the shipped digits-sd starts from (after seeding torch with ``seed``): the
+    train digits x (N, 1, 16, 16) and labels y, each image's attribute words, digits-sd itself with its UNet frozen,
+    and the digits' scaled VAE latents (N, C, h, w)."""
     import fastdiff
-    from fastdiff.control import edge_map
-    from fastdiff.models import ControlNet, losses
     from fastdiff.prompts import attribute_words, digit_attributes
 
     torch.manual_seed(seed)
     x, y = load_digits("train")
     words = attribute_words(digit_attributes(x))
     base = fastdiff.load("digits-sd")
-    unet = base.unet.eval().requires_grad_(False)
-    text_encoder, tokenizer, vae = base.text_encoder, base.tokenizer, base.vae
+    base.unet.eval().requires_grad_(False)
+    vae = base.vae
     latents = _encode_all(lambda b: vae.encode(b).mode(), x) * vae.config.scaling_factor
+    return x, y, words, base, latents
+
+
+def _add_on_training(model, lr: float, steps: int, n: int, batch_size: int, seed: int):
+    """The training state of a model added to the frozen digits-sd: (generator seeded with ``seed``, AdamW at
+    ``lr``, warm-up + cosine schedule over ``steps``, EMA 0.999 of ``model``, endless minibatch indices of n)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = _adam(model.parameters(), lr)
+    return gen, opt, _warmup_cosine(opt, steps), EMA(model, 0.999), _batches(n, batch_size, gen)
+
+
+def run_controlnet(out: Path, steps: int, seed: int, progress: bool) -> dict:
+    """A ControlNet on the shipped digits-sd, conditioned on the digit's edge map (:func:`fastdiff.control.edge_map`:
+    the outline of the binarized ink). The ControlNet starts as a copy of digits-sd's UNet encoder and middle block
+    (zero convolutions out), the UNet, VAE and text encoder stay frozen; ε-prediction loss on digits-sd's latents
+    with random captions (30% dropped to "")."""
+    from fastdiff.control import edge_map
+    from fastdiff.models import ControlNet, losses
+
+    x, y, words, base, latents = _frozen_digits_sd(seed)
+    unet = base.unet
     edges = edge_map(x)
     controlnet = ControlNet.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=CN_EMBEDDING)
     controlnet.train().requires_grad_(True)
     alphas_cumprod = base.scheduler.alphas_cumprod
-    gen = torch.Generator().manual_seed(seed)
-    opt = _adam(controlnet.parameters(), CN_LR)
-    sched = _warmup_cosine(opt, steps)
-    ema = EMA(controlnet, 0.999)
-    batches = _batches(len(x), CN_BATCH, gen)
+    gen, opt, sched, ema, batches = _add_on_training(controlnet, CN_LR, steps, len(x), CN_BATCH, seed)
 
     def controlled(x_t, t, context, control):
         down, mid = controlnet(x_t, t, controlnet_cond=control, context=context)
@@ -922,11 +945,7 @@ def run_controlnet(out: Path, steps: int, seed: int, progress: bool) -> dict:
 
     def step(k):
         idx = next(batches)
-        dropped = torch.rand(len(idx), generator=gen) < CN_PROMPT_DROPOUT
-        prompts = caption_batch(y[idx], [words[i] for i in idx.tolist()], gen, dropped=dropped)
-        with torch.no_grad():
-            tokens = tokenizer(prompts)
-            context = text_encoder(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
+        context = caption_states(base, y[idx], [words[i] for i in idx.tolist()], gen, CN_PROMPT_DROPOUT)
         t = torch.randint(0, len(alphas_cumprod), (len(idx),), generator=gen)
         noise = torch.randn(latents[idx].shape, generator=gen)
         loss = losses.ddpm_loss(controlled, latents[idx], t, noise, alphas_cumprod, context=context,
@@ -969,17 +988,10 @@ def run_ip_adapter(out: Path, steps: int, seed: int, progress: bool) -> dict:
     projection to 4 tokens, per cross-attention layer image key/value projections initialised from the text ones)
     learns the ε-prediction loss with the UNet, VAE and both encoders frozen; the image prompt is the training image
     itself, its caption dropped to "" half of the time and its embedding zeroed 10% of the time."""
-    import fastdiff
     from fastdiff.models import ImageEncoder, IPAdapter, losses
-    from fastdiff.prompts import attribute_words, digit_attributes
 
-    torch.manual_seed(seed)
-    x, y = load_digits("train")
-    words = attribute_words(digit_attributes(x))
-    base = fastdiff.load("digits-sd")
-    unet = base.unet.eval().requires_grad_(False)
-    text_encoder, tokenizer, vae = base.text_encoder, base.tokenizer, base.vae
-    latents = _encode_all(lambda b: vae.encode(b).mode(), x) * vae.config.scaling_factor
+    x, y, words, base, latents = _frozen_digits_sd(seed)
+    unet, text_encoder, tokenizer = base.unet, base.text_encoder, base.tokenizer
 
     encoder_steps = max(1, min(IP_ENCODER_STEPS, steps // 4))
     encoder = ImageEncoder(in_channels=x.shape[1], sample_size=x.shape[-1],
@@ -996,19 +1008,11 @@ def run_ip_adapter(out: Path, steps: int, seed: int, progress: bool) -> dict:
     adapter.train().requires_grad_(True)
     adapter.attach(unet)
     alphas_cumprod = base.scheduler.alphas_cumprod
-    gen = torch.Generator().manual_seed(seed)
-    opt = _adam(adapter.parameters(), IP_LR)
-    sched = _warmup_cosine(opt, steps)
-    ema = EMA(adapter, 0.999)
-    batches = _batches(len(x), IP_BATCH, gen)
+    gen, opt, sched, ema, batches = _add_on_training(adapter, IP_LR, steps, len(x), IP_BATCH, seed)
 
     def step(k):
         idx = next(batches)
-        dropped = torch.rand(len(idx), generator=gen) < IP_TEXT_DROPOUT
-        prompts = caption_batch(y[idx], [words[i] for i in idx.tolist()], gen, dropped=dropped)
-        with torch.no_grad():
-            tokens = tokenizer(prompts)
-            context = text_encoder(tokens["input_ids"], tokens["attention_mask"]).last_hidden_state
+        context = caption_states(base, y[idx], [words[i] for i in idx.tolist()], gen, IP_TEXT_DROPOUT)
         keep = (torch.rand(len(idx), generator=gen) >= IP_IMAGE_DROPOUT).float()[:, None]
         image_tokens = adapter(embeds[idx] * keep)
         t = torch.randint(0, len(alphas_cumprod), (len(idx),), generator=gen)

@@ -434,6 +434,18 @@ def test_save_extension_checks_its_arguments_before_writing(tmp_path, pipe):
 
 
 # --------------------------------------------------------------------------------------------- 6. CUDA graphs (faked)
+def check_graphed_steps(pipe, cache, model, x, context, eps_fn, guidance: float = 3.0):
+    """Run ``model`` through the graph ``cache`` (the UNet call and the fused guided DDIM step as one graph) at every
+    timestep of the pipeline's scheduler, on the batch [x; x] and ``context``, and compare each step with the plan
+    applied eagerly to ``eps_fn(model_in, t_batch)``."""
+    cache.check(model)
+    for t in pipe.scheduler.timesteps.tolist():
+        model_in, t_batch = torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t))
+        plan = pipe.scheduler.fused_step(t, x)
+        got = cache.run_step(model, plan, guidance, model_in, t_batch, None, context, x)
+        close(got, plan.run(x, eps_fn(model_in, t_batch), guidance)[0], atol=1e-5)
+
+
 def test_cuda_graphs_capture_the_controlled_step_once(fake_cuda, pipe):  # noqa: F811 (the fixture)
     """The wrapper is one model for the graph cache: captured once, then replayed with a new control map and scale
     (static buffers filled in place); guess mode is its own wrapper (another graph); a new ControlNet is noticed by
@@ -445,24 +457,21 @@ def test_cuda_graphs_capture_the_controlled_step_once(fake_cuda, pipe):  # noqa:
     maps = {"a": edge_maps(2, seed=5), "b": edge_maps(2, seed=6)}
 
     def run_steps(name, scale, guess=False):
+        def eps(model_in, t_batch):
+            control = maps[name] if guess else torch.cat([maps[name], maps[name]])
+            sub = slice(2, None) if guess else slice(None)
+            down, mid = pipe.controlnet(model_in[sub], t_batch[sub], control, conditioning_scale=scale,
+                                        context=context[sub], guess_mode=guess)
+            if guess:
+                down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+                mid = torch.cat([torch.zeros_like(mid), mid])
+            return pipe.unet(model_in, t_batch, context=context, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)
+
         with torch.inference_mode():
             pipe._control = (maps[name], scale, guess)
             model = pipe._denoiser(pipe.unet, True)
-            cache.check(model)
-            for t in sched.timesteps.tolist():
-                model_in, t_batch = torch.cat([x, x]), torch.full((4,), float(t))
-                plan = sched.fused_step(t, x)
-                got = cache.run_step(model, plan, 3.0, model_in, t_batch, None, context, x)
-                control = maps[name] if guess else torch.cat([maps[name], maps[name]])
-                sub = slice(2, None) if guess else slice(None)
-                down, mid = pipe.controlnet(model_in[sub], t_batch[sub], control, conditioning_scale=scale,
-                                            context=context[sub], guess_mode=guess)
-                if guess:
-                    down = [torch.cat([torch.zeros_like(r), r]) for r in down]
-                    mid = torch.cat([torch.zeros_like(mid), mid])
-                eps = pipe.unet(model_in, t_batch, context=context, down_block_additional_residuals=down,
-                                mid_block_additional_residual=mid)
-                close(got, plan.run(x, eps, 3.0)[0], atol=1e-5)
+            check_graphed_steps(pipe, cache, model, x, context, eps)
             pipe._control = None
             return model
 

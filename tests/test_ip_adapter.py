@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from model_factories import tiny_text_pipeline
 from PIL import Image
-from test_controlnet_pipeline import controlled_eps, edge_maps, make_controlnet
+from test_controlnet_pipeline import check_graphed_steps, controlled_eps, edge_maps, make_controlnet
 from test_text_to_image import STEPS, Calls, close, ddim_reference, differ, encode, noise, sample
 
 import fastdiff
@@ -29,6 +29,7 @@ from fastdiff.models import ImageEncoder, IPAdapter, UNet
 from fastdiff.models.ip_adapter import cross_attention_layers
 from fastdiff.nn import GroupNormSiLU
 from fastdiff.pipelines import save_extension
+from fastdiff.pipelines.controlnet import ControlledUNet
 from fastdiff.pipelines.cuda_graph import GraphCache
 from fastdiff.pipelines.ip_adapter import IPAdaptedUNet
 from tests.test_cli import run
@@ -414,17 +415,15 @@ def test_cuda_graphs_capture_the_adapted_step_once(fake_cuda, pipe):  # noqa: F8
 
     def run_steps(name, scale):
         tokens = torch.cat([tokens_of(pipe, prompts[name], True), tokens_of(pipe, prompts[name])])
+
+        def eps(model_in, t_batch):
+            with pipe.ip_adapter.conditioned(tokens, scale):
+                return pipe.unet(model_in, t_batch, context=context)
+
         with torch.inference_mode():
             pipe._ip = (tokens, scale)
             model = pipe._denoiser(pipe.unet, True)
-            cache.check(model)
-            for t in sched.timesteps.tolist():
-                model_in, t_batch = torch.cat([x, x]), torch.full((4,), float(t))
-                plan = sched.fused_step(t, x)
-                got = cache.run_step(model, plan, 3.0, model_in, t_batch, None, context, x)
-                with pipe.ip_adapter.conditioned(tokens, scale):
-                    eps = pipe.unet(model_in, t_batch, context=context)
-                close(got, plan.run(x, eps, 3.0)[0], atol=1e-5)
+            check_graphed_steps(pipe, cache, model, x, context, eps)
             pipe._ip = None
             return model
 
@@ -435,11 +434,12 @@ def test_cuda_graphs_capture_the_adapted_step_once(fake_cuda, pipe):  # noqa: F8
     assert cache.captures == 1 and cache.replays == 6
 
 
-def test_the_wrapper_has_the_unets_signature_and_config(pipe):
-    model = IPAdaptedUNet(pipe.unet, pipe.ip_adapter)
-    assert model.config is pipe.unet.config
-    with pytest.raises(RuntimeError, match="set_image"):
-        model(noise(1), 10.0, context=encode(pipe, [P0]))
+def test_the_wrapper_passes_the_unets_config_and_needs_its_image_first(pipe):
+    for inner in (pipe.unet, ControlledUNet(pipe.unet, make_controlnet(pipe.unet))):
+        wrapper = IPAdaptedUNet(inner, pipe.ip_adapter)
+        assert wrapper.config is pipe.unet.config and wrapper.model is inner
+        with pytest.raises(RuntimeError, match=r"set_image\(tokens, scale\)"):
+            wrapper(noise(1), 10.0, context=encode(pipe, [P0]))
 
 
 # --------------------------------------------------------------------------------------------- 5. fastdiff sample

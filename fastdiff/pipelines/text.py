@@ -110,6 +110,14 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             check_controlnet(self.unet, self.controlnet)
         self._check_ip_adapter()
 
+    def _check_placement(self, name: str) -> None:
+        """ValueError unless the component ``name`` (a model attached after the pipeline was built) is on the
+        pipeline's device and dtype."""
+        param = next(getattr(self, name).parameters())
+        if param.device != self.device or param.dtype != self.dtype:
+            raise ValueError(f"{name} is on {param.device} in {param.dtype} but the pipeline on {self.device} in "
+                             f"{self.dtype}: call pipe.to(...) after attaching it")
+
     # ----------------------------------------------------------------- the IP-Adapter
     def _check_ip_adapter(self) -> None:
         """The image_encoder / ip_adapter pair: both or neither, of the right types, made for each other and for
@@ -202,11 +210,8 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             raise ValueError("ip_adapter_image (an image prompt) needs an IP-Adapter, and this pipeline has none: "
                              "pipe.load_ip_adapter('digits-ip-adapter') or fastdiff.load('digits-ip-adapter')")
         self._check_ip_adapter()
-        for name in ("image_encoder", "ip_adapter"):
-            param = next(getattr(self, name).parameters())
-            if param.device != self.device or param.dtype != self.dtype:
-                raise ValueError(f"{name} is on {param.device} in {param.dtype} but the pipeline on {self.device} in "
-                                 f"{self.dtype}: call pipe.to(...) after attaching it")
+        self._check_placement("image_encoder")
+        self._check_placement("ip_adapter")
         if scale is None:
             scale = self.settings.get("default_ip_adapter_scale", 1.0)
         scale = check_real("ip_adapter_scale", scale)
@@ -428,10 +433,7 @@ class TextToImagePipeline(LatentDiffusionPipeline):
             raise ValueError("image (a control map) needs a ControlNet, and this pipeline has none: load a ControlNet "
                              "model (e.g. fastdiff.load('digits-controlnet')) or set pipe.controlnet")
         check_controlnet(self.unet, controlnet)
-        param = next(controlnet.parameters())
-        if param.device != self.device or param.dtype != self.dtype:
-            raise ValueError(f"controlnet is on {param.device} in {param.dtype} but the pipeline on {self.device} in "
-                             f"{self.dtype}: call pipe.to(...) after attaching it")
+        self._check_placement("controlnet")
         if scale is None:
             scale = self.settings.get("default_controlnet_conditioning_scale", 1.0)
         scale = check_real("controlnet_conditioning_scale", scale)
