@@ -169,6 +169,8 @@ def cmd_models(args) -> int:
 def cmd_info(args) -> int:
     import fastdiff
 
+    if args.verify:
+        return _verify_assets(args.json)
     info = fastdiff.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -183,6 +185,24 @@ def cmd_info(args) -> int:
     native_bf16 = "yes" if info["cpu_native_bf16"] else "no"
     print(f"--dtype auto here: {info['dtype_auto']} (CPU with native bf16: {native_bf16})")
     return 0
+
+
+def _verify_assets(as_json: bool) -> int:
+    """``fastdiff info --verify``: every shipped folder's weight files against its checksums.json; exit 1 if any
+    differs (each damaged folder printed with the file and digests), else 0."""
+    from fastdiff.integrity import verify_assets
+
+    report = verify_assets()
+    bad = {name: r for name, r in report.items() if isinstance(r, str)}
+    if as_json:
+        print(json.dumps({"ok": not bad, "assets": report}, indent=2))
+    else:
+        for name, result in report.items():
+            print(f"  {name:20s} " + (f"DAMAGED: {result}" if isinstance(result, str)
+                                       else f"ok ({len(result)} weight file{'s' if len(result) != 1 else ''}, sha256)"))
+        print(f"{len(report) - len(bad)} of {len(report)} shipped folders verified"
+              + ("" if not bad else f"; damaged: {', '.join(bad)} (reinstall fastdiff)"))
+    return 1 if bad else 0
 
 
 # --------------------------------------------------------------------------------------------- eval / bench / train
@@ -327,7 +347,7 @@ def cmd_generate(args) -> int:
         summary = generate(**kwargs)
         if summary["rank"] == 0:
             print(format_summary(summary), flush=True)
-        return 0
+        return 1 if summary.get("failed") else 0
     _positive("--nproc", args.nproc)
     if os.environ.get("WORLD_SIZE") not in (None, "", "1"):
         raise UsageError("--nproc starts its own workers: do not combine it with torchrun")
@@ -337,7 +357,7 @@ def cmd_generate(args) -> int:
     if errors:
         raise ValueError(errors[0])
     print(format_summary(results[0]), flush=True)
-    return 0
+    return 1 if results[0].get("failed") else 0
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -392,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="which implementation each op runs here")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--verify", action="store_true",
+                   help="check every shipped model's weight files against the sha256 recorded with it (exit 1 if any "
+                        "is damaged)")
     i.set_defaults(func=cmd_info)
 
     e = sub.add_parser("eval", help="score a model's samples with the shipped digit classifier (a text-to-image "
@@ -475,6 +498,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as exc:  # an optional dependency the chosen option needs (the message names the package)
         print(f"fastdiff: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # NonFiniteError: NaN/Inf while sampling (the message names the step)
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130

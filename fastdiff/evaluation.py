@@ -37,9 +37,14 @@ SWEEP_ROW_KEYS = ("model", "sampler", "scheduler", "steps", "unet_calls_per_imag
 
 
 def load_classifier(path: Optional[Path] = None):
+    """The shipped digit classifier (or the one saved in ``path``), its weights checked against the folder's
+    checksums.json when it has one."""
+    from fastdiff.integrity import verify_folder
     from fastdiff.models.classifier import DigitClassifier
 
-    return DigitClassifier.from_pretrained(path or CLASSIFIER).eval()
+    folder = path or CLASSIFIER
+    verify_folder(folder)
+    return DigitClassifier.from_pretrained(folder).eval()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

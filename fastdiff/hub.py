@@ -112,13 +112,16 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None],
 
 
 def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[str, torch.device, None] = None,
-         dtype: Union[str, torch.dtype, None] = None, sampler: Optional[str] = None):
+         dtype: Union[str, torch.dtype, None] = None, sampler: Optional[str] = None,
+         allow_non_finite: bool = False):
     """The ready pipeline of a shipped model (see :func:`list_models`) or of a saved pipeline folder.
 
     ``sampler``: one of :data:`SAMPLERS` to replace the model's own scheduler (its configuration carried over);
     ``device``: "cpu", "cuda" or None (as the weights load: cpu); ``dtype``: None (the weights' own, fp32), a torch
     dtype, "fp32"/"fp16"/"bf16", or "auto" (bf16 on a CPU with native bf16, else the weights' own; what
-    ``fastdiff sample`` uses by default).
+    ``fastdiff sample`` uses by default); ``allow_non_finite``: load weights holding NaN/Inf (refused by default, a
+    ValueError naming the tensor). A folder's weight files are checked against its ``checksums.json`` (every
+    shipped model has one): a damaged install raises :class:`fastdiff.integrity.CorruptedModelError` naming the file.
 
     Example: ``fastdiff.load("digits-ddpm", sampler="dpm++")(batch_size=16, class_labels=[3] * 16,
     num_inference_steps=15, guidance_scale=3.0, output_type="np")``. Raises ValueError for an unknown name or
@@ -131,7 +134,7 @@ def load(name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL, device: Union[st
         raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     dev = None if device is None else resolve_device(device)
     path = model_path(name_or_path)
-    pipe = load_pipeline(path, device=dev, dtype=resolve_dtype(dtype, dev))
+    pipe = load_pipeline(path, device=dev, dtype=resolve_dtype(dtype, dev), allow_non_finite=bool(allow_non_finite))
     if sampler is not None:
         if getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"--sampler: model {str(name_or_path)!r} has no diffusion sampler (it is a GAN)")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.data import IMAGE_SIZE, load_digits
 from fastdiff.files import read_json_object, write_json_atomic, write_text_atomic
+from fastdiff.integrity import write_checksums
 
 logger = logging.getLogger("fastdiff")
 
@@ -1169,6 +1170,7 @@ def train(name: str, out: Path, steps: Optional[int] = None, seed: int = 0, prog
                     "threads": torch.get_num_threads()})
     write_json_atomic(out / "train_metrics.json", metrics)
     write_model_card(out)
+    write_checksums(out)  # the sha256 of every weight file, checked when the folder is loaded
     logger.info("%s: trained in %s s → %s", name, metrics["train_seconds"], out)
     return metrics
 

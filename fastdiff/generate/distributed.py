@@ -45,6 +45,14 @@ class Ranks:
         torch.distributed.all_reduce(t)
         return int(t.item())
 
+    def gather_objects(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
     def gather(self, values: list[float]) -> list[list[float]]:
         if self.world == 1:
             return [values]

@@ -95,7 +95,9 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         batch_invariant: run the pipeline under :func:`fastdiff.batch_invariant` (None: on for the CPU, off for CUDA).
     Returns:
         this rank's summary: ``{"rank", "world", "outdir", "count", "new", "skipped", "seconds", "images_per_s",
-        "per_rank": [images/s of each rank]}``.
+        "per_rank": [images/s of each rank], "failed": [indices of images with NaN/Inf, not written]}``. An image
+        with NaN/Inf (the pipeline's NonFiniteError, or non-finite pixels) is never written: its index is listed in
+        ``failed`` and a rerun into the same folder makes it again.
     Raises:
         ValueError (TypeError for a wrong type) naming the argument, before any image is made: bad numbers, unknown
         model or sampler, a file or an unwritable path as ``outdir``, an ``outdir`` made with other settings (see
@@ -161,18 +163,18 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         start = time.perf_counter()
         busy = 0.0
         made = 0
+        failed: list[int] = []  # indices whose image had NaN/Inf (not written)
         for r in range(rounds):
             chunk = mine[r * batch:(r + 1) * batch]
             if chunk:
                 t0 = time.perf_counter()
                 rows = chunk + chunk[-1:] * (rows_per_call - len(chunk))  # a fixed shape: padded, extra rows dropped
-                kwargs = {"batch_size": len(rows), "generator": [image_generator(seed, i) for i in rows],
-                          "output_type": "np", "progress": False, **job.call_kwargs()}
-                if num_classes is not None:
-                    kwargs["class_labels"] = job.class_labels(rows)
                 with batch_invariance.batch_invariant(batch_invariant):
-                    images = pipe(**kwargs)[:len(chunk)]  # (B, H, W, C) float32 in [0, 1]
+                    images = _sample_rows(pipe, job, rows, seed, num_classes, len(chunk))
                 for index, image in zip(chunk, images):
+                    if image is None or not np.isfinite(image).all():  # never written: recorded, remade next run
+                        failed.append(index)
+                        continue
                     label = None if num_classes is None else index % num_classes
                     folder.write_image(outdir, index, num, fmt, image, label)
                     made += 1
@@ -187,12 +189,17 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         # 5. the summary: images/s of each rank (its own busy time) and of the whole job (wall time)
         stats = dist.gather([float(made), busy, time.perf_counter() - start])
         total_new = int(sum(s[0] for s in stats))
+        all_failed = sorted(i for rank_failed in dist.gather_objects(failed) for i in rank_failed)
+        if all_failed:
+            logger.warning("fastdiff: %d image(s) had NaN/Inf values and were not written (indices %s); a rerun "
+                           "remakes them", len(all_failed), all_failed[:20])
         seconds = max(s[2] for s in stats)
         summary = {
             "rank": dist.rank, "world": dist.world, "outdir": str(outdir), "count": num, "new": total_new,
             "skipped": num - len(pending), "seconds": seconds,
             "images_per_s": total_new / seconds if seconds > 0 else 0.0,
             "per_rank": [s[0] / s[1] if s[1] > 0 else 0.0 for s in stats],
+            "failed": all_failed,
         }
         logger.info("%s", format_summary(summary))
         return summary
@@ -201,12 +208,41 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
             torch.distributed.destroy_process_group()
 
 
+def _sample_rows(pipe, job, rows: list[int], seed: int, num_classes, keep: int) -> list:
+    """The images (H, W, C) float32 of image indices ``rows`` (one call: a fixed batch shape), the first ``keep``.
+    When the call stops on NaN/Inf (NonFiniteError), each index is remade alone (in a batch of its own index
+    repeated, the same shape) so the images that are finite are kept; an image that fails alone is None."""
+    from fastdiff.pipelines.base import NonFiniteError
+
+    def call(batch_rows):
+        kwargs = {"batch_size": len(batch_rows), "generator": [image_generator(seed, i) for i in batch_rows],
+                  "output_type": "np", "progress": False, **job.call_kwargs()}
+        if num_classes is not None:
+            kwargs["class_labels"] = job.class_labels(batch_rows)
+        return pipe(**kwargs)
+
+    try:
+        return list(call(rows)[:keep])
+    except NonFiniteError:
+        images = []
+        for index in rows[:keep]:
+            try:
+                images.append(call([index] * len(rows))[0])
+            except NonFiniteError:
+                images.append(None)
+        return images
+
+
 def format_summary(summary: dict) -> str:
-    """One line: images, seconds, images/s in total and per rank."""
+    """One line: images, seconds, images/s in total and per rank (and the indices that failed, if any)."""
     per_rank = ", ".join(f"{r:.1f}" for r in summary["per_rank"])
+    failed = summary.get("failed") or []
     return (f"generated {summary['new']} images into {summary['outdir']} ({summary['skipped']} already there, "
             f"{summary['count']} in all) in {summary['seconds']:.1f} s: {summary['images_per_s']:.1f} images/s total, "
-            f"{summary['world']} rank(s) at {per_rank} images/s")
+            f"{summary['world']} rank(s) at {per_rank} images/s"
+            + (f"; {len(failed)} failed with NaN/Inf and not written (indices "
+               f"{', '.join(map(str, failed[:20]))}{', …' if len(failed) > 20 else ''}): rerun to remake them"
+               if failed else ""))
 
 
 

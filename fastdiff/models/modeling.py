@@ -8,11 +8,15 @@ A checkpoint is a folder with two files:
 
 Loading builds a fresh model from the config, reads and validates every tensor (names, shapes, dtype kinds) and
 only then assigns them, so a bad checkpoint raises a ValueError / FileNotFoundError naming the file or tensor and
-never leaves a half-loaded model behind.
+never leaves a half-loaded model behind. A floating tensor holding NaN or Inf is refused the same way (a damaged file
+or a diverged training would otherwise surface later as a NaN image): pass ``allow_non_finite=True`` (or load inside
+:func:`allow_non_finite_weights`) to load it anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -31,9 +35,26 @@ logger = logging.getLogger("fastdiff")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _HOLDS = f"a fastdiff checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+# whether loading accepts NaN/Inf weights (allow_non_finite_weights; the loaders' allow_non_finite argument)
+_ALLOW_NON_FINITE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastdiff_allow_non_finite", default=False)
 
-__all__ = ["ModelMixin", "load_model", "register_model", "registered_models", "build_config", "tuple_fields",
-           "normalize_config",
+
+@contextlib.contextmanager
+def allow_non_finite_weights(allow: Optional[bool] = True):
+    """Within the block, checkpoints with NaN/Inf weights load (``allow=True``) or are refused (``False``, the
+    default outside any block); ``None`` leaves the setting as it is. What the loaders' ``allow_non_finite``
+    argument sets."""
+    if allow is None:
+        yield
+        return
+    token = _ALLOW_NON_FINITE.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_NON_FINITE.reset(token)
+
+__all__ = ["ModelMixin", "allow_non_finite_weights", "load_model", "register_model", "registered_models",
+           "build_config", "tuple_fields", "normalize_config",
            "CONFIG_NAME", "WEIGHTS_NAME"]
 
 _REGISTRY: dict[str, type["ModelMixin"]] = {}
@@ -142,27 +163,30 @@ class ModelMixin(nn.Module):
     # ----------------------------------------------------------------------------------------- load
     @classmethod
     def from_pretrained(cls, pretrained_model_path: PathLike, device: Union[str, torch.device, None] = None,
-                        dtype: Optional[torch.dtype] = None):
+                        dtype: Optional[torch.dtype] = None, allow_non_finite: Optional[bool] = None):
         """Build the model from a folder written by :meth:`save_pretrained`.
 
         Args:
             pretrained_model_path: the checkpoint folder.
             device: where to put the model (default: CPU).
             dtype: floating dtype of the model; None keeps the stored dtype (when all floating tensors share one).
+            allow_non_finite: True loads weights holding NaN/Inf (refused by default); None: as the surrounding
+                :func:`allow_non_finite_weights` block says (refused outside one).
         Raises:
             FileNotFoundError: the folder, config.json or model.safetensors is missing.
             ValueError: invalid JSON or config, a checkpoint of another class, a corrupt safetensors file, missing or
-                unexpected tensors, or a shape/dtype mismatch (the message names the file or tensor).
+                unexpected tensors, a shape/dtype mismatch, or NaN/Inf weights (the message names the file or tensor).
         """
         folder = Path(pretrained_model_path)
         values = _read_config(folder)
         name = values["_class_name"]
         if cls.config_class is None:  # called on ModelMixin itself: pick the class from the config
-            return load_model(folder, device=device, dtype=dtype)
+            return load_model(folder, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
         if name != cls.__name__:
             raise ValueError(f"{folder / CONFIG_NAME}: the checkpoint holds a {name!r}, not a {cls.__name__!r}; "
                              f"load it with {name}.from_pretrained or fastdiff.load_model")
-        return cls._load(folder, values, device, dtype)
+        with allow_non_finite_weights(allow_non_finite):
+            return cls._load(folder, values, device, dtype)
 
     @classmethod
     def _load(cls, folder: Path, values: dict[str, Any], device, dtype):
@@ -179,8 +203,9 @@ class ModelMixin(nn.Module):
 def load_validated(model: nn.Module, state: dict, where: PathLike, dtype=None, device=None) -> nn.Module:
     """Load ``state`` into a freshly built ``model`` only after every tensor is validated against it (names, shapes,
     dtype kinds; errors name ``where``). The model takes the stored floating dtype unless ``dtype`` is given, then
-    moves to ``device``; returned in eval mode."""
-    _validate_state(Path(where), state, model.state_dict())
+    moves to ``device``; returned in eval mode. NaN/Inf in a floating tensor is refused unless allowed
+    (:func:`allow_non_finite_weights`)."""
+    _validate_state(Path(where), state, model.state_dict(), check_finite=not _ALLOW_NON_FINITE.get())
     if dtype is None:
         floating = {t.dtype for t in state.values() if t.is_floating_point()}
         dtype = floating.pop() if len(floating) == 1 else None
@@ -192,8 +217,10 @@ def load_validated(model: nn.Module, state: dict, where: PathLike, dtype=None, d
     return model.eval()
 
 
-def _validate_state(path: Path, stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Every expected tensor present with its shape and dtype kind, nothing else; raise ValueError otherwise."""
+def _validate_state(path: Path, stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                    check_finite: bool = True) -> None:
+    """Every expected tensor present with its shape and dtype kind, nothing else, and (``check_finite``) no NaN/Inf in
+    a floating one; raise ValueError naming the tensor otherwise."""
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -210,6 +237,13 @@ def _validate_state(path: Path, stored: dict[str, torch.Tensor], expected: dict[
                              f"the model expects {tuple(ref.shape)}")
         if t.is_floating_point() != ref.is_floating_point() or (not ref.is_floating_point() and t.dtype != ref.dtype):
             raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
+        if check_finite and t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                nan = int(torch.isnan(t).sum())
+                raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) of {t.numel()} ({nan} NaN, "
+                                 f"{bad - nan} ±Inf): the checkpoint is damaged or its training diverged; pass "
+                                 f"allow_non_finite=True to load it anyway")
 
 
 def _short(names: list[str], limit: int = 8) -> str:
@@ -223,8 +257,10 @@ def _version() -> str:
     return __version__
 
 
-def load_model(path: PathLike, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None):
-    """Load any fastdiff model saved with ``save_pretrained``; the class comes from ``config.json``.
+def load_model(path: PathLike, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+               allow_non_finite: Optional[bool] = None):
+    """Load any fastdiff model saved with ``save_pretrained``; the class comes from ``config.json``
+    (``allow_non_finite``: as :meth:`ModelMixin.from_pretrained`).
 
     Raises FileNotFoundError / ValueError as :meth:`ModelMixin.from_pretrained`, and ValueError naming the known
     classes when ``_class_name`` is not a fastdiff model.
@@ -235,4 +271,5 @@ def load_model(path: PathLike, device: Union[str, torch.device, None] = None, dt
     models = registered_models()
     if name not in models:
         raise ValueError(f"{folder / CONFIG_NAME}: unknown model class {name!r}; fastdiff models: {sorted(models)}")
-    return models[name]._load(folder, values, device, dtype)
+    with allow_non_finite_weights(allow_non_finite):
+        return models[name]._load(folder, values, device, dtype)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiff.files import read_json_object, write_atomic, write_json_atomic
+from fastdiff.integrity import verify_folder
 from fastdiff.validation import check_positive_int
 
 logger = logging.getLogger("fastdiff")
@@ -190,9 +191,11 @@ class Pipeline:
         write_json_atomic(os.path.join(save_directory, INDEX_NAME), index)
 
     @classmethod
-    def from_pretrained(cls, path: PathLike, device=None, dtype: Optional[torch.dtype] = None) -> "Pipeline":
-        """Load a pipeline folder written by :meth:`save_pretrained` (any pipeline class: model_index.json says)."""
-        return load_pipeline(path, device=device, dtype=dtype, expected=cls)
+    def from_pretrained(cls, path: PathLike, device=None, dtype: Optional[torch.dtype] = None,
+                        allow_non_finite: Optional[bool] = None) -> "Pipeline":
+        """Load a pipeline folder written by :meth:`save_pretrained` (any pipeline class: model_index.json says);
+        ``allow_non_finite`` as :func:`load_pipeline`."""
+        return load_pipeline(path, device=device, dtype=dtype, expected=cls, allow_non_finite=allow_non_finite)
 
     # ----------------------------------------------------------------- CUDA graphs
     def enable_cuda_graph(self, max_graphs: int = 8):
@@ -342,11 +345,22 @@ def pipeline_settings(path: PathLike, _chain: tuple = ()) -> dict:
 
 
 def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[type] = None,
-                  _chain: tuple = ()) -> Pipeline:
+                  allow_non_finite: Optional[bool] = None, _chain: tuple = ()) -> Pipeline:
     """Build the pipeline saved in folder ``path`` (see :meth:`Pipeline.save_pretrained`), or the base model of an
     extension folder (``base_model`` in its model_index.json, see :func:`save_extension`) with the folder's
-    components set on it and its settings updated with the folder's."""
-    path = Path(path)
+    components set on it and its settings updated with the folder's.
+
+    A folder with a ``checksums.json`` (every shipped and every trained one) has its weight files checked against it
+    first (:func:`fastdiff.integrity.verify_folder`: a CorruptedModelError, a ValueError, names a damaged file).
+    Weights holding NaN/Inf are refused (ValueError naming the tensor) unless ``allow_non_finite=True``."""
+    from fastdiff.models.modeling import allow_non_finite_weights
+
+    verify_folder(path)
+    with allow_non_finite_weights(allow_non_finite):
+        return _load_pipeline(Path(path), device, dtype, expected, _chain)
+
+
+def _load_pipeline(path: Path, device, dtype, expected: Optional[type], _chain: tuple) -> Pipeline:
     index_file = path / INDEX_NAME
     index = read_json_object(index_file, missing=f"not a fastdiff pipeline folder (no {INDEX_NAME})")
     class_name = index.get("_class_name")
@@ -358,7 +372,8 @@ def load_pipeline(path: PathLike, device=None, dtype=None, expected: Optional[ty
         raise ValueError(f"{index_file}: settings must be a JSON object, got {type(settings).__name__}")
     if "base_model" in index:
         base, chain = _base_chain(path, index_file, index["base_model"], _chain)
-        pipe = load_pipeline(base, _chain=chain)
+        verify_folder(base)
+        pipe = _load_pipeline(base, None, None, None, chain)
         if not isinstance(pipe, cls):
             raise ValueError(f"{index_file}: a {class_name} extension, but its base_model {index['base_model']!r} is a "
                              f"{type(pipe).__name__}")
