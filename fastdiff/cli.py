@@ -347,7 +347,7 @@ def cmd_generate(args) -> int:
         summary = generate(**kwargs)
         if summary["rank"] == 0:
             print(format_summary(summary), flush=True)
-        return 1 if summary.get("failed") else 0
+        return _generate_exit_code(summary)
     _positive("--nproc", args.nproc)
     if os.environ.get("WORLD_SIZE") not in (None, "", "1"):
         raise UsageError("--nproc starts its own workers: do not combine it with torchrun")
@@ -357,7 +357,17 @@ def cmd_generate(args) -> int:
     if errors:
         raise ValueError(errors[0])
     print(format_summary(results[0]), flush=True)
-    return 1 if results[0].get("failed") else 0
+    return _generate_exit_code(results[0])
+
+
+def _generate_exit_code(summary: dict) -> int:
+    """128 + the signal that stopped the job early (143 for SIGTERM, 130 for SIGINT, the shells' convention), 1 if
+    images failed with NaN/Inf, else 0."""
+    import signal
+
+    if summary.get("stopped_by"):
+        return 128 + int(getattr(signal, summary["stopped_by"]))
+    return 1 if summary.get("failed") else 0
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -499,6 +509,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastdiff: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # NonFiniteError: NaN/Inf while sampling (the message names the step)
+        print(f"fastdiff: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the system refused (a full disk while writing images): the message says what to do
         print(f"fastdiff: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

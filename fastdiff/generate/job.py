@@ -3,9 +3,13 @@ missing images batch by batch (see :mod:`fastdiff.generate` for the whole story)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +36,40 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     """The CPU generator image ``index`` is drawn with: ``pipe(batch_size=1, generator=[image_generator(S, i)], ...)``
     remakes that one image (with class i mod num_classes for a class-conditional model)."""
     return torch.Generator("cpu").manual_seed(image_seed(seed, index))
+
+
+class WriteError(OSError):
+    """An image file could not be written (a full disk, a lost mount): the message says which file, why, and that
+    the folder is resumable (every file under a final name is whole)."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Within the block, SIGTERM and SIGINT do not kill the process: the first one is recorded (``state["signal"]``)
+    and the job stops after the batch in progress is written; a second one acts as usual. Only in the main thread
+    (elsewhere signals cannot be caught: the block does nothing)."""
+    state: dict = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if state["signal"] is not None:  # a second signal: the usual behaviour
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        state["signal"] = signum
+        logger.warning("fastdiff: %s: finishing the batch in progress, then stopping (the folder stays resumable; "
+                       "send it again to stop at once)", signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield state
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _resolve_job(pipe, model: str, steps: int | None, guidance: float | None) -> hub.SamplingDefaults:
@@ -95,13 +133,17 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         batch_invariant: run the pipeline under :func:`fastdiff.batch_invariant` (None: on for the CPU, off for CUDA).
     Returns:
         this rank's summary: ``{"rank", "world", "outdir", "count", "new", "skipped", "seconds", "images_per_s",
-        "per_rank": [images/s of each rank], "failed": [indices of images with NaN/Inf, not written]}``. An image
+        "per_rank": [images/s of each rank], "failed": [indices of images with NaN/Inf, not written], "stopped_by":
+        None or "SIGTERM" / "SIGINT"}``. SIGTERM or SIGINT (in the main thread) stops the job after the batch in
+        progress is written (every rank at the same round); a second signal acts at once. An image
         with NaN/Inf (the pipeline's NonFiniteError, or non-finite pixels) is never written: its index is listed in
         ``failed`` and a rerun into the same folder makes it again.
     Raises:
         ValueError (TypeError for a wrong type) naming the argument, before any image is made: bad numbers, unknown
         model or sampler, a file or an unwritable path as ``outdir``, an ``outdir`` made with other settings (see
-        ``outdir/manifest.json``).
+        ``outdir/manifest.json``) or an unreadable manifest (never overwritten).
+        WriteError (an OSError) when an image file cannot be written (a full disk): no partial file is left and a
+        rerun resumes.
     """
     # 1. arguments (every rank, before anything starts)
     args = check_arguments(model, num, outdir, batch, sampler, steps, seed, guidance, fmt, batch_invariant)
@@ -164,25 +206,31 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
         busy = 0.0
         made = 0
         failed: list[int] = []  # indices whose image had NaN/Inf (not written)
-        for r in range(rounds):
-            chunk = mine[r * batch:(r + 1) * batch]
-            if chunk:
-                t0 = time.perf_counter()
-                rows = chunk + chunk[-1:] * (rows_per_call - len(chunk))  # a fixed shape: padded, extra rows dropped
-                with batch_invariance.batch_invariant(batch_invariant):
-                    images = _sample_rows(pipe, job, rows, seed, num_classes, len(chunk))
-                for index, image in zip(chunk, images):
-                    if image is None or not np.isfinite(image).all():  # never written: recorded, remade next run
-                        failed.append(index)
-                        continue
-                    label = None if num_classes is None else index % num_classes
-                    folder.write_image(outdir, index, num, fmt, image, label)
-                    made += 1
-                files.fsync_dir(outdir)
-                busy += time.perf_counter() - t0
-            done_now = dist.sum(len(chunk))
-            if bar is not None:
-                bar.update(done_now)
+        stopped = None  # the signal that stopped the job early (SIGTERM / SIGINT), or None
+        with _stop_on_signals() as signals:
+            for r in range(rounds):
+                # every rank takes part in this sum each round: a signal on any rank stops all at the same round
+                if dist.sum(0 if signals["signal"] is None else 1):
+                    stopped = signals["signal"] or signal.SIGTERM
+                    break
+                chunk = mine[r * batch:(r + 1) * batch]
+                if chunk:
+                    t0 = time.perf_counter()
+                    rows = chunk + chunk[-1:] * (rows_per_call - len(chunk))  # a fixed shape: padded, extras dropped
+                    with batch_invariance.batch_invariant(batch_invariant):
+                        images = _sample_rows(pipe, job, rows, seed, num_classes, len(chunk))
+                    for index, image in zip(chunk, images):
+                        if image is None or not np.isfinite(image).all():  # never written: recorded, remade next run
+                            failed.append(index)
+                            continue
+                        label = None if num_classes is None else index % num_classes
+                        _write(outdir, index, num, fmt, image, label, made)
+                        made += 1
+                    files.fsync_dir(outdir)
+                    busy += time.perf_counter() - t0
+                done_now = dist.sum(len(chunk))
+                if bar is not None:
+                    bar.update(done_now)
         if bar is not None:
             bar.close()
 
@@ -200,12 +248,29 @@ def generate(model: str | os.PathLike, num: int, outdir: str | os.PathLike, batc
             "images_per_s": total_new / seconds if seconds > 0 else 0.0,
             "per_rank": [s[0] / s[1] if s[1] > 0 else 0.0 for s in stats],
             "failed": all_failed,
+            "stopped_by": None if stopped is None else signal.Signals(stopped).name,
         }
         logger.info("%s", format_summary(summary))
         return summary
     finally:
         if dist.owned:
             torch.distributed.destroy_process_group()
+
+
+def _write(outdir: Path, index: int, num: int, fmt: str, image, label, made: int) -> None:
+    """:func:`fastdiff.generate.outdir.write_image`, its OSError (a full disk, say) made a :class:`WriteError` that
+    names the file and says the folder is resumable (the file was written under a temporary name, now removed)."""
+    try:
+        folder.write_image(outdir, index, num, fmt, image, label)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            why += " (the disk is full)"
+        error = WriteError(f"--outdir {str(outdir)!r}: writing {folder.image_name(index, num, fmt)} failed: {why}; "
+                           f"no partial file was left and the {made} new image(s) before it are complete: free space "
+                           f"and rerun the same command to resume")
+        error.errno = exc.errno
+        raise error from None
 
 
 def _sample_rows(pipe, job, rows: list[int], seed: int, num_classes, keep: int) -> list:
@@ -242,7 +307,9 @@ def format_summary(summary: dict) -> str:
             f"{summary['world']} rank(s) at {per_rank} images/s"
             + (f"; {len(failed)} failed with NaN/Inf and not written (indices "
                f"{', '.join(map(str, failed[:20]))}{', …' if len(failed) > 20 else ''}): rerun to remake them"
-               if failed else ""))
+               if failed else "")
+            + (f"; stopped early by {summary['stopped_by']}: rerun the same command to finish"
+               if summary.get("stopped_by") else ""))
 
 
 

@@ -19,11 +19,13 @@ updates its settings with the folder's (the base's kept otherwise).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import numbers
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -103,9 +105,28 @@ def save_grid(images, path: PathLike, nrow: Optional[int] = None, pad: int = 2, 
 
 
 class Pipeline:
-    """Base class. Subclasses list their components in ``component_names`` and their settings in ``settings``."""
+    """Base class. Subclasses list their components in ``component_names`` and their settings in ``settings``.
+
+    Threads: a pipeline object may be shared between threads. Its calls are serialised (one at a time per pipeline
+    object, a re-entrant lock taken by every subclass's ``__call__``), because a call keeps per-call state in the
+    pipeline and its scheduler (timesteps, the control map, the image prompt); so each call gives the images it gives
+    alone. For sampling in parallel, give each thread its own pipeline.
+    """
 
     component_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "_serialised", False):
+
+            @functools.wraps(call)
+            def serialised(self, *args, **kw):
+                with self.__dict__.setdefault("_call_lock", threading.RLock()):
+                    return call(self, *args, **kw)
+
+            serialised._serialised = True
+            cls.__call__ = serialised
 
     def __init__(self, **components):
         for name in self.component_names:
@@ -114,6 +135,16 @@ class Pipeline:
         self._cuda_graphs = None
         self._compiled = None
         self._channels_last = False
+        self._call_lock = threading.RLock()  # see the class docstring: calls are serialised
+
+    def __getstate__(self):  # copy / deepcopy / pickle: a lock is not copied, the copy gets its own
+        state = self.__dict__.copy()
+        state.pop("_call_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._call_lock = threading.RLock()
 
     # ----------------------------------------------------------------- devices and dtypes
     def modules(self) -> dict[str, nn.Module]:
