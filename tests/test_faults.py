@@ -4,6 +4,8 @@
   images before it complete, and the same command resumes to the images of a clean run;
 - SIGTERM / SIGINT: the batch in progress is finished, the folder stays resumable, the exit code is 128 + signal;
 - a corrupted ``manifest.json``: a clear error, the file never overwritten;
+- a rank that dies under torchrun: the job stops, the rerun completes the set (equal to a clean run's files);
+- two processes building the native extension just in time at once: one build, both load it (the file lock);
 - one pipeline shared by threads: the same images as sequential calls (calls are serialised); a copy or a pickle of a
   pipeline gets its own lock;
 - CUDA graphs under many shapes: the LRU cache never holds more than its bound (the graph API faked on the CPU).
@@ -211,3 +213,98 @@ def test_many_shapes_keep_the_graph_cache_bounded(fake_cuda):  # noqa: F811 (the
             _, model_in, labels = step_inputs(batch, guidance=False)
             cache.run(unet, model_in, torch.full((batch,), 5.0), labels, None)
     assert cache.captures == 21 and len(cache) == 4
+
+
+# --------------------------------------------------------------------------------------------- the JIT build lock
+BUILDER = r"""
+import os, sys, time
+from pathlib import Path
+import torch
+from torch.utils import cpp_extension
+import fastdiff.native as native
+
+log = Path(os.environ["BUILD_LOG"])
+
+def note(what):
+    with open(log, "a") as f:
+        f.write(f"{what} {os.getpid()} {time.time():.3f}\n")
+
+def fake_build(name, sources, build_directory, **kwargs):  # the compiler's part: slow, writes (and loads) the library
+    note("build-start")
+    time.sleep(1.5)
+    Path(build_directory, f"{name}.so").write_text(f"built by {os.getpid()}")
+    note("build-end")
+
+def fake_load_library(path):  # the loader's part: a library that is there and whole loads
+    if not Path(path).read_text().startswith("built by"):
+        raise OSError(f"{path}: not a library")
+    note("load")
+
+cpp_extension.load = fake_build
+torch.ops.load_library = fake_load_library
+note("start")
+print(native._build_and_load("fastdiff_C_locktest", "the lock test", [], False))
+"""
+
+
+def test_two_processes_building_the_extension_at_once_build_it_once(tmp_path):
+    """Two processes start the just-in-time build into one cache at the same moment (the compiler and the loader
+    faked: a 1.5 s build): the file lock makes the second wait, then load the first one's library; both succeed
+    with the same library, built once."""
+    script = tmp_path / "build.py"
+    script.write_text(BUILDER)
+    env = {**os.environ, "FASTDIFF_CACHE": str(tmp_path / "cache"), "BUILD_LOG": str(tmp_path / "log"),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    libraries = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert libraries == {str(tmp_path / "cache" / "fastdiff_C_locktest" / "fastdiff_C_locktest.so")}
+    events = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
+    kinds = [e[0] for e in events]
+    # one build (cpp_extension.load also loads what it built); the other process waited, then loaded that library
+    assert kinds.count("build-start") == 1 and kinds.count("build-end") == 1 and kinds.count("load") == 1
+    builder = next(e[1] for e in events if e[0] == "build-start")
+    assert next(e[1] for e in events if e[0] == "load") != builder
+    starts = sorted(float(e[2]) for e in events if e[0] == "start")
+    build_end = next(float(e[2]) for e in events if e[0] == "build-end")
+    assert starts[1] < build_end  # both were running while the one build was under way
+
+
+# --------------------------------------------------------------------------------------------- a rank dies
+RANK_DIES = r"""
+import os, sys
+from fastdiff.generate import generate, outdir as folder
+
+real, written = folder.write_image, []
+
+def write_image(*args, **kwargs):
+    real(*args, **kwargs)
+    written.append(args[1])
+    if os.environ.get("RANK") == "1" and len(written) == 2:
+        os._exit(3)  # rank 1 dies after its second image, as by a crash or an out-of-memory kill
+
+folder.write_image = write_image
+generate("digits-dcgan", 40, sys.argv[1], batch=2, fmt="npz", device="cpu", progress=False)
+"""
+
+
+def test_a_rank_that_dies_under_torchrun_stops_the_job_and_the_rerun_completes_it(tmp_path):
+    """torchrun with 2 CPU ranks; rank 1 exits hard after 2 images: torchrun stops the job (non-zero exit) within
+    seconds, the folder holds only whole files, and a rerun (here one process) makes exactly the missing ones, equal
+    to a clean run's files."""
+    script, out = tmp_path / "run.py", tmp_path / "out"
+    script.write_text(RANK_DIES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(out)], capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode != 0 and "exitcode  : 3" in res.stderr, (res.returncode, res.stderr[-2000:])
+    before = images_of(out)
+    assert 2 <= len(before) < 40
+    summary = generate(outdir=out, **{**JOB, "num": 40})
+    assert summary["new"] == 40 - len(before) and not leftovers(out)
+    clean = tmp_path / "clean"
+    generate(outdir=clean, **{**JOB, "num": 40})
+    after, expected = images_of(out), images_of(clean)
+    assert sorted(after) == sorted(expected) and all(np.array_equal(after[k], expected[k]) for k in expected)
