@@ -21,6 +21,7 @@ from fastdiff import dispatch, reference
 from fastdiff.validation import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
+    check_bool,
     check_choice,
     check_real,
     check_same_device,
@@ -331,6 +332,10 @@ def _check_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, pr
         raise TypeError(f"model_output must have sample's dtype {sample.dtype}, got {model_output.dtype}")
     if sample.ndim < 1:
         raise ValueError("sample must have a batch dimension")
+    if model_output.ndim != sample.ndim:
+        raise ValueError(f"model_output must have sample's rank {sample.ndim}, got shape {tuple(model_output.shape)}")
+    if noise is not None:
+        check_tensor("noise", noise)
     check_same_device(sample=sample, model_output=model_output, noise=noise)
     guidance_scale = check_real("guidance_scale", guidance_scale, allow_none=True)
     if guidance_scale is None:
@@ -346,7 +351,6 @@ def _check_step(sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, pr
             raise ValueError(f"with guidance_scale, model_output must have shape {expected} ([uncond; cond]), "
                              f"got {tuple(model_output.shape)}")
     if noise is not None:
-        check_tensor("noise", noise)
         if noise.shape != sample.shape:
             raise ValueError(f"noise must have sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -416,6 +420,9 @@ def ddim_step(
         sample, model_output, alpha_prod_t, alpha_prod_t_prev, noise, prediction_type, clip_sample_range,
         guidance_scale)
     eta = check_real("eta", eta, nonneg=True)
+    # a bool; None (what some diffusers callers pass) is False
+    use_clipped_model_output = (False if use_clipped_model_output is None
+                                else check_bool("use_clipped_model_output", use_clipped_model_output))
     if eta > 0 and noise is None:
         raise ValueError("noise is required when eta > 0 (pass torch.randn_like(sample))")
     backend = dispatch.check_backend(backend)

@@ -37,10 +37,24 @@ def group_norm_silu(
         xf = x - pivot.reshape(n, c, *([1] * (x.ndim - 2)))  # fp32, channels_last
     w = weight.float() if (low and weight is not None) else weight
     b = bias.float() if (low and bias is not None) else bias
-    y = F.group_norm(xf, num_groups, w, b, eps)
+    # torch.group_norm, not F.group_norm: the functional refuses groups of one element (N·(C/G)·HW = 1), where the
+    # kernels (and the definition: variance 0, x − mean = 0) give the bias
+    y = torch.group_norm(xf, num_groups, w, b, eps)
     if activation == "silu":
         y = F.silu(y, inplace=True)
-    return y.to(x.dtype) if low else y
+    return _memory_format_of(x, y.to(x.dtype) if low else y)
+
+
+def _memory_format_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s memory format (what the kernels promise): contiguous where x is, else channels_last where x
+    is (torch's own ops may pick another layout when size-1 dims carry unusual strides, or follow the weight's)."""
+    if x.is_contiguous():
+        return y.contiguous()
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return y.contiguous(memory_format=torch.channels_last_3d)
+    return y
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,7 +62,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     dtype, used in x's) → (N, K, H, W)."""
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return F.conv2d(x, weight, bias, padding=1)
+    return _memory_format_of(x, F.conv2d(x, weight, bias, padding=1))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
