@@ -27,6 +27,17 @@ def run(*args, cwd=None, timeout=300):
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def run_here(capsys, *args) -> subprocess.CompletedProcess:
+    """``fastdiff -q ARGS`` in this process (``fastdiff.cli.main``): the exit code and what it printed, as
+    :func:`run` returns them, without an interpreter start-up (for tests that call the command often)."""
+    from fastdiff import cli
+
+    capsys.readouterr()
+    code = cli.main(["-q", *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["fastdiff", "-q", *args], code, out.out, out.err)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny class-conditional pipeline folder, so CLI tests don't depend on the shipped weights."""

@@ -24,7 +24,7 @@ from fastdiff.integrity import CHECKSUMS, CorruptedModelError, verify_folder, wr
 from fastdiff.models import UNet, load_model
 from fastdiff.models.modeling import allow_non_finite_weights
 from fastdiff.pipelines.base import NonFiniteError
-from tests.test_cli import run
+from tests.test_cli import run, run_here
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
@@ -62,7 +62,7 @@ def test_a_nan_or_inf_weight_is_refused_naming_the_tensor(tmp_path, value, what)
         UNet.from_pretrained(tmp_path / "unet", allow_non_finite=False)
 
 
-def test_a_pipeline_folder_with_a_nan_weight_and_the_cli(tmp_path):
+def test_a_pipeline_folder_with_a_nan_weight_and_the_cli(tmp_path, capsys):
     """fastdiff.load refuses it naming the file and tensor; allowed, sampling stops with NonFiniteError naming the step;
     ``fastdiff sample`` prints one line (exit 2 for the refused load), nothing written."""
     pipe = tiny_text_pipeline(seed=0)
@@ -73,8 +73,8 @@ def test_a_pipeline_folder_with_a_nan_weight_and_the_cli(tmp_path):
     loaded = fastdiff.load(tmp_path / "model", allow_non_finite=True)
     with pytest.raises(NonFiniteError, match=r"step 1/2"):
         loaded(prompt="3", num_inference_steps=2, generator=0, progress=False)
-    res = run("sample", "--model", str(tmp_path / "model"), "--prompt", "3", "--num", "2", "--out",
-              str(tmp_path / "x.png"))
+    res = run_here(capsys, "sample", "--model", str(tmp_path / "model"), "--prompt", "3", "--num", "2", "--out",
+                   str(tmp_path / "x.png"))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "conv_out.weight" in lines[0], res.stderr
     assert not (tmp_path / "x.png").exists()
@@ -225,8 +225,8 @@ def test_a_trained_folder_gets_its_checksums(tmp_path):
     assert verify_folder(tmp_path / "gan", required=True) == ["generator/model.safetensors"]
 
 
-def test_info_verify(tmp_path, monkeypatch):
-    res = run("info", "--verify")
+def test_info_verify(tmp_path, monkeypatch, capsys):
+    res = run_here(capsys, "info", "--verify")
     assert res.returncode == 0, res.stderr
     assert f"{len(fastdiff.list_models()) + 1} of {len(fastdiff.list_models()) + 1} shipped folders verified" \
         in res.stdout

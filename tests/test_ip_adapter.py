@@ -32,7 +32,7 @@ from fastdiff.pipelines import save_extension
 from fastdiff.pipelines.controlnet import ControlledUNet
 from fastdiff.pipelines.cuda_graph import GraphCache
 from fastdiff.pipelines.ip_adapter import IPAdaptedUNet
-from tests.test_cli import run
+from tests.test_cli import run_here
 from tests.test_cuda_graph import fake_cuda  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
@@ -456,14 +456,14 @@ def cli_models(tmp_path_factory):
     return root
 
 
-def test_sample_image_prompt_writes_a_png(tmp_path, cli_models):
+def test_sample_image_prompt_writes_a_png(tmp_path, cli_models, capsys):
     out, zero, plain, loaded = (tmp_path / n for n in ("ip.png", "zero.png", "plain.png", "loaded.png"))
     common = ["--num", "4", "--dtype", "fp32", "--steps", "3"]
     image = ["--image-prompt", str(cli_models / "d.png")]
     for model, extra, path in (("tiny-ip", image, out), ("tiny-ip", [*image, "--ip-adapter-scale", "0"], zero),
                                ("tiny-text", ["--prompt", ""], plain),
                                ("tiny-text", [*image, "--ip-adapter", str(cli_models / "tiny-ip")], loaded)):
-        res = run("sample", "--model", str(cli_models / model), *common, *extra, "--out", str(path))
+        res = run_here(capsys, "sample", "--model", str(cli_models / model), *common, *extra, "--out", str(path))
         assert res.returncode == 0, res.stderr
         assert str(path) in res.stdout and ("image prompt" in res.stdout) == (extra != ["--prompt", ""])
     with Image.open(out) as im:
@@ -478,10 +478,11 @@ def test_sample_image_prompt_writes_a_png(tmp_path, cli_models):
     (["--image-prompt", "d.png", "--class", "3"], "not both"),
     (["--image-prompt", "d.png", "--ip-adapter", "tiny-text"], "has no IP-Adapter and --ip-adapter"),
 ])
-def test_image_prompt_usage_errors_are_one_line_exit_2_nothing_written(tmp_path, cli_models, args, message):
+def test_image_prompt_usage_errors_are_one_line_exit_2_nothing_written(tmp_path, cli_models, capsys, args,
+                                                                       message):
     args = [str(cli_models / a) if a.endswith(".png") or a == "tiny-text" else a for a in args]
-    res = run("sample", "--model", str(cli_models / "tiny-text"), "--num", "2", *args, "--out",
-              str(tmp_path / "x.png"), cwd=tmp_path)
+    res = run_here(capsys, "sample", "--model", str(cli_models / "tiny-text"), "--num", "2", *args, "--out",
+                   str(tmp_path / "x.png"))
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("fastdiff: error: "), res.stderr
