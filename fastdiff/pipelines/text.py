@@ -23,11 +23,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from fastdiff.files import read_json_object
 from fastdiff.pipelines.base import DEFAULT_STEPS, INDEX_NAME, _load_component, base_model_path
 from fastdiff.pipelines.controlnet import ControlledUNet, check_controlnet, prepare_control_image, residual_scales
 from fastdiff.pipelines.diffusion import LatentDiffusionPipeline, check_class_labels
 from fastdiff.pipelines.ip_adapter import IPAdaptedUNet
-from fastdiff.files import read_json_object
 from fastdiff.validation import check_bool, check_positive_int, check_real
 
 Prompts = Union[None, str, Sequence[str]]
