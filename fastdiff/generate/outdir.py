@@ -50,16 +50,16 @@ def check_outdir(outdir: Path) -> None:
 
 
 def model_digest(path: Path) -> str:
-    """sha256 of the model folder's files (names, sizes, contents; model cards and hidden files left out)."""
+    """sha256 over the model folder's files: each one's name, size and sha256 (:func:`fastdiff.integrity.file_sha256`,
+    so weights already verified on load are not read again); model cards and hidden files left out."""
+    from fastdiff.integrity import file_sha256
+
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
         if rel.endswith(".md") or any(part.startswith(".") or part == "__pycache__" for part in rel.split("/")):
             continue
-        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(f"{rel}\0{f.stat().st_size}\0{file_sha256(f)}\0".encode())
     return h.hexdigest()
 
 

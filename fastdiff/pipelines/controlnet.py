@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff.models.unet import skip_layout
+from fastdiff.pipelines.cuda_graph import static_copy
 
 # ITU-R 601-2 luma, the weights of PIL's convert("L"): an RGB map → one channel
 LUMA = (0.299, 0.587, 0.114)
@@ -196,8 +197,7 @@ class ControlledUNet(nn.Module):
         self.controlnet = controlnet
         self.split = bool(split)
         self.compiled = None  # the UNet's compiled callable, or None (eager)
-        self._maps: dict[tuple, Tensor] = {}  # (shape, dtype, device) → static control map
-        self._scale_buffers: dict[tuple, Tensor] = {}  # (n + 1, device) → static residual scales
+        self._static: dict[tuple, Tensor] = {}  # (shape, dtype, device) → static control map / residual scales
         self._cond: Optional[Tensor] = None
         self._scales: Optional[Tensor] = None
 
@@ -209,18 +209,8 @@ class ControlledUNet(nn.Module):
         """Copy the control map (the ControlNet's batch: [map; map] under guidance, the conditional half's map with
         ``split``) and the residual scales (one per down residual, then the middle one) into this module's static
         buffers, which every later forward (and graph replay) reads."""
-        key = (tuple(cond.shape), cond.dtype, cond.device)
-        static = self._maps.get(key)
-        if static is None:
-            static = self._maps[key] = torch.empty(cond.shape, dtype=cond.dtype, device=cond.device)
-        static.copy_(cond)
-        values = torch.tensor(list(scales), dtype=torch.float32)
-        skey = (values.numel(), cond.device)
-        buffer = self._scale_buffers.get(skey)
-        if buffer is None:
-            buffer = self._scale_buffers[skey] = torch.empty(values.numel(), dtype=torch.float32, device=cond.device)
-        buffer.copy_(values)
-        self._cond, self._scales = static, buffer
+        self._cond = static_copy(self._static, cond)
+        self._scales = static_copy(self._static, torch.tensor(list(scales), dtype=torch.float32), cond.device)
 
     def forward(self, x: Tensor, t, class_labels: Optional[Tensor] = None, context: Optional[Tensor] = None,
                 **unet_kwargs) -> Tensor:

@@ -56,6 +56,18 @@ def _is_cuda(tensor: Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
+def static_copy(store: dict, value: Tensor, device: Optional[torch.device] = None) -> Tensor:
+    """``value`` copied into the static tensor ``store`` keeps for its (shape, dtype, device) — made on first use,
+    then filled in place — and returned: a per-call input a captured graph reads at a fixed address (a denoiser
+    wrapper's control map, image tokens or scales). ``device``: where the static tensor lives (default value's)."""
+    device = value.device if device is None else torch.device(device)
+    key = (tuple(value.shape), value.dtype, device)
+    static = store.get(key)
+    if static is None:
+        static = store[key] = torch.empty(value.shape, dtype=value.dtype, device=device)
+    return static.copy_(value)
+
+
 def fingerprint(model) -> tuple:
     """What a captured graph depends on in the model, besides its inputs, as a tuple compared with ``==``.
 

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastdiff.pipelines.cuda_graph import static_copy
+
 
 class IPAdaptedUNet(nn.Module):
     """``model`` (a UNet, or a :class:`~fastdiff.pipelines.controlnet.ControlledUNet`) with ``adapter`` attached to
@@ -32,8 +34,7 @@ class IPAdaptedUNet(nn.Module):
         self.model = model
         self.adapter = adapter
         self.compiled = None
-        self._tokens: dict[tuple, Tensor] = {}  # (shape, dtype, device) → static image tokens
-        self._scales: dict[tuple, Tensor] = {}  # (dtype, device) → static 0-dim scale
+        self._static: dict[tuple, Tensor] = {}  # (shape, dtype, device) → static image tokens / 0-dim scale
         self._current: Optional[tuple[Tensor, Tensor]] = None
 
     @property
@@ -43,17 +44,8 @@ class IPAdaptedUNet(nn.Module):
     def set_image(self, tokens: Tensor, scale: float) -> None:
         """Copy the image tokens (B, K, d) (the UNet's batch: [uncond; cond] under guidance) and the scale into
         this module's static buffers, which every later forward (and graph replay) reads."""
-        key = (tuple(tokens.shape), tokens.dtype, tokens.device)
-        static = self._tokens.get(key)
-        if static is None:
-            static = self._tokens[key] = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device)
-        static.copy_(tokens)
-        skey = (tokens.dtype, tokens.device)
-        buffer = self._scales.get(skey)
-        if buffer is None:
-            buffer = self._scales[skey] = torch.empty((), dtype=tokens.dtype, device=tokens.device)
-        buffer.fill_(float(scale))
-        self._current = static, buffer
+        self._current = (static_copy(self._static, tokens),
+                         static_copy(self._static, torch.tensor(float(scale), dtype=tokens.dtype), tokens.device))
 
     def forward(self, x: Tensor, t, class_labels: Optional[Tensor] = None, context: Optional[Tensor] = None,
                 **kwargs) -> Tensor:
