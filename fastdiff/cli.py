@@ -74,6 +74,8 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--ip-adapter-scale must be a finite number, got {args.ip_adapter_scale}")
     if args.image_prompt is not None and args.class_label is not None:
         raise UsageError("give --image-prompt or --class, not both (the image prompt sets the digit)")
+    if args.truncation is not None and not math.isfinite(args.truncation):
+        raise UsageError(f"--truncation must be a finite number, got {args.truncation}")
     out = check_writable_file(args.out)
     control = None if args.control is None else _read_image("--control", args.control, "a control map PNG, e.g. an "
                                                             "edge map")
@@ -91,6 +93,8 @@ def cmd_sample(args) -> int:
                              f"(TextToImagePipeline)")
     if control is not None and getattr(pipe, "controlnet", None) is None:
         raise UsageError(f"--control: model {args.model!r} has no ControlNet (e.g. --model digits-controlnet)")
+    if args.truncation is not None and not hasattr(getattr(pipe, "generator", None), "w_avg"):
+        raise UsageError(f"--truncation: model {args.model!r} has no mapping network (e.g. --model digits-stylegan)")
     if image_prompt is not None and getattr(pipe, "ip_adapter", None) is None:
         try:
             pipe.load_ip_adapter(args.ip_adapter)
@@ -122,6 +126,8 @@ def cmd_sample(args) -> int:
         kwargs.update(image=control, controlnet_conditioning_scale=args.control_scale)
     if image_prompt is not None:  # one image prompt for every image
         kwargs.update(ip_adapter_image=image_prompt, ip_adapter_scale=args.ip_adapter_scale)
+    if args.truncation is not None:
+        kwargs["truncation"] = args.truncation
     images = pipe(**kwargs)
     settings = pipe.settings
     save_grid(images, out, nrow=int(settings.get("grid_columns", 0)) or None, scale=int(settings.get("grid_scale", 1)))
@@ -130,6 +136,8 @@ def cmd_sample(args) -> int:
         what += f"control {args.control}, "
     if image_prompt is not None:
         what += f"image prompt {args.image_prompt}, "
+    if args.truncation is not None:
+        what += f"truncation ψ = {args.truncation}, "
     print(f"wrote {out} ({len(images)} images, {what}model {args.model}, seed {args.seed})")
     return 0
 
@@ -329,8 +337,11 @@ def cmd_train(args) -> int:
     if args.name not in training.RECIPES:
         raise UsageError(f"unknown model {args.name!r} to train; known: {', '.join(sorted(training.RECIPES))}")
     _positive("--steps", args.steps)
+    if args.loss is not None and "loss" not in training.RECIPES[args.name].options:
+        raise UsageError(f"--loss: recipe {args.name!r} is not a GAN recipe (digits-dcgan, digits-stylegan)")
     out = Path(args.out) if args.out else Path(f"./{args.name}")
-    metrics = training.train(args.name, out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    metrics = training.train(args.name, out, steps=args.steps, seed=args.seed, progress=not args.quiet,
+                             loss=args.loss)
     print(f"{args.name}: trained in {metrics['train_seconds']} s → {out}")
     return 0
 
@@ -410,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "name or folder; default: digits-ip-adapter, made for digits-sd)")
     s.add_argument("--ip-adapter-scale", type=float, default=None, metavar="S",
                    help="with --image-prompt: the IP-Adapter's scale (default: the model's, else 1.0; 0: no effect)")
+    s.add_argument("--truncation", type=float, default=None, metavar="PSI",
+                   help="StyleGAN models: the truncation trick, w = w_avg + PSI·(w − w_avg) (1: off, the default; "
+                        "0.7: typical images, less variety)")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
@@ -465,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="output pipeline folder (default ./NAME)")
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--loss", choices=["bce", "hinge", "wgan-gp"], default=None,
+                   help="GAN recipes (digits-dcgan, digits-stylegan): the adversarial loss (default: the recipe's)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample many images into a folder, sharded over torch.distributed ranks")

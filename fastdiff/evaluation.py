@@ -555,6 +555,75 @@ def image_prompt_grid(pipe, path, num: int = 10, seed: int = 0, columns: int = 4
     return labeled_grid(rows, labels, path, scale)
 
 
+def _style_generator(pipe):
+    g = getattr(pipe, "generator", None)
+    if not hasattr(g, "mix_ws"):
+        raise ValueError(f"pipe must hold a StyleGenerator (a GANPipeline of a StyleGAN), got "
+                         f"{type(g).__name__ if g is not None else type(pipe).__name__}")
+    return g
+
+
+def _ws_and_noise(g, num: int, gen: torch.Generator):
+    z = torch.randn(num, g.config.latent_dim, generator=gen, device="cpu").to(g.const.device, g.const.dtype)
+    return g.map(z), g.make_noise(1, generator=gen, device="cpu")
+
+
+@torch.inference_mode()
+def style_mixing_grid(pipe, path, num: int = 6, crossover: Optional[int] = None, seed: int = 0,
+                      scale: int = 4) -> Path:
+    """Write a PNG of StyleGAN style mixing: the first row holds ``num`` source-B images, the first column ``num``
+    source-A images, and cell (i, j) is ``mix(w_A[i], w_B[j], crossover)``: the coarse styles (w+ rows
+    < crossover: 4×4 and 8×8 by default, num_ws // 2) from A, the fine ones from B. The same noise maps in every
+    image, so cells differ by their styles alone. Returns the path (written atomically)."""
+    from fastdiff.validation import check_int, check_positive_int
+
+    g = _style_generator(pipe)
+    num, scale = check_positive_int("num", num), check_positive_int("scale", scale)
+    crossover = g.num_ws // 2 if crossover is None else check_int("crossover", crossover, 0, g.num_ws)
+    gen = torch.Generator().manual_seed(seed)
+    w_a, noise = _ws_and_noise(g, num, gen)
+    w_b, _ = _ws_and_noise(g, num, gen)
+
+    def images(w1, w2, cut):
+        return _to_pixels(g.mix(w1, w2, cut, [n.to(w1.device).expand(len(w1), -1, -1, -1) for n in noise])
+                          .float().cpu())
+
+    blank = np.zeros((1, *images(w_b[:1], w_b[:1], 0).shape[1:]), dtype=np.uint8)
+    rows = [np.concatenate([blank, images(w_b, w_b, 0)])]
+    labels = ["B:"]
+    for i in range(num):
+        a = w_a[i:i + 1].expand(num, -1)
+        rows.append(np.concatenate([images(w_a[i:i + 1], w_a[i:i + 1], 0), images(a, w_b, crossover)]))
+        labels.append(f"A{i + 1}")
+    return labeled_grid(rows, labels, path, scale)
+
+
+TRUNCATION_PSIS = (0.0, 0.25, 0.5, 0.7, 1.0)
+
+
+@torch.inference_mode()
+def truncation_strip(pipe, path, num: int = 4, psis: Sequence[float] = TRUNCATION_PSIS, seed: int = 0,
+                     scale: int = 4) -> Path:
+    """Write a PNG of the truncation trick: one row per z (``num``), one column per ψ in ``psis`` (w = w_avg +
+    ψ·(w − w_avg): ψ = 0 is the mean-w image in every row, ψ = 1 the untruncated sample), the same noise maps
+    throughout. Returns the path (written atomically)."""
+    from fastdiff.validation import check_positive_int, check_real
+
+    g = _style_generator(pipe)
+    num, scale = check_positive_int("num", num), check_positive_int("scale", scale)
+    psis = [check_real("psis", p) for p in psis]
+    if not psis:
+        raise ValueError("psis must hold at least one ψ")
+    gen = torch.Generator().manual_seed(seed)
+    w, noise = _ws_and_noise(g, num, gen)
+    rows = []
+    for i in range(num):
+        ws = torch.cat([g.truncate(w[i:i + 1], p) for p in psis])
+        rows.append(_to_pixels(g.synthesis(ws, [n.to(w.device).expand(len(psis), -1, -1, -1) for n in noise])
+                               .float().cpu()))
+    return labeled_grid(rows, [f"z{i + 1}" for i in range(num)], path, scale)
+
+
 def format_report(name: str, report: dict) -> str:
     lines = [f"model {name}: {report['num']} samples"
              + (f", {report['dtype']}" if report.get("dtype") else "")

@@ -366,21 +366,3 @@ def test_gan_input_errors():
         s(torch.randn(2, 8), noise=[torch.randn(2, 1, 4, 4)])
     with pytest.raises(ValueError, match="power of two"):
         StyleGenerator(resolution=12)
-
-
-def test_style_generator_truncation_and_w_avg():
-    torch.manual_seed(0)
-    s = StyleGenerator(resolution=8, latent_dim=8, w_dim=8, base_channels=4, max_channels=8)
-    assert s.num_noise_layers == 3 and s.noise_shapes(2) == [(2, 1, 4, 4), (2, 1, 8, 8), (2, 1, 8, 8)]
-    s.train()
-    s(torch.randn(16, 8))
-    w_avg = s.w_avg.clone()
-    assert w_avg.abs().sum() > 0  # tracked in training
-    s.eval()
-    z = torch.randn(2, 8)
-    noise = [n[:1].expand(2, -1, -1, -1) for n in s.make_noise(1)]  # the same noise for both samples
-    with torch.no_grad():
-        out = s(z, truncation=0.0, noise=noise)  # ψ = 0: every w becomes w_avg
-        assert torch.allclose(out[0], out[1], atol=1e-6)
-        assert not torch.allclose(*s(z, truncation=1.0, noise=noise).unbind(0))
-    assert torch.equal(s.w_avg, w_avg)  # not updated in eval mode

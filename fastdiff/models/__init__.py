@@ -3,7 +3,7 @@
 UNet (DDPM / latent diffusion, class and cross-attention conditioning), ControlNet (a UNet's encoder reading a control
 map, residuals into the UNet's skips), IPAdapter + ImageEncoder (image prompts, decoupled cross-attention), VAE (MLP),
 AutoencoderKL, VQVAE,
-DCGANGenerator / DCGANDiscriminator, StyleGenerator, DigitClassifier (scores generated digits),
+DCGANGenerator / DCGANDiscriminator, StyleGenerator / StyleDiscriminator, DigitClassifier (scores generated digits),
 TextEncoder + WordTokenizer (prompts of the digits); training losses
 in :mod:`fastdiff.models.losses`;
 ``save_pretrained`` / ``from_pretrained`` / :func:`load_model` in :mod:`fastdiff.models.modeling`.
@@ -16,6 +16,8 @@ from fastdiff.models.gan import (
     DCGANConfig,
     DCGANDiscriminator,
     DCGANGenerator,
+    StyleDiscriminator,
+    StyleDiscriminatorConfig,
     StyleGenerator,
     StyleGeneratorConfig,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "DCGANDiscriminator",
     "StyleGenerator",
     "StyleGeneratorConfig",
+    "StyleDiscriminator",
+    "StyleDiscriminatorConfig",
     "DigitClassifier",
     "DigitClassifierConfig",
     "TextEncoder",

@@ -26,10 +26,13 @@ __all__ = [
     "vq_vae_loss",
     "gan_discriminator_loss",
     "gan_generator_loss",
+    "hinge_discriminator_loss",
+    "hinge_generator_loss",
     "wgan_discriminator_loss",
     "wgan_generator_loss",
     "gradient_penalty",
     "wgan_gp_discriminator_loss",
+    "r1_penalty",
 ]
 
 
@@ -163,6 +166,16 @@ def gan_generator_loss(fake_logits: Tensor) -> Tensor:
     return F.softplus(-fake_logits).mean()
 
 
+def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Hinge discriminator loss (Lim & Ye 2017; SAGAN, BigGAN): mean(relu(1 − real)) + mean(relu(1 + fake))."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def hinge_generator_loss(fake_logits: Tensor) -> Tensor:
+    """Hinge generator loss −mean(fake)."""
+    return -fake_logits.mean()
+
+
 def wgan_discriminator_loss(real_scores: Tensor, fake_scores: Tensor) -> Tensor:
     """WGAN critic loss E[D(G(z))] − E[D(x)] (Arjovsky et al. 2017), to minimise."""
     return fake_scores.mean() - real_scores.mean()
@@ -200,3 +213,12 @@ def wgan_gp_discriminator_loss(critic: Callable[[Tensor], Tensor], real: Tensor,
     """WGAN-GP critic loss: E[D(fake)] − E[D(real)] + gp_weight · gradient_penalty."""
     loss = wgan_discriminator_loss(critic(real), critic(fake.detach()))
     return loss + gp_weight * gradient_penalty(critic, real, fake, generator=generator)
+
+
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+    """R1 regulariser (Mescheder et al. 2018; StyleGAN2): E[‖∇_x D(x)‖²] on real images, scaled by γ/2 by the
+    caller. The graph is kept (create_graph) so the penalty trains the discriminator. Returns a scalar."""
+    x = real.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(discriminator(x).sum(), x, create_graph=True)
+    return grad.flatten(1).square().sum(dim=1).mean()

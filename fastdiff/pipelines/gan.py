@@ -52,7 +52,7 @@ class GANPipeline(Pipeline):
                 first = generator[0] if isinstance(generator, (list, tuple)) else generator
                 noise = self.generator.make_noise(batch_size, generator=first if first is not None and
                                                   first.device == device else None, device=device)
-            images = self.generator(z, truncation=float(truncation), noise=noise)
+            images = self.generator(z, truncation_psi=float(truncation), noise=noise)
         else:
             images = self.generator(z)
         return to_output(images, output_type)
