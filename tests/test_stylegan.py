@@ -462,6 +462,6 @@ def test_shipped_stylegan():
     g = pipe.generator
     assert isinstance(g, StyleGenerator) and g.config.mapping_layers == 8 and g.config.style == "modulated"
     assert g.w_avg.abs().sum() > 0  # tracked in training
-    assert any(float(layer.noise_strength) != 0 for layer in g.layers)  # the noise inputs were learned
+    assert any(float(layer.noise_strength.detach()) != 0 for layer in g.layers)  # the noise inputs were learned
     images = pipe(batch_size=4, generator=0, output_type="pt", progress=False, truncation=0.7)
     assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all()

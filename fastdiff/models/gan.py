@@ -83,6 +83,14 @@ class DCGANGenerator(ModelMixin):
         return self.main(z.reshape(z.shape[0], d, 1, 1))
 
 
+def _check_image(x, cfg) -> None:
+    """A discriminator's input: (B, channels, resolution, resolution), else ValueError naming x."""
+    expected = (cfg.channels, cfg.resolution, cfg.resolution)
+    if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {shape}")
+
+
 def _critic_norm(norm: str, channels: int) -> list[nn.Module]:
     if norm == "batch":
         return [nn.BatchNorm2d(channels)]
@@ -117,11 +125,7 @@ class DCGANDiscriminator(ModelMixin):
         _dcgan_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        cfg = self.config
-        expected = (cfg.channels, cfg.resolution, cfg.resolution)
-        if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {shape}")
+        _check_image(x, self.config)
         return self.main(x).reshape(x.shape[0], 1)  # (B, 1)
 
 
@@ -539,11 +543,7 @@ class StyleDiscriminator(ModelMixin):
         self.out = EqualLinear(c, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        cfg = self.config
-        expected = (cfg.channels, cfg.resolution, cfg.resolution)
-        if not isinstance(x, Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {shape}")
+        _check_image(x, self.config)
         h = _lrelu(self.from_rgb(x))
         for block in self.blocks:
             h = block(h)
