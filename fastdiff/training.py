@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fastdiff.data import IMAGE_SIZE, load_digits
 from fastdiff.files import read_json_object, write_json_atomic, write_text_atomic
 from fastdiff.integrity import write_checksums
-from fastdiff.validation import check_choice
+from fastdiff.validation import check_bool, check_choice, check_int, check_positive_int, check_real
 
 logger = logging.getLogger("fastdiff")
 
@@ -1064,7 +1064,9 @@ class GANTraining:
     generator step). r1_gamma > 0 adds (γ/2)·R1 on the real images every ``r1_every`` discriminator steps (lazy
     regularisation, scaled by the interval) for bce/hinge. Every image the discriminator sees is shifted by up to
     ±``shift`` px (the same differentiable augmentation for real and generated images). ``mixing_prob``: style-mixing
-    regularisation for a StyleGenerator."""
+    regularisation for a StyleGenerator. ``reuse_fakes`` (with n_critic = 1): one batch of generated images serves
+    the discriminator step (detached) and the generator step, as the chapter's DCGAN loop does; else the generator
+    step draws a fresh batch. Invalid settings raise ValueError/TypeError naming the field."""
 
     loss: str = "bce"
     n_critic: int = 1
@@ -1078,6 +1080,25 @@ class GANTraining:
     shift: int = 2
     ema_decay: float = 0.999
     mixing_prob: float = 0.0
+    reuse_fakes: bool = False
+
+    def __post_init__(self):
+        check_choice("loss", self.loss, GAN_LOSSES)
+        for name in ("n_critic", "r1_every", "batch_size"):
+            check_positive_int(name, getattr(self, name))
+        check_int("shift", self.shift, 0)
+        for name in ("gp_weight", "r1_gamma"):
+            check_real(name, getattr(self, name), nonneg=True)
+        for name in ("lr_g", "lr_d"):
+            check_real(name, getattr(self, name), positive=True)
+        for name in ("ema_decay", "mixing_prob"):
+            if not 0.0 <= check_real(name, getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(0.0 <= check_real("betas", b) < 1.0 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        check_bool("reuse_fakes", self.reuse_fakes)
 
     def summary(self) -> dict:
         """The settings that matter for the model card."""
@@ -1106,14 +1127,20 @@ def train_gan(g, d, x: torch.Tensor, steps: int, seed: int, progress: bool, name
     generator steps. Returns (seconds, the EMA of g). ``callback(step, ema_model)`` runs after every step."""
     from fastdiff.models import losses
 
-    check_choice("loss", cfg.loss, GAN_LOSSES)
+    if not isinstance(cfg, GANTraining):
+        raise TypeError(f"cfg must be a GANTraining, got {type(cfg).__name__}")
+    steps = check_positive_int("steps", steps)
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not 1 <= cfg.batch_size <= len(x):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be images (N, C, H, W) with N ≥ batch_size = {cfg.batch_size}, got {shape}")
     loss_d_fn, loss_g_fn = _gan_losses(cfg.loss)
     gen = torch.Generator().manual_seed(seed)
-    opt_g = _adam(g.parameters(), cfg.lr_g, betas=tuple(map(float, cfg.betas)))
-    opt_d = _adam(d.parameters(), cfg.lr_d, betas=tuple(map(float, cfg.betas)))
+    opt_g = _adam(g.parameters(), cfg.lr_g, betas=cfg.betas)
+    opt_d = _adam(d.parameters(), cfg.lr_d, betas=cfg.betas)
     ema = EMA(g, cfg.ema_decay)
     batches = _batches(len(x), cfg.batch_size, gen)
     styled = hasattr(g, "mixed_ws")
+    reuse = cfg.reuse_fakes and cfg.n_critic == 1
     g.train(), d.train()
     d_steps = 0
 
@@ -1128,9 +1155,14 @@ def train_gan(g, d, x: torch.Tensor, steps: int, seed: int, progress: bool, name
         nonlocal d_steps
         log = {}
         for _ in range(cfg.n_critic):
-            real = augment(x[next(batches)])
-            with torch.no_grad():
-                fake = augment(fake_images(len(real)))
+            idx = next(batches)
+            if reuse:  # this batch of fakes also feeds the generator step
+                fake_g = fake_images(len(idx))
+                real, fake = augment(x[idx]), augment(fake_g.detach())
+            else:
+                real = augment(x[idx])
+                with torch.no_grad():
+                    fake = augment(fake_images(len(real)))
             loss_d = loss_d_fn(d(real), d(fake))
             log["loss_d"] = loss_d.item()
             if cfg.loss == "wgan-gp":
@@ -1144,7 +1176,7 @@ def train_gan(g, d, x: torch.Tensor, steps: int, seed: int, progress: bool, name
             _update(opt_d, loss_d)
             d_steps += 1
         d.requires_grad_(False)  # the generator step needs no discriminator gradients
-        loss_g = loss_g_fn(d(augment(fake_images(cfg.batch_size))))
+        loss_g = loss_g_fn(d(augment(fake_g if reuse else fake_images(cfg.batch_size))))
         _update(opt_g, loss_g)
         d.requires_grad_(True)
         ema.update(g)
@@ -1155,7 +1187,7 @@ def train_gan(g, d, x: torch.Tensor, steps: int, seed: int, progress: bool, name
     return _loop(name, steps, step, progress), ema.model
 
 
-DCGAN_TRAINING = GANTraining()
+DCGAN_TRAINING = GANTraining(reuse_fakes=True)  # the loop that trained the shipped digits-dcgan
 # what `--loss` changes besides the loss: WGAN-GP's own optimiser settings (Gulrajani et al.: Adam 1e-4, β = (0, 0.9),
 # five critic steps per generator step)
 _LOSS_DEFAULTS = {"bce": {}, "hinge": {}, "wgan-gp": {"n_critic": 5, "lr_g": 1e-4, "lr_d": 1e-4, "betas": (0.0, 0.9)}}
@@ -1172,7 +1204,7 @@ def run_dcgan(out: Path, steps: int, seed: int, progress: bool, loss: Optional[s
 
     torch.manual_seed(seed)
     x, _ = load_digits("train")
-    cfg = DCGAN_TRAINING if loss is None else GANTraining(loss=loss, **_LOSS_DEFAULTS[loss])
+    cfg = DCGAN_TRAINING if loss is None else dataclasses.replace(DCGAN_TRAINING, loss=loss, **_LOSS_DEFAULTS[loss])
     g = DCGANGenerator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32)
     d = DCGANDiscriminator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32)
     if cfg.loss == "wgan-gp":  # a critic without batch norm: the gradient penalty is per sample
@@ -1214,8 +1246,8 @@ def run_stylegan(out: Path, steps: int, seed: int, progress: bool, loss: Optiona
     torch.manual_seed(seed)
     x, _ = load_digits("train")
     cfg = STYLEGAN_TRAINING
-    if loss is not None and loss != cfg.loss:
-        cfg = dataclasses.replace(cfg, loss=loss, r1_gamma=0.0, n_critic=2 if loss == "wgan-gp" else 1)
+    if loss is not None and loss != cfg.loss:  # WGAN-GP: the gradient penalty instead of R1, 2 critic steps
+        cfg = dataclasses.replace(cfg, loss=loss, **({"r1_gamma": 0.0, "n_critic": 2} if loss == "wgan-gp" else {}))
     g, d = StyleGenerator(**STYLEGAN_GENERATOR), StyleDiscriminator(**STYLEGAN_CRITIC)
     seconds, g_ema = train_gan(g, d, x, steps, seed, progress, "digits-stylegan", cfg)
     pipe = GANPipeline(g_ema)

@@ -135,9 +135,12 @@ def test_an_impossible_combination_is_an_error_row(tmp_path, monkeypatch):
 
 
 def test_default_models_and_samplers():
-    # every shipped model but the GAN and the extension folders of digits-sd (their rows would be digits-sd's)
+    # every shipped model but the GANs and the extension folders of digits-sd (their rows would be digits-sd's)
+    gans = [m for m in fastdiff.list_models()
+            if json.loads((fastdiff.hub.model_path(m) / "model_index.json").read_text())["_class_name"] == "GANPipeline"]
+    assert set(gans) >= {"digits-dcgan", "digits-stylegan"}
     assert evaluation.diffusion_models() == [m for m in fastdiff.list_models()
-                                             if m not in ("digits-dcgan", "digits-controlnet", "digits-ip-adapter")]
+                                             if m not in (*gans, "digits-controlnet", "digits-ip-adapter")]
     assert "digits-dcgan" not in evaluation.diffusion_models() and "digits-sd" in evaluation.diffusion_models()
     assert evaluation.default_samplers(fastdiff.load("digits-lcm")) == ["lcm"]
     assert evaluation.default_samplers(fastdiff.load("digits-ddpm")) == [s for s in hub.SAMPLERS if s != "lcm"]

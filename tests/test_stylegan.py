@@ -237,7 +237,8 @@ def test_adain_layer_against_instance_norm_written_here(activation):
     conv = layer.conv
     h = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False), conv.weight * conv.scale,
                  padding=1)
-    h = h + layer.noise_strength * noise + layer.bias[:, None, None]
+    assert layer.bias is None  # the instance norm would cancel a bias: the style's y_b is the bias
+    h = h + layer.noise_strength * noise
     mu, var = h.mean(dim=(2, 3), keepdim=True), h.var(dim=(2, 3), keepdim=True, unbiased=False)
     y = F.linear(w, conv.style.weight * conv.style.weight_gain, conv.style.bias)
     ys, yb = y[:, :8, None, None], y[:, 8:, None, None]
@@ -324,17 +325,73 @@ def test_gan_training_steps_for_every_loss(loss):
     cfg = training.GANTraining(loss=loss, n_critic=2 if loss == "wgan-gp" else 1, r1_gamma=0.1, r1_every=1,
                                batch_size=8, lr_g=1e-3, lr_d=1e-3, mixing_prob=0.5)
     x = torch.rand(16, 1, 16, 16) * 2 - 1
-    seen = []
+    seen, calls = [], []
+    # each call of D: is D trainable in it (its parameters require grad)?
+    d.register_forward_hook(lambda m, args, out: calls.append(next(m.parameters()).requires_grad))
     before_g = [p.detach().clone() for p in g.parameters()]
     before_d = [p.detach().clone() for p in d.parameters()]
     seconds, ema = training.train_gan(g, d, x, 3, 0, False, "t", cfg, callback=lambda k, m: seen.append(k))
     assert seen == [0, 1, 2] and seconds >= 0 and isinstance(ema, StyleGenerator) and not ema.training
+    # per generator step: n_critic critic steps of D(real), D(fake) and the penalty's D call (GP or R1), all
+    # training D; then one D call for the generator's loss with D frozen
+    per_step = [True] * 3 * cfg.n_critic + [False]
+    assert calls == per_step * 3
     assert any(not torch.equal(a, b) for a, b in zip(before_g, g.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before_d, d.parameters()))
     assert all(p.requires_grad for p in d.parameters())  # the generator step's freeze is undone
     assert not torch.equal(g.w_avg, torch.zeros(12)) and torch.equal(ema.w_avg, g.w_avg)
     summary = cfg.summary()
     assert summary["loss"] == loss and ("gp_weight" in summary) == (loss == "wgan-gp")
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_fakes_feeds_one_batch_to_both_steps(reuse):
+    """DCGAN's loop (reuse_fakes): the generator step scores the images the discriminator step saw; otherwise it
+    draws a fresh batch."""
+    from fastdiff.models import DCGANDiscriminator, DCGANGenerator
+
+    torch.manual_seed(0)
+    g, d = DCGANGenerator(resolution=16, latent_dim=8, channels=1, width=4), DCGANDiscriminator(
+        resolution=16, channels=1, width=4)
+    inputs = []
+    d.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach().clone()))
+    cfg = training.GANTraining(batch_size=4, shift=0, reuse_fakes=reuse)
+    training.train_gan(g, d, torch.rand(8, 1, 16, 16) * 2 - 1, 1, 0, False, "t", cfg)
+    real, fake_d, fake_g = inputs
+    assert torch.equal(fake_d, fake_g) == reuse and not torch.equal(real, fake_d)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"loss": "wasserstein"}, ValueError, "loss must be one of"),
+    ({"n_critic": 0}, ValueError, "n_critic"),
+    ({"r1_every": 0}, ValueError, "r1_every"),
+    ({"batch_size": 1.5}, TypeError, "batch_size"),
+    ({"lr_g": -1e-3}, ValueError, "lr_g"),
+    ({"lr_d": 0}, ValueError, "lr_d"),
+    ({"gp_weight": -1}, ValueError, "gp_weight"),
+    ({"shift": -1}, ValueError, "shift"),
+    ({"ema_decay": 1.5}, ValueError, "ema_decay"),
+    ({"mixing_prob": -0.1}, ValueError, "mixing_prob"),
+    ({"betas": (0.5,)}, ValueError, "betas"),
+    ({"betas": (0.5, 1.0)}, ValueError, "betas"),
+    ({"reuse_fakes": "yes"}, TypeError, "reuse_fakes"),
+])
+def test_gan_training_settings_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        training.GANTraining(**kwargs)
+
+
+def test_train_gan_argument_errors():
+    g, d = StyleGenerator(**TINY), StyleDiscriminator(resolution=16, channels=1, base_channels=4, max_channels=8)
+    before = [p.detach().clone() for p in g.parameters()]
+    cfg = training.GANTraining(batch_size=8)
+    with pytest.raises(ValueError, match=r"x must be images \(N, C, H, W\) with N ≥ batch_size = 8"):
+        training.train_gan(g, d, torch.rand(4, 1, 16, 16), 1, 0, False, "t", cfg)  # would never fill a batch
+    with pytest.raises(ValueError, match="steps"):
+        training.train_gan(g, d, torch.rand(8, 1, 16, 16), 0, 0, False, "t", cfg)
+    with pytest.raises(TypeError, match="cfg must be a GANTraining"):
+        training.train_gan(g, d, torch.rand(8, 1, 16, 16), 1, 0, False, "t", {"loss": "bce"})
+    assert all(torch.equal(a, b) for a, b in zip(before, g.parameters()))
 
 
 def test_wgan_gp_dcgan_uses_a_critic_without_batch_norm(tmp_path):
@@ -355,8 +412,6 @@ def test_loss_option_errors(tmp_path):
     with pytest.raises(ValueError, match="loss: recipe 'digits-ddpm' has no choice of GAN loss"):
         training.train("digits-ddpm", tmp_path / "b", steps=1, progress=False, loss="hinge")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    with pytest.raises(ValueError, match="loss must be one of"):
-        training.train_gan(None, None, None, 1, 0, False, "x", training.GANTraining(loss="wasserstein"))
 
 
 # ----------------------------------------------------------------------------------------------- API errors
@@ -378,6 +433,10 @@ def test_argument_errors():
         g.mix_ws(torch.randn(2, 12), torch.randn(2, 12), torch.tensor([0.5, 1.0]))
     with pytest.raises(TypeError, match="truncation_psi"):
         g.map(torch.randn(2, 8), "0.7")
+    with pytest.raises(ValueError, match=r"w must have shape \(B, 12\)"):
+        g.truncate(torch.randn(2, 5), 0.7)
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 8\)"):
+        g.mixed_ws([[0.0] * 8], 0.9)
     with pytest.raises(ValueError, match="noise must be a list of 5 tensors"):
         g.synthesis(torch.randn(2, 12), [torch.randn(2, 1, 4, 4)])
     for p in (-0.5, 1.5):

@@ -144,7 +144,7 @@ class StyleGeneratorConfig:
     base_channels: int = 32  # channels at the output resolution; ×2 per halving ...
     max_channels: int = 128  # ... up to this many
     channels: int = 3  # image channels
-    w_avg_beta: float = 0.995  # w_avg ← lerp(mean(w), w_avg, beta) at every training forward
+    w_avg_beta: float = 0.995  # w_avg ← lerp(mean(w), w_avg, beta) at every map() in training (mixing w2 too)
     style: str = "modulated"  # "modulated": modulated conv + demodulation (StyleGAN2); "adain": AdaIN (StyleGAN)
     activation: str = "lrelu"  # "lrelu" (LeakyReLU 0.2, ×√2 gain) or "silu" (fused into AdaIN's normalisation)
 
@@ -232,8 +232,9 @@ class ModulatedConv2d(nn.Module):
 
 
 class AdaINConv2d(nn.Module):
-    """StyleGAN (v1) style injection: an equalised-lr 3×3 conv, then adaptive instance normalisation
-    AdaIN(x, w) = (1 + y_s(w))·(x − μ(x))/σ(x) + y_b(w) per sample and channel.
+    """AdaIN style injection (StyleGAN v1's operation): an equalised-lr 3×3 conv, then adaptive instance
+    normalisation AdaIN(x, w) = (1 + y_s(w))·(x − μ(x))/σ(x) + y_b(w) per sample and channel, then the activation
+    (StyleGAN v1 puts the activation before the normalisation; after it, the SiLU fuses into the normalisation).
 
     The normalisation is ``fastdiff.ops.group_norm_silu`` on the batch folded into the channels ((1, B·C, H, W), one
     group per channel, the styles as its affine): one fused kernel call, with the SiLU fused in when the generator's
@@ -251,7 +252,7 @@ class AdaINConv2d(nn.Module):
     def forward(self, x: Tensor, w: Tensor, add) -> Tensor:
         if self.upsample:
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x = add(F.conv2d(x, self.weight * self.scale, padding=1))  # + noise and bias, before the normalisation
+        x = add(F.conv2d(x, self.weight * self.scale, padding=1))  # + noise, before the normalisation
         b, c, h, wd = x.shape
         y_s, y_b = self.style(w).chunk(2, dim=1)  # (B, C) each
         x = ops.group_norm_silu(x.reshape(1, b * c, h, wd), b * c, (1 + y_s).reshape(-1), y_b.reshape(-1),
@@ -261,7 +262,10 @@ class AdaINConv2d(nn.Module):
 
 class StyledLayer(nn.Module):
     """One synthesis layer: the style-injected 3×3 conv (modulated, or AdaIN), + learned-strength per-pixel noise,
-    + bias, activation. forward(x, w (B, w_dim), noise (B, 1, H', W')) → (B, C_out, H', W')."""
+    + bias, activation. forward(x, w (B, w_dim), noise (B, 1, H', W')) → (B, C_out, H', W').
+
+    With AdaIN the noise enters before the normalisation and there is no separate bias: the instance norm would
+    remove it, and the style's y_b is the bias."""
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, upsample: bool = False,
                  style: str = "modulated", activation: str = "lrelu"):
@@ -271,16 +275,16 @@ class StyledLayer(nn.Module):
         else:
             self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim, demodulate=True, upsample=upsample)
         self.noise_strength = nn.Parameter(torch.zeros(()))  # learned; 0 at the start (and 0 = no noise)
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if style != "adain" else None
         self.style, self.activation = style, activation
 
     def forward(self, x: Tensor, w: Tensor, noise: Tensor) -> Tensor:
-        def add(h):  # noise (B, 1, H, W) broadcasts over channels
-            return h + self.noise_strength * noise + self.bias[:, None, None]
+        def add_noise(h):  # noise (B, 1, H, W) broadcasts over channels
+            return h + self.noise_strength * noise
 
         if self.style == "adain":
-            return self.conv(x, w, add)
-        x = add(self.conv(x, w))
+            return self.conv(x, w, add_noise)
+        x = add_noise(self.conv(x, w)) + self.bias[:, None, None]
         return F.silu(x) if self.activation == "silu" else F.leaky_relu(x, 0.2) * _LRELU_GAIN
 
 
@@ -382,6 +386,7 @@ class StyleGenerator(ModelMixin):
 
     def truncate(self, w: Tensor, truncation_psi: float = 1.0) -> Tensor:
         """The truncation trick: w_avg + ψ·(w − w_avg), for w (B, w_dim) or w+ (B, num_ws, w_dim)."""
+        self._check_w("w", w)
         psi = check_real("truncation_psi", truncation_psi)
         return w if psi == 1.0 else self.w_avg.to(w.dtype).lerp(w, psi)
 
@@ -423,6 +428,7 @@ class StyleGenerator(ModelMixin):
     def mixed_ws(self, z: Tensor, mixing_prob: float = 0.9, generator: Optional[torch.Generator] = None) -> Tensor:
         """Training-time style mixing regularisation: w+ from z, where each sample with probability ``mixing_prob``
         crosses over to the w of a second, fresh z at a random row in [1, num_ws − 1]. Draws with ``generator``."""
+        self._check_z(z)
         prob = check_real("mixing_prob", mixing_prob, nonneg=True)
         if prob > 1:
             raise ValueError(f"mixing_prob must be in [0, 1], got {prob}")
@@ -519,8 +525,9 @@ class _CriticBlock(nn.Module):
 class StyleDiscriminator(ModelMixin):
     """StyleGAN2's residual discriminator, small: a 1×1 conv from the image, residual blocks halving the resolution
     down to 4×4, the minibatch standard deviation as one extra feature map, a 3×3 conv and two linear layers to one
-    raw score. Equalised learning rate everywhere and no normalisation layer, so the per-sample gradient penalties
-    of WGAN-GP and R1 are exact.
+    raw score. Equalised learning rate everywhere and no normalisation layer. The minibatch std is the one feature
+    that reads other samples (of its group, as in ProGAN, which trained it with WGAN-GP); with ``mbstd_group=1`` a
+    sample's score, and so its gradient penalty or R1 term, is its own alone.
 
     forward(x (B, channels, resolution, resolution)) → scores (B, 1), not squashed: a WGAN critic's score, or a
     logit for the non-saturating / hinge losses (``torch.sigmoid(scores)`` is the chapter's D(x)).

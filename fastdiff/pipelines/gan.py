@@ -1,4 +1,4 @@
-"""GAN sampling: a DCGAN generator or a StyleGAN-style generator, with the truncation trick for the latter."""
+"""GAN sampling: a DCGAN generator or a StyleGAN generator, with the truncation trick for the latter."""
 
 from __future__ import annotations
 
