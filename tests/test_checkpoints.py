@@ -211,8 +211,8 @@ def test_numpy_config_values_save_and_load_back_as_python_types(tmp_path):
         assert loaded.config == model.config
         for f in dataclasses.fields(loaded.config):
             value = getattr(loaded.config, f.name)
-            assert type(value) is type(getattr(model.config, f.name)) and type(value) in (int, float, bool, tuple,
-                                                                                          type(None)), f.name
+            assert type(value) is type(getattr(model.config, f.name)) and type(value) in (int, float, bool, str,
+                                                                                          tuple, type(None)), f.name
         assert type(stored["norm_num_groups" if name == "unet" else "latent_dim"]) is int
 
 
