@@ -338,7 +338,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"unknown model {args.name!r} to train; known: {', '.join(sorted(training.RECIPES))}")
     _positive("--steps", args.steps)
     if args.loss is not None and "loss" not in training.RECIPES[args.name].options:
-        raise UsageError(f"--loss: recipe {args.name!r} is not a GAN recipe (digits-dcgan, digits-stylegan)")
+        raise UsageError(f"--loss: recipe {args.name!r} is not a GAN recipe ({', '.join(training.gan_recipes())})")
     out = Path(args.out) if args.out else Path(f"./{args.name}")
     metrics = training.train(args.name, out, steps=args.steps, seed=args.seed, progress=not args.quiet,
                              loss=args.loss)
@@ -387,6 +387,7 @@ DTYPE_HELP = "compute dtype (default auto: bf16 on a CPU with native bf16, else 
 
 def build_parser() -> argparse.ArgumentParser:
     from fastdiff.hub import DTYPE_CHOICES, SAMPLERS
+    from fastdiff.training import GAN_LOSSES, gan_recipes
 
     p = _Parser(prog="fastdiff", description="Fast samplers for image-generation models.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -479,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="output pipeline folder (default ./NAME)")
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--loss", choices=["bce", "hinge", "wgan-gp"], default=None,
-                   help="GAN recipes (digits-dcgan, digits-stylegan): the adversarial loss (default: the recipe's)")
+    t.add_argument("--loss", choices=GAN_LOSSES, default=None,
+                   help=f"GAN recipes ({', '.join(gan_recipes())}): the adversarial loss (default: the recipe's)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="sample many images into a folder, sharded over torch.distributed ranks")

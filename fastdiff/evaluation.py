@@ -564,8 +564,14 @@ def _style_generator(pipe):
 
 
 def _ws_and_noise(g, num: int, gen: torch.Generator):
+    """``num`` w's and one set of noise maps (batch 1), drawn on the CPU with ``gen``."""
     z = torch.randn(num, g.config.latent_dim, generator=gen, device="cpu").to(g.const.device, g.const.dtype)
     return g.map(z), g.make_noise(1, generator=gen, device="cpu")
+
+
+def _shared_noise(noise, batch: int, device) -> list:
+    """The same noise maps for every image of a batch."""
+    return [n.to(device).expand(batch, -1, -1, -1) for n in noise]
 
 
 @torch.inference_mode()
@@ -585,10 +591,10 @@ def style_mixing_grid(pipe, path, num: int = 6, crossover: Optional[int] = None,
     w_b, _ = _ws_and_noise(g, num, gen)
 
     def images(w1, w2, cut):
-        return _to_pixels(g.mix(w1, w2, cut, [n.to(w1.device).expand(len(w1), -1, -1, -1) for n in noise])
-                          .float().cpu())
+        return _to_pixels(g.mix(w1, w2, cut, _shared_noise(noise, len(w1), w1.device)).float().cpu())
 
-    blank = np.zeros((1, *images(w_b[:1], w_b[:1], 0).shape[1:]), dtype=np.uint8)
+    size = g.config.resolution
+    blank = np.zeros((1, size, size), dtype=np.uint8)
     rows = [np.concatenate([blank, images(w_b, w_b, 0)])]
     labels = ["B:"]
     for i in range(num):
@@ -619,8 +625,7 @@ def truncation_strip(pipe, path, num: int = 4, psis: Sequence[float] = TRUNCATIO
     rows = []
     for i in range(num):
         ws = torch.cat([g.truncate(w[i:i + 1], p) for p in psis])
-        rows.append(_to_pixels(g.synthesis(ws, [n.to(w.device).expand(len(psis), -1, -1, -1) for n in noise])
-                               .float().cpu()))
+        rows.append(_to_pixels(g.synthesis(ws, _shared_noise(noise, len(psis), w.device)).float().cpu()))
     return labeled_grid(rows, [f"z{i + 1}" for i in range(num)], path, scale)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fastdiff.data import IMAGE_SIZE, load_digits
 from fastdiff.files import read_json_object, write_json_atomic, write_text_atomic
 from fastdiff.integrity import write_checksums
-from fastdiff.validation import check_bool, check_choice, check_int, check_positive_int, check_real
+from fastdiff.validation import check_bool, check_choice, check_fraction, check_int, check_positive_int, check_real
 
 logger = logging.getLogger("fastdiff")
 
@@ -548,8 +548,7 @@ class AdversarialDistillation:
         num_train = len(alphas_cumprod)
         if not timesteps or any(not 0 <= t < num_train for t in timesteps):
             raise ValueError(f"timesteps must be non-empty, each in [0, {num_train}), got {timesteps}")
-        if not 0.0 <= p_first <= 1.0:
-            raise ValueError(f"p_first must be in [0, 1], got {p_first}")
+        check_fraction("p_first", p_first)
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student.train().requires_grad_(True)
         self.discriminator = discriminator.train()
@@ -1051,8 +1050,8 @@ def _save_ip_adapter(out: Path, encoder, adapter) -> None:
                              "default_ip_adapter_scale": 1.0})
 
 
-GAN_LOSSES = ("bce", "hinge", "wgan-gp")  # the losses `fastdiff train <gan recipe> --loss` selects
 LOSS_WORDS = {"bce": "non-saturating BCE", "hinge": "hinge", "wgan-gp": "WGAN-GP"}
+GAN_LOSSES = tuple(LOSS_WORDS)  # the losses `fastdiff train <gan recipe> --loss` selects
 
 
 @dataclass
@@ -1092,8 +1091,7 @@ class GANTraining:
         for name in ("lr_g", "lr_d"):
             check_real(name, getattr(self, name), positive=True)
         for name in ("ema_decay", "mixing_prob"):
-            if not 0.0 <= check_real(name, getattr(self, name)) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+            check_fraction(name, getattr(self, name))
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(0.0 <= check_real("betas", b) < 1.0 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -1206,9 +1204,9 @@ def run_dcgan(out: Path, steps: int, seed: int, progress: bool, loss: Optional[s
     x, _ = load_digits("train")
     cfg = DCGAN_TRAINING if loss is None else dataclasses.replace(DCGAN_TRAINING, loss=loss, **_LOSS_DEFAULTS[loss])
     g = DCGANGenerator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32)
-    d = DCGANDiscriminator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32)
-    if cfg.loss == "wgan-gp":  # a critic without batch norm: the gradient penalty is per sample
-        d = DCGANDiscriminator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32, norm="layer")
+    # WGAN-GP: a critic without batch norm, whose gradient penalty is per sample
+    d = DCGANDiscriminator(resolution=IMAGE_SIZE, latent_dim=64, channels=1, width=32,
+                           norm="layer" if cfg.loss == "wgan-gp" else "batch")
     seconds, g_ema = train_gan(g, d, x, steps, seed, progress, "digits-dcgan", cfg)
     pipe = GANPipeline(g_ema)
     _settings(pipe, f"DCGAN (16×16 digits, {LOSS_WORDS[cfg.loss]} losses, ±{cfg.shift} px translation augmentation "
@@ -1321,6 +1319,11 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def gan_recipes() -> list[str]:
+    """The recipes that take a GAN loss (``loss=`` / ``--loss``), sorted."""
+    return sorted(k for k, r in RECIPES.items() if "loss" in r.options)
+
+
 def _settings(pipe, description: str, steps: Optional[int] = None, guidance: Optional[float] = None) -> None:
     pipe.settings["description"] = description
     if steps is not None:
@@ -1344,8 +1347,8 @@ def train(name: str, out: Path, steps: Optional[int] = None, seed: int = 0, prog
     options = {}
     if loss is not None:
         if "loss" not in recipe.options:
-            gans = sorted(k for k, r in RECIPES.items() if "loss" in r.options)
-            raise ValueError(f"loss: recipe {name!r} has no choice of GAN loss (the GAN recipes: {', '.join(gans)})")
+            raise ValueError(f"loss: recipe {name!r} has no choice of GAN loss (the GAN recipes: "
+                             f"{', '.join(gan_recipes())})")
         options["loss"] = check_choice("loss", loss, GAN_LOSSES)
     steps = steps or recipe.steps
     out = Path(out)

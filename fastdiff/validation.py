@@ -88,6 +88,14 @@ def check_real(name: str, value, *, positive: bool = False, nonneg: bool = False
     return value
 
 
+def check_fraction(name: str, value) -> float:
+    """A real number in [0, 1] (a probability, a decay, a mixing weight) as a float."""
+    value = check_real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
 def check_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> Tensor:
     """A torch.Tensor whose dtype is in ``dtypes`` (None: any dtype)."""
     if not isinstance(t, Tensor):

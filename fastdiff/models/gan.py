@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fastdiff.models.modeling import ModelMixin, build_config, normalize_config
 from fastdiff import ops
 from fastdiff.nn import GroupNorm
-from fastdiff.validation import check_int, check_positive_int, check_real
+from fastdiff.validation import check_choice, check_fraction, check_int, check_positive_int, check_real
 
 __all__ = ["DCGANConfig", "DCGANGenerator", "DCGANDiscriminator", "StyleGeneratorConfig", "StyleGenerator",
            "StyleDiscriminatorConfig", "StyleDiscriminator", "MappingNetwork", "EqualLinear"]
@@ -35,8 +35,7 @@ class DCGANConfig:
             raise ValueError(f"resolution must be 16, 32 or 64 (a power of two), got {self.resolution!r}")
         for name in ("latent_dim", "channels", "width"):
             check_positive_int(name, getattr(self, name))
-        if self.norm not in ("batch", "layer", "none"):
-            raise ValueError(f"norm must be one of ['batch', 'layer', 'none'], got {self.norm!r}")
+        check_choice("norm", self.norm, ("batch", "layer", "none"))
 
     @property
     def num_layers(self) -> int:
@@ -155,12 +154,9 @@ class StyleGeneratorConfig:
         for name in ("latent_dim", "w_dim", "mapping_layers", "base_channels", "max_channels", "channels"):
             check_positive_int(name, getattr(self, name))
         check_real("mapping_lr_multiplier", self.mapping_lr_multiplier, positive=True)
-        if not 0.0 <= self.w_avg_beta <= 1.0:
-            raise ValueError(f"w_avg_beta must be in [0, 1], got {self.w_avg_beta}")
-        if self.style not in STYLES:
-            raise ValueError(f"style must be one of {list(STYLES)}, got {self.style!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
+        check_fraction("w_avg_beta", self.w_avg_beta)
+        check_choice("style", self.style, STYLES)
+        check_choice("activation", self.activation, ACTIVATIONS)
 
     def channels_at(self, res: int) -> int:
         return min(self.max_channels, self.base_channels * self.resolution // res)
@@ -184,10 +180,15 @@ class EqualLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.linear(x, self.weight * self.weight_gain, self.bias * self.lr_multiplier)
-        return F.leaky_relu(x, 0.2) * _LRELU_GAIN if self.activation else x
+        return _lrelu(x) if self.activation else x
 
 
-_LRELU_GAIN = math.sqrt(2.0)  # keeps the activations' second moment through LeakyReLU(0.2) (He gain)
+def _lrelu(x: Tensor) -> Tensor:
+    """LeakyReLU(0.2)·√2: the gain keeps the activations' second moment (He gain)."""
+    return F.leaky_relu(x, 0.2) * _LRELU_GAIN
+
+
+_LRELU_GAIN = math.sqrt(2.0)
 
 
 class MappingNetwork(nn.Module):
@@ -257,7 +258,7 @@ class AdaINConv2d(nn.Module):
         y_s, y_b = self.style(w).chunk(2, dim=1)  # (B, C) each
         x = ops.group_norm_silu(x.reshape(1, b * c, h, wd), b * c, (1 + y_s).reshape(-1), y_b.reshape(-1),
                                 activation="silu" if self.activation == "silu" else None).reshape(b, c, h, wd)
-        return x if self.activation == "silu" else F.leaky_relu(x, 0.2) * _LRELU_GAIN
+        return x if self.activation == "silu" else _lrelu(x)
 
 
 class StyledLayer(nn.Module):
@@ -285,7 +286,7 @@ class StyledLayer(nn.Module):
         if self.style == "adain":
             return self.conv(x, w, add_noise)
         x = add_noise(self.conv(x, w)) + self.bias[:, None, None]
-        return F.silu(x) if self.activation == "silu" else F.leaky_relu(x, 0.2) * _LRELU_GAIN
+        return F.silu(x) if self.activation == "silu" else _lrelu(x)
 
 
 class ToRGB(nn.Module):
@@ -429,9 +430,7 @@ class StyleGenerator(ModelMixin):
         """Training-time style mixing regularisation: w+ from z, where each sample with probability ``mixing_prob``
         crosses over to the w of a second, fresh z at a random row in [1, num_ws − 1]. Draws with ``generator``."""
         self._check_z(z)
-        prob = check_real("mixing_prob", mixing_prob, nonneg=True)
-        if prob > 1:
-            raise ValueError(f"mixing_prob must be in [0, 1], got {prob}")
+        prob = check_fraction("mixing_prob", mixing_prob)
         b, n = z.shape[0], self.num_ws
         w = self.map(z)
         if prob == 0.0:
@@ -503,10 +502,6 @@ class _EqualConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.weight.shape[-1] // 2)
-
-
-def _lrelu(x: Tensor) -> Tensor:
-    return F.leaky_relu(x, 0.2) * _LRELU_GAIN
 
 
 class _CriticBlock(nn.Module):
